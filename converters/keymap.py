@@ -1,0 +1,222 @@
+"""timm state_dict <-> canonical tree, driven by one table per architecture.
+
+The canonical tree is framework-neutral: ``{(module_path, leaf): ndarray}`` where
+``module_path`` is timm's dotted module name (``"blocks.3.attn.qkv"``) and arrays are already
+in JAX layout (Linear ``(in, out)``, conv ``HWIO``). Leaves are ``kernel``/``bias`` for
+Linear and conv, ``scale``/``bias`` for LayerNorm, and the parameter's own name for free
+tensors (``cls_token``, ``gamma_1`` ...). ``converters.frameworks`` renames that tree into
+Haiku or Flax params; the table below is the whole layout contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Literal, Mapping
+
+import numpy as np
+
+from .errors import ConversionError
+from .specs import CaiTSpec, Spec, ViTSpec
+
+Kind = Literal["linear", "conv", "norm", "param"]
+CanonicalKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor: its timm key and shape, where it lives in the canonical tree, and how."""
+
+    timm_key: str
+    module: str
+    leaf: str
+    kind: Kind
+    timm_shape: tuple[int, ...]
+
+    @property
+    def key(self) -> CanonicalKey:
+        return self.module, self.leaf
+
+    def to_jax(self, a: np.ndarray) -> np.ndarray:
+        if self.kind == "linear" and self.leaf == "kernel":
+            return a.T
+        if self.kind == "conv" and self.leaf == "kernel":
+            return a.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        return a
+
+    def to_timm(self, a: np.ndarray) -> np.ndarray:
+        if self.kind == "linear" and self.leaf == "kernel":
+            return a.T
+        if self.kind == "conv" and self.leaf == "kernel":
+            return a.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        return a
+
+    @property
+    def jax_shape(self) -> tuple[int, ...]:
+        return self.to_jax(np.empty(self.timm_shape, dtype=np.uint8)).shape
+
+
+# ------------------------------------------------------------------------- table builders
+
+
+def _linear(m: str, d_in: int, d_out: int, bias: bool = True) -> Iterator[Entry]:
+    yield Entry(f"{m}.weight", m, "kernel", "linear", (d_out, d_in))
+    if bias:
+        yield Entry(f"{m}.bias", m, "bias", "linear", (d_out,))
+
+
+def _norm(m: str, d: int) -> Iterator[Entry]:
+    yield Entry(f"{m}.weight", m, "scale", "norm", (d,))
+    yield Entry(f"{m}.bias", m, "bias", "norm", (d,))
+
+
+def _param(key: str, shape: tuple[int, ...]) -> Entry:
+    module, _, leaf = key.rpartition(".")
+    return Entry(key, module, leaf, "param", shape)
+
+
+def _mlp(m: str, d: int, hidden: int) -> Iterator[Entry]:
+    yield from _linear(f"{m}.fc1", d, hidden)
+    yield from _linear(f"{m}.fc2", hidden, d)
+
+
+def _patch_embed(spec: Spec, bias: bool) -> Iterator[Entry]:
+    p = spec.patch_size
+    yield Entry("patch_embed.proj.weight", "patch_embed.proj", "kernel", "conv",
+                (spec.dim, spec.channels, p, p))
+    if bias:
+        yield Entry("patch_embed.proj.bias", "patch_embed.proj", "bias", "conv", (spec.dim,))
+
+
+def vit_table(s: ViTSpec) -> list[Entry]:
+    d, dh = s.dim, s.dim // s.heads
+    t: list[Entry] = []
+    if s.class_token:
+        t.append(_param("cls_token", (1, 1, d)))
+    if s.reg_tokens:
+        t.append(_param("reg_token", (1, s.reg_tokens, d)))
+    if s.distilled:
+        t.append(_param("dist_token", (1, 1, d)))
+    t.append(_param("pos_embed", (1, s.num_pos_tokens, d)))
+    t += _patch_embed(s, s.patch_bias)
+    if s.pre_norm:
+        t += _norm("norm_pre", d)
+    for i in range(s.depth):
+        b = f"blocks.{i}"
+        t += _norm(f"{b}.norm1", d)
+        t += _linear(f"{b}.attn.qkv", d, 3 * d, s.qkv_bias)
+        if s.qk_norm:
+            t += _norm(f"{b}.attn.q_norm", dh)
+            t += _norm(f"{b}.attn.k_norm", dh)
+        t += _linear(f"{b}.attn.proj", d, d)
+        if s.init_values is not None:
+            t.append(_param(f"{b}.ls1.gamma", (d,)))
+            t.append(_param(f"{b}.ls2.gamma", (d,)))
+        t += _norm(f"{b}.norm2", d)
+        t += _mlp(f"{b}.mlp", d, s.mlp_dim)
+    if s.has_norm:
+        t += _norm("norm", d)
+    if s.pool == "map":
+        t.append(_param("attn_pool.latent", (1, 1, d)))
+        t += _linear("attn_pool.q", d, d)
+        t += _linear("attn_pool.kv", d, 2 * d)
+        t += _linear("attn_pool.proj", d, d)
+        t += _norm("attn_pool.norm", d)
+        t += _mlp("attn_pool.mlp", d, s.mlp_dim)
+    if s.has_fc_norm:
+        t += _norm("fc_norm", d)
+    if s.num_classes:
+        t += _linear("head", d, s.num_classes)
+        if s.distilled:
+            t += _linear("head_dist", d, s.num_classes)
+    return t
+
+
+def cait_table(s: CaiTSpec) -> list[Entry]:
+    d, h = s.dim, s.heads
+    t: list[Entry] = [_param("cls_token", (1, 1, d)), _param("pos_embed", (1, s.grid_size[0] * s.grid_size[1], d))]
+    t += _patch_embed(s, True)
+    for i in range(s.depth):
+        b = f"blocks.{i}"
+        t += _norm(f"{b}.norm1", d)
+        t += _linear(f"{b}.attn.qkv", d, 3 * d, s.qkv_bias)
+        t += _linear(f"{b}.attn.proj_l", h, h)
+        t += _linear(f"{b}.attn.proj_w", h, h)
+        t += _linear(f"{b}.attn.proj", d, d)
+        t += _norm(f"{b}.norm2", d)
+        t += _mlp(f"{b}.mlp", d, s.mlp_dim)
+        t += [_param(f"{b}.gamma_1", (d,)), _param(f"{b}.gamma_2", (d,))]
+    for j in range(s.cls_depth):
+        b = f"blocks_token_only.{j}"
+        t += _norm(f"{b}.norm1", d)
+        for qkv in ("q", "k", "v"):
+            t += _linear(f"{b}.attn.{qkv}", d, d, s.qkv_bias)
+        t += _linear(f"{b}.attn.proj", d, d)
+        t += _norm(f"{b}.norm2", d)
+        t += _mlp(f"{b}.mlp", d, s.cls_mlp_dim)
+        t += [_param(f"{b}.gamma_1", (d,)), _param(f"{b}.gamma_2", (d,))]
+    t += _norm("norm", d)
+    if s.num_classes:
+        t += _linear("head", d, s.num_classes)
+    return t
+
+
+def key_table(spec: Spec) -> list[Entry]:
+    """The full tensor table of an architecture, in timm's state_dict order."""
+    return cait_table(spec) if isinstance(spec, CaiTSpec) else vit_table(spec)
+
+
+# ------------------------------------------------------------------------------ conversion
+
+
+def _shape_of(a) -> tuple[int, ...]:
+    return tuple(int(n) for n in a.shape)
+
+
+def check_finite(tree: Mapping[str, np.ndarray], what: str) -> None:
+    """Raise one ConversionError naming every tensor that holds NaN or Inf."""
+    bad = []
+    for k, a in tree.items():
+        a = np.asarray(a)
+        if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+            n = int(np.size(a) - np.count_nonzero(np.isfinite(a.astype(np.float32))))
+            if n:
+                bad.append(f"{k} ({n} of {a.size} values)")
+    if bad:
+        raise ConversionError(f"{what} holds NaN or Inf values", {"non-finite tensors": bad})
+
+
+def timm_to_canonical(state_dict: Mapping[str, np.ndarray], spec: Spec, *,
+                      source: str = "checkpoint") -> dict[CanonicalKey, np.ndarray]:
+    """Map a timm state_dict (numpy arrays) to the canonical tree.
+
+    Every source key must be consumed exactly once and every table entry filled with the
+    right shape; all mismatches are collected into one ConversionError.
+    """
+    table = key_table(spec)
+    expected = {e.timm_key: e for e in table}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k}: {_shape_of(state_dict[k])} in {source}, {expected[k].timm_shape} expected"
+             for k in expected if k in state_dict and _shape_of(state_dict[k]) != expected[k].timm_shape]
+    if missing or unexpected or wrong:
+        raise ConversionError(
+            f"{source} does not match the {spec.family} architecture it is converted for "
+            f"(dim={spec.dim}, depth={spec.depth}, heads={spec.heads}, num_classes={spec.num_classes})",
+            {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes": wrong})
+    check_finite(state_dict, source)
+    return {e.key: e.to_jax(np.asarray(state_dict[e.timm_key])) for e in table}
+
+
+def canonical_to_timm(tree: Mapping[CanonicalKey, np.ndarray], spec: Spec) -> dict[str, np.ndarray]:
+    """Inverse of ``timm_to_canonical``: exact (only transposes), contiguous arrays."""
+    table = key_table(spec)
+    expected = {e.key: e for e in table}
+    missing = [".".join(filter(None, k)) for k in expected if k not in tree]
+    unexpected = [".".join(filter(None, k)) for k in tree if k not in expected]
+    wrong = [f"{'.'.join(filter(None, k))}: {_shape_of(tree[k])}, {e.jax_shape} expected"
+             for k, e in expected.items() if k in tree and _shape_of(tree[k]) != e.jax_shape]
+    if missing or unexpected or wrong:
+        raise ConversionError(f"params do not match the {spec.family} architecture",
+                              {"missing params": missing, "unexpected params": unexpected,
+                               "wrong shapes": wrong})
+    return {e.timm_key: np.ascontiguousarray(e.to_timm(np.asarray(tree[e.key]))) for e in table}

@@ -1,0 +1,411 @@
+"""Architecture specs: the hyperparameters of a checkpoint, framework-neutral.
+
+A spec's fields are exactly the keyword arguments of ``vitport.{haiku,flax}.{ViT,CaiT}``, so
+``ViT(**dataclasses.asdict(spec))`` builds the model. Specs come from three places:
+
+- a live timm model (``spec_from_timm_model``): reads the built modules, and refuses by name
+  every timm option the JAX models do not implement;
+- timm constructor kwargs (``ViTSpec.from_timm_kwargs``), as found in a hub ``config.json``'s
+  ``model_args`` or in vitport's architecture table;
+- the JSON form written next to converted weights (``spec_from_dict``).
+
+No torch at module level: only ``spec_from_timm_model`` imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import UnsupportedArchitectureError
+
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
+Pool = Literal["token", "avg", "map", ""]
+
+
+def _pair(x) -> tuple[int, int]:
+    if isinstance(x, (tuple, list)):
+        a, b = x
+        return int(a), int(b)
+    return int(x), int(x)
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """timm ``VisionTransformer`` / ``VisionTransformerDistilled`` hyperparameters.
+
+    ``fc_norm`` is resolved (timm's ``None`` becomes ``pool == 'avg'``) and ``patch_bias``
+    too (timm drops the patch-embedding bias when ``pre_norm``), so the spec says exactly
+    which tensors exist.
+    """
+
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    channels: int = 3
+    num_classes: int = 1000
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    pool: Pool = "token"
+    class_token: bool = True
+    reg_tokens: int = 0
+    distilled: bool = False
+    no_embed_class: bool = False
+    pre_norm: bool = False
+    final_norm: bool = True
+    fc_norm: bool = False
+    pool_include_prefix: bool = False
+    patch_bias: bool = True
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    init_values: float | None = None
+    activation: Activation = "gelu"
+    norm_eps: float = 1e-6
+    dynamic_img_size: bool = False
+
+    family = "vit"
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", _pair(self.image_size))
+        if self.pool not in ("token", "avg", "map", ""):
+            raise UnsupportedArchitectureError(f"global_pool={self.pool!r} is not supported "
+                                               "(vitport implements 'token', 'avg', 'map' and '')")
+        if self.dim % self.heads:
+            raise UnsupportedArchitectureError(
+                f"dim={self.dim} is not divisible by heads={self.heads} (attn_head_dim is not supported)")
+        if self.distilled and self.pool != "token":
+            raise UnsupportedArchitectureError("distilled models read the class and distillation "
+                                               f"tokens; global_pool={self.pool!r} is not supported")
+        if self.distilled and self.has_fc_norm:
+            raise UnsupportedArchitectureError("distilled models with fc_norm are not supported")
+        if self.pool == "token" and not self.class_token:
+            raise UnsupportedArchitectureError("global_pool='token' needs class_token=True")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + int(self.distilled) + self.reg_tokens
+
+    @property
+    def num_pos_tokens(self) -> int:
+        h, w = self.grid_size
+        return h * w + (0 if self.no_embed_class else self.num_prefix_tokens)
+
+    @property
+    def has_norm(self) -> bool:
+        return self.final_norm and not self.fc_norm
+
+    @property
+    def has_fc_norm(self) -> bool:
+        return self.final_norm and self.fc_norm
+
+    @classmethod
+    def from_timm_kwargs(cls, distilled: bool = False, **kw: Any) -> "ViTSpec":
+        """Build from ``VisionTransformer.__init__`` kwargs (timm's names and defaults)."""
+        unsupported = {
+            "pos_embed": ("learn",), "scale_attn_norm": (False,), "scale_mlp_norm": (False,),
+            "proj_bias": (True,), "dynamic_img_pad": (False,), "embed_layer": (None,),
+            "embed_norm_layer": (None,), "block_fn": (None,), "mlp_layer": (None,),
+            "attn_layer": (None, "attn"),
+        }
+        bad = [f"{k}={kw[k]!r}" for k, ok in unsupported.items() if k in kw and kw[k] not in ok]
+        norm_layer = kw.get("norm_layer")
+        if norm_layer not in (None, "layernorm"):
+            bad.append(f"norm_layer={norm_layer!r}")
+        if bad:
+            raise UnsupportedArchitectureError("timm options not supported by vitport: " + ", ".join(bad))
+        pool = kw.get("global_pool", "token")
+        if pool not in ("token", "avg", "map", ""):
+            raise UnsupportedArchitectureError(f"global_pool={pool!r} is not supported")
+        fc_norm = kw.get("fc_norm")
+        pre_norm = bool(kw.get("pre_norm", False))
+        embed_dim = kw.get("embed_dim", 768)
+        act = kw.get("act_layer") or "gelu"
+        if act not in ("gelu", "gelu_tanh", "quick_gelu"):
+            raise UnsupportedArchitectureError(f"act_layer={act!r} is not supported")
+        return cls(
+            image_size=kw.get("img_size", 224),
+            patch_size=_square_patch(kw.get("patch_size", 16)),
+            channels=kw.get("in_chans", 3),
+            num_classes=kw.get("num_classes", 1000),
+            dim=embed_dim,
+            depth=kw.get("depth", 12),
+            heads=kw.get("num_heads", 12),
+            mlp_dim=int(embed_dim * kw.get("mlp_ratio", 4.0)),
+            pool=pool,
+            class_token=kw.get("class_token", True),
+            reg_tokens=kw.get("reg_tokens", 0),
+            distilled=distilled,
+            no_embed_class=kw.get("no_embed_class", False),
+            pre_norm=pre_norm,
+            final_norm=kw.get("final_norm", True),
+            fc_norm=(pool == "avg") if fc_norm is None else bool(fc_norm),
+            pool_include_prefix=kw.get("pool_include_prefix", False),
+            patch_bias=not pre_norm,
+            qkv_bias=kw.get("qkv_bias", True),
+            qk_norm=kw.get("qk_norm", False),
+            init_values=kw.get("init_values"),
+            activation=act,
+            norm_eps=kw.get("norm_eps", 1e-6),
+            dynamic_img_size=kw.get("dynamic_img_size", False),
+        )
+
+
+@dataclass(frozen=True)
+class CaiTSpec:
+    """timm ``Cait`` hyperparameters."""
+
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    channels: int = 3
+    num_classes: int = 1000
+    dim: int = 384
+    depth: int = 24
+    cls_depth: int = 2
+    heads: int = 8
+    mlp_dim: int = 1536
+    cls_mlp_dim: int = 1536
+    pool: Literal["token", "avg", ""] = "token"
+    qkv_bias: bool = True
+    init_values: float = 1e-5
+    activation: Activation = "gelu"
+    norm_eps: float = 1e-6
+
+    family = "cait"
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", _pair(self.image_size))
+        if self.pool not in ("token", "avg", ""):
+            raise UnsupportedArchitectureError(f"CaiT global_pool={self.pool!r} is not supported")
+        if self.dim % self.heads:
+            raise UnsupportedArchitectureError(f"dim={self.dim} is not divisible by heads={self.heads}")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @classmethod
+    def from_timm_kwargs(cls, **kw: Any) -> "CaiTSpec":
+        """Build from ``Cait.__init__`` kwargs (timm's names and defaults)."""
+        bad = [k for k in ("block_layers", "block_layers_token", "patch_layer", "attn_block",
+                           "mlp_block", "attn_block_token_only", "mlp_block_token_only",
+                           "norm_layer", "act_layer") if kw.get(k) is not None]
+        if bad:
+            raise UnsupportedArchitectureError("timm CaiT options not supported by vitport: " + ", ".join(bad))
+        embed_dim = kw.get("embed_dim", 768)
+        return cls(
+            image_size=kw.get("img_size", 224),
+            patch_size=_square_patch(kw.get("patch_size", 16)),
+            channels=kw.get("in_chans", 3),
+            num_classes=kw.get("num_classes", 1000),
+            dim=embed_dim,
+            depth=kw.get("depth", 12),
+            cls_depth=kw.get("depth_token_only", 2),
+            heads=kw.get("num_heads", 12),
+            mlp_dim=int(embed_dim * kw.get("mlp_ratio", 4.0)),
+            cls_mlp_dim=int(embed_dim * kw.get("mlp_ratio_token_only", 4.0)),
+            pool=kw.get("global_pool", "token"),
+            qkv_bias=kw.get("qkv_bias", True),
+            init_values=kw.get("init_values", 1e-4),
+        )
+
+
+Spec = ViTSpec | CaiTSpec
+SPEC_TYPES = {"vit": ViTSpec, "cait": CaiTSpec}
+
+
+def _square_patch(p) -> int:
+    h, w = _pair(p)
+    if h != w:
+        raise UnsupportedArchitectureError(f"non-square patch_size={p!r} is not supported")
+    return h
+
+
+def spec_to_dict(spec: Spec) -> dict[str, Any]:
+    d = dataclasses.asdict(spec)
+    d["image_size"] = list(d["image_size"])
+    return {"family": spec.family, **d}
+
+
+def spec_from_dict(d: dict[str, Any]) -> Spec:
+    d = dict(d)
+    family = d.pop("family")
+    if family not in SPEC_TYPES:
+        raise UnsupportedArchitectureError(f"unknown model family {family!r}")
+    cls = SPEC_TYPES[family]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {family} spec fields: {', '.join(unknown)}")
+    return cls(**d)
+
+
+# --------------------------------------------------------------------------- live timm models
+
+
+def spec_from_timm_model(model) -> Spec:
+    """Read the spec off a live timm model; refuse, by name, anything vitport does not implement.
+
+    Every problem found is reported at once.
+    """
+    import torch.nn as tnn
+    from timm.layers import AttentionPoolLatent, LayerScale, Mlp, PatchEmbed
+    from timm.layers.attention import Attention
+    from timm.models.cait import (Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn,
+                                  TalkingHeadAttn)
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    problems: list[str] = []
+
+    def need(cond: bool, what: str):
+        if not cond:
+            problems.append(what)
+
+    def ident(m) -> bool:
+        return isinstance(m, tnn.Identity)
+
+    def layer_norm_eps(m, where: str) -> float | None:
+        if not isinstance(m, tnn.LayerNorm) or not m.elementwise_affine:
+            problems.append(f"{where}: {type(m).__name__} (only affine LayerNorm is supported)")
+            return None
+        return float(m.eps)
+
+    def activation(act, where: str) -> str | None:
+        name = type(act).__name__
+        if name == "QuickGELU":
+            return "quick_gelu"
+        if name == "GELUTanh" or (isinstance(act, tnn.GELU) and act.approximate == "tanh"):
+            return "gelu_tanh"
+        if name == "GELU" and getattr(act, "approximate", "none") == "none":
+            return "gelu"
+        problems.append(f"{where}: activation {name} (supported: GELU, GELUTanh, QuickGELU)")
+        return None
+
+    def check_patch_embed(pe):
+        need(type(pe) is PatchEmbed, f"patch_embed: {type(pe).__name__} (hybrid CNN stems are not supported)")
+        if type(pe) is not PatchEmbed:
+            return None
+        need(ident(pe.norm), "patch_embed.norm (embed_norm_layer is not supported)")
+        need(not pe.dynamic_img_pad, "dynamic_img_pad=True is not supported")
+        need(tuple(pe.proj.kernel_size) == tuple(pe.proj.stride), "patch_embed: overlapping patches")
+        need(pe.proj.kernel_size[0] == pe.proj.kernel_size[1], "patch_embed: non-square patches")
+        return pe.proj.kernel_size[0]
+
+    def check_mlp(mlp, where: str, dim: int):
+        need(type(mlp) is Mlp, f"{where}: {type(mlp).__name__} (SwiGLU / gated MLPs are not supported)")
+        if type(mlp) is not Mlp:
+            return None, None
+        need(ident(mlp.norm), f"{where}.norm (scale_mlp_norm is not supported)")
+        need(mlp.fc1.bias is not None and mlp.fc2.bias is not None, f"{where}: MLP without bias")
+        need(mlp.fc2.out_features == dim, f"{where}: MLP output width differs from dim")
+        return mlp.fc1.out_features, activation(mlp.act, f"{where}.act")
+
+    if type(model) is Cait:
+        patch = check_patch_embed(model.patch_embed)
+        dim = model.embed_dim
+        eps = layer_norm_eps(model.norm, "norm")
+        b0, c0 = model.blocks[0], model.blocks_token_only[0] if len(model.blocks_token_only) else None
+        need(c0 is not None, "CaiT without class-attention blocks")
+        for i, b in enumerate(model.blocks):
+            need(type(b) is LayerScaleBlock and type(b.attn) is TalkingHeadAttn,
+                 f"blocks.{i}: {type(b).__name__}/{type(b.attn).__name__}")
+        for i, b in enumerate(model.blocks_token_only):
+            need(type(b) is LayerScaleBlockClassAttn and type(b.attn) is ClassAttn,
+                 f"blocks_token_only.{i}: {type(b).__name__}/{type(b.attn).__name__}")
+        mlp_dim, act = check_mlp(b0.mlp, "blocks.0.mlp", dim)
+        cls_mlp_dim, _ = check_mlp(c0.mlp, "blocks_token_only.0.mlp", dim) if c0 is not None else (None, None)
+        layer_norm_eps(b0.norm1, "blocks.0.norm1")
+        qkv_bias = b0.attn.qkv.bias is not None
+        if c0 is not None:
+            need((c0.attn.q.bias is not None) == qkv_bias, "class attention and self attention disagree on qkv_bias")
+        gamma = b0.gamma_1
+        init_values = 1e-5 if gamma.is_meta else float(gamma.detach().flatten()[0])
+        if problems:
+            raise UnsupportedArchitectureError("timm Cait options not supported by vitport:\n  "
+                                               + "\n  ".join(problems))
+        return CaiTSpec(
+            image_size=tuple(model.patch_embed.img_size), patch_size=patch,
+            channels=model.patch_embed.proj.in_channels,
+            num_classes=model.head.out_features if isinstance(model.head, tnn.Linear) else 0,
+            dim=dim, depth=len(model.blocks), cls_depth=len(model.blocks_token_only),
+            heads=b0.attn.num_heads, mlp_dim=mlp_dim, cls_mlp_dim=cls_mlp_dim,
+            pool=model.global_pool, qkv_bias=qkv_bias, init_values=init_values,
+            activation=act, norm_eps=eps,
+        )
+
+    if type(model) not in (VisionTransformer, VisionTransformerDistilled):
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} is not supported: vitport converts timm's VisionTransformer, "
+            "VisionTransformerDistilled and Cait (Eva, relative-position, hybrid and other "
+            "ViT variants are out of scope)")
+
+    patch = check_patch_embed(model.patch_embed)
+    dim = model.embed_dim
+    need(model.pos_embed is not None, "pos_embed='none' is not supported")
+    for i, b in enumerate(model.blocks):
+        need(type(b) is Block, f"blocks.{i}: {type(b).__name__} (parallel / res-post blocks are not supported)")
+    b0 = model.blocks[0]
+    mlp_dim = act = eps = None
+    qkv_bias = qk_norm = False
+    init_values = None
+    if type(b0) is Block:
+        need(type(b0.attn) is Attention, f"blocks.0.attn: {type(b0.attn).__name__}")
+        if type(b0.attn) is Attention:
+            need(ident(b0.attn.norm), "blocks.0.attn.norm (scale_attn_norm is not supported)")
+            need(getattr(b0.attn, "gate", None) is None, "gated attention is not supported")
+            need(b0.attn.proj.bias is not None, "proj_bias=False is not supported")
+            need(b0.attn.head_dim * b0.attn.num_heads == dim, "attn_head_dim != dim // num_heads")
+            qkv_bias = b0.attn.qkv.bias is not None
+            qk_norm = not ident(b0.attn.q_norm)
+            if qk_norm:
+                layer_norm_eps(b0.attn.q_norm, "blocks.0.attn.q_norm")
+        mlp_dim, act = check_mlp(b0.mlp, "blocks.0.mlp", dim)
+        eps = layer_norm_eps(b0.norm1, "blocks.0.norm1")
+        if isinstance(b0.ls1, LayerScale):
+            init_values = float(b0.ls1.init_values)
+        else:
+            need(ident(b0.ls1), f"blocks.0.ls1: {type(b0.ls1).__name__}")
+    pool = model.global_pool
+    need(pool in ("token", "avg", "map", ""),
+         f"global_pool={pool!r} (supported: 'token', 'avg', 'map', '')")
+    if pool == "map":
+        ap = model.attn_pool
+        need(type(ap) is AttentionPoolLatent, f"attn_pool: {type(ap).__name__}")
+        if type(ap) is AttentionPoolLatent:
+            need(ap.latent_len == 1 and ap.pool == "token", "attn_pool: latent_len != 1 or pool != 'token'")
+            need(ap.pos_embed is None, "attn_pool: pos_embed is not supported")
+            need(isinstance(ap.q, tnn.Linear), "attn_pool: q_proj=False is not supported")
+            need(ident(ap.q_norm), "attn_pool: qk_norm is not supported")
+            need(ap.mlp is not None and ap.mlp.fc1.out_features == mlp_dim,
+                 "attn_pool: MLP width differs from the blocks'")
+            need(isinstance(ap.q, tnn.Linear) and ap.q.bias is not None, "attn_pool: qkv_bias=False")
+    elif pool != "" and getattr(model, "attn_pool", None) is not None:
+        problems.append("attn_pool with a non-'map' global_pool")
+    if not ident(model.norm_pre):
+        layer_norm_eps(model.norm_pre, "norm_pre")
+    if not ident(model.norm):
+        layer_norm_eps(model.norm, "norm")
+    if problems:
+        raise UnsupportedArchitectureError(
+            f"timm {type(model).__name__} options not supported by vitport:\n  " + "\n  ".join(problems))
+    has_norm, has_fc_norm = not ident(model.norm), not ident(model.fc_norm)
+    return ViTSpec(
+        image_size=tuple(model.patch_embed.img_size), patch_size=patch,
+        channels=model.patch_embed.proj.in_channels,
+        num_classes=model.head.out_features if isinstance(model.head, tnn.Linear) else 0,
+        dim=dim, depth=len(model.blocks), heads=b0.attn.num_heads, mlp_dim=mlp_dim,
+        pool=pool, class_token=model.cls_token is not None, reg_tokens=model.num_reg_tokens,
+        distilled=isinstance(model, VisionTransformerDistilled),
+        no_embed_class=model.no_embed_class, pre_norm=not ident(model.norm_pre),
+        final_norm=has_norm or has_fc_norm, fc_norm=has_fc_norm,
+        pool_include_prefix=model.pool_include_prefix,
+        patch_bias=model.patch_embed.proj.bias is not None,
+        qkv_bias=qkv_bias, qk_norm=qk_norm, init_values=init_values, activation=act,
+        norm_eps=eps, dynamic_img_size=model.dynamic_img_size,
+    )

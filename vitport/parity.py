@@ -1,0 +1,134 @@
+"""Layer-by-layer numeric parity between a timm model and its JAX port (needs torch + timm).
+
+Two pieces, used by the tests and by ``vitport verify``:
+
+- ``perturb_weights``: re-initialise a timm model so that every path matters. timm's own init
+  hides bugs (CaiT's LayerScale of 1e-5 makes every block nearly the identity, so swapped
+  ``proj_l``/``proj_w`` or gammas change logits by < 2e-5); DESIGN.md §5 gives the scheme.
+- ``compare``: run both sides on the same images and report, for every timm-named
+  activation both expose, the max absolute and max relative difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .api import JaxModel
+
+GAMMA_NAMES = ("gamma", "gamma_1", "gamma_2")
+
+
+def perturb_weights(model, seed: int = 0):
+    """Bug-sensitive re-initialisation, in place and deterministic; returns the model.
+
+    Linear/conv weights N(0, 1/fan_in), their biases 0.05 N; LayerNorm scale 1 + 0.2 N and
+    bias 0.05 N; LayerScale gammas U(0.05, 0.5); tokens, latents and pos_embed 0.5 N.
+    """
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(p, std, mean=0.0):
+        p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).mul(std).add(mean))
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            if isinstance(module, nn.LayerNorm):
+                normal(p, 0.2, 1.0) if leaf == "weight" else normal(p, 0.05)
+            elif isinstance(module, (nn.Linear, nn.Conv2d)):
+                normal(p, p[0].numel() ** -0.5) if leaf == "weight" else normal(p, 0.05)
+            elif leaf in GAMMA_NAMES:
+                p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64) * 0.45 + 0.05)
+            else:
+                normal(p, 0.5)
+    return model
+
+
+def timm_intermediates(model, images_nchw) -> tuple[Any, dict[str, np.ndarray]]:
+    """timm's output and the outputs of its named modules, captured with forward hooks."""
+    import torch
+
+    names = ["patch_embed", "norm", "head", "head_dist"]
+    names += [f"blocks.{i}" for i in range(len(model.blocks))]
+    names += [f"blocks_token_only.{i}" for i in range(len(getattr(model, "blocks_token_only", None) or []))]
+    captured: dict[str, np.ndarray] = {}
+    handles = []
+
+    def hook(name):
+        def fn(_module, args, output):
+            captured[name] = output.detach().cpu().numpy()
+        return fn
+
+    def pre_hook(_module, args):
+        captured["pre_logits"] = args[0].detach().cpu().numpy()
+
+    for name in names:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            continue
+        handles.append(m.register_forward_hook(hook(name)))
+    if not hasattr(model, "head_dist"):  # distilled heads read two tokens: no single pre_logits
+        handles.append(model.head.register_forward_pre_hook(pre_hook))
+    try:
+        with torch.no_grad():
+            out = model(images_nchw)
+    finally:
+        for h in handles:
+            h.remove()
+    if "patch_embed" in captured:
+        pe = captured["patch_embed"]
+        captured["patch_embed"] = pe.reshape(pe.shape[0], -1, pe.shape[-1])
+    return out.detach().cpu().numpy(), captured
+
+
+@dataclass(frozen=True)
+class LayerDiff:
+    layer: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    ref_scale: float
+
+    def ok(self, tol: float) -> bool:
+        """Within ``tol`` of the reference's own scale (absolute for |values| <= 1)."""
+        return self.max_abs <= tol * max(1.0, self.ref_scale)
+
+
+def diff(layer: str, ours: Any, ref: Any) -> LayerDiff:
+    """``max_rel`` is max |ours - ref| / max(|ref|, 1e-3 * max|ref|): elementwise, floored
+    so that entries near zero do not blow it up."""
+    a, b = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"{layer}: shape {a.shape} in JAX, {b.shape} in timm")
+    err = np.abs(a - b)
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    floor = max(1e-3 * scale, np.finfo(np.float64).tiny)
+    rel = float((err / np.maximum(np.abs(b), floor)).max()) if b.size else 0.0
+    return LayerDiff(layer, tuple(b.shape), float(err.max()) if b.size else 0.0, rel, scale)
+
+
+def compare(jax_model: JaxModel, timm_model, images_nhwc: np.ndarray) -> list[LayerDiff]:
+    """Per-layer differences, in forward order, ending with the final 'logits' row."""
+    import torch
+
+    timm_model.eval()
+    dtype = next(timm_model.parameters()).dtype
+    x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))).to(dtype)
+    ref_out, ref = timm_intermediates(timm_model, x)
+    out, ours = jax_model(images_nhwc, return_intermediates=True)
+    rows = [diff(name, ours[name], ref[name]) for name in ours if name in ref]
+    rows.append(diff("logits", out, ref_out))
+    return rows
+
+
+def random_images(spec, batch: int = 2, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    """Normalised-image-like inputs, NHWC."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, *spec.image_size, spec.channels)).astype(dtype)
