@@ -312,12 +312,10 @@ def spec_from_timm_model(model) -> Spec:
         eps = layer_norm_eps(model.norm, "norm")
         b0, c0 = model.blocks[0], model.blocks_token_only[0] if len(model.blocks_token_only) else None
         need(c0 is not None, "CaiT without class-attention blocks")
-        for i, b in enumerate(model.blocks):
-            need(type(b) is LayerScaleBlock and type(b.attn) is TalkingHeadAttn,
-                 f"blocks.{i}: {type(b).__name__}/{type(b.attn).__name__}")
-        for i, b in enumerate(model.blocks_token_only):
-            need(type(b) is LayerScaleBlockClassAttn and type(b.attn) is ClassAttn,
-                 f"blocks_token_only.{i}: {type(b).__name__}/{type(b.attn).__name__}")
+        need(all(type(b) is LayerScaleBlock and type(b.attn) is TalkingHeadAttn for b in model.blocks),
+             "blocks: only LayerScaleBlock with TalkingHeadAttn is supported")
+        need(all(type(b) is LayerScaleBlockClassAttn and type(b.attn) is ClassAttn for b in model.blocks_token_only),
+             "blocks_token_only: only LayerScaleBlockClassAttn with ClassAttn is supported")
         mlp_dim, act = check_mlp(b0.mlp, "blocks.0.mlp", dim)
         cls_mlp_dim, _ = check_mlp(c0.mlp, "blocks_token_only.0.mlp", dim) if c0 is not None else (None, None)
         layer_norm_eps(b0.norm1, "blocks.0.norm1")
@@ -348,8 +346,9 @@ def spec_from_timm_model(model) -> Spec:
     patch = check_patch_embed(model.patch_embed)
     dim = model.embed_dim
     need(model.pos_embed is not None, "pos_embed='none' is not supported")
-    for i, b in enumerate(model.blocks):
-        need(type(b) is Block, f"blocks.{i}: {type(b).__name__} (parallel / res-post blocks are not supported)")
+    block_types = sorted({type(b).__name__ for b in model.blocks if type(b) is not Block})
+    need(not block_types, f"blocks: {', '.join(block_types)} (only timm's standard Block is supported; "
+                          "parallel, res-post and differential blocks are not)")
     b0 = model.blocks[0]
     mlp_dim = act = eps = None
     qkv_bias = qk_norm = False

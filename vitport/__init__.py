@@ -1,4 +1,15 @@
-"""vitport: timm's Vision Transformers (ViT, DeiT, CaiT) in JAX, in Haiku and Flax."""
+"""vitport: timm's Vision Transformers (ViT, DeiT, CaiT) in JAX, in Haiku and Flax.
+
+    jm = vitport.from_timm(timm_model, framework="haiku")   # a live timm model (needs torch)
+    jm = vitport.create_model("vit_base_patch16_224", framework="flax")   # random init, no torch
+    logits = jm(images_nhwc)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from converters.architectures import arch_spec, list_architectures, pretrained_tag_cfg
 
 from .api import JaxModel, from_state_dict, init_params
 
@@ -10,5 +21,22 @@ def from_timm(model, framework: str = "flax") -> JaxModel:
     return _from_timm(model, framework)
 
 
-__all__ = ["JaxModel", "from_state_dict", "from_timm", "init_params"]
+def create_model(name: str, framework: str = "flax", rng: Any = 0, **overrides: Any) -> JaxModel:
+    """A randomly initialised model of a timm architecture (``arch`` or ``arch.tag``).
+
+    ``overrides`` replace spec fields (``num_classes=10``, ``image_size=384``, ...). Needs no
+    torch: specs come from vitport's table of timm architectures.
+    """
+    spec = arch_spec(name, **overrides)
+    cfg = pretrained_tag_cfg(name)
+    preprocessing = {k: v for k, v in cfg.items() if k != "hf_hub_id"}
+    return JaxModel(spec, framework, init_params(spec, framework, rng), preprocessing, name.partition(".")[0])
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """timm architecture names vitport converts, matching a glob ``pattern`` (``"cait_*"``)."""
+    return list_architectures(pattern)
+
+
+__all__ = ["JaxModel", "create_model", "from_state_dict", "from_timm", "init_params", "list_models"]
 __version__ = "0.1.0"

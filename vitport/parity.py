@@ -123,7 +123,8 @@ def compare(jax_model: JaxModel, timm_model, images_nhwc: np.ndarray) -> list[La
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))).to(dtype)
     ref_out, ref = timm_intermediates(timm_model, x)
     out, ours = jax_model(images_nhwc, return_intermediates=True)
-    rows = [diff(name, ours[name], ref[name]) for name in ours if name in ref]
+    # timm's hooks fire in forward order; jit returns the JAX dict with sorted keys.
+    rows = [diff(name, ours[name], ref[name]) for name in ref if name in ours]
     rows.append(diff("logits", out, ref_out))
     return rows
 
@@ -132,3 +133,48 @@ def random_images(spec, batch: int = 2, seed: int = 0, dtype=np.float32) -> np.n
     """Normalised-image-like inputs, NHWC."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal((batch, *spec.image_size, spec.channels)).astype(dtype)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    name: str
+    framework: str
+    dtype: str
+    rows: list[LayerDiff]
+
+
+def build_timm_model(name: str, dtype: str = "float32", seed: int = 0, **kwargs: Any):
+    """A timm model with bug-sensitive random weights (offline), in eval mode."""
+    import timm
+    import torch
+
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    return perturb_weights(model, seed).to(getattr(torch, dtype)).eval()
+
+
+def verify_architecture(name: str, frameworks=("haiku", "flax"), dtypes=("float64", "float32"), *,
+                        batch: int = 2, seed: int = 0, status=None, timm_model=None):
+    """Yield a VerifyResult per (dtype, framework): timm vs the converted JAX model.
+
+    ``timm_model`` (optional) is checked instead of a freshly perturbed ``name``; its
+    weights are cast to each dtype.
+    """
+    import contextlib
+
+    from .timm_bridge import from_timm
+
+    status = status or (lambda msg: contextlib.nullcontext())
+    for dtype in dtypes:
+        with status(f"building {name} ({dtype})"):
+            if timm_model is None:
+                model = build_timm_model(name, dtype, seed)
+            else:
+                import torch
+
+                model = timm_model.to(getattr(torch, dtype)).eval()
+        for framework in frameworks:
+            with status(f"converting to {framework} and comparing ({dtype})"):
+                jm = from_timm(model, framework)
+                images = random_images(jm.spec, batch, seed, dtype=np.dtype(dtype))
+                rows = compare(jm, model, images)
+            yield VerifyResult(name, framework, dtype, rows)
