@@ -1,0 +1,37 @@
+"""Shared test helpers: tiny timm twins with bug-sensitive weights."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Small enough to run in well under a second, big enough that every path is exercised
+# (several heads, >1 block, a non-trivial patch grid, a classifier).
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=10)
+TINY_CAIT = dict(TINY, depth_token_only=2)
+
+# (timm architecture, extra kwargs) covering every option vitport implements.
+TINY_CASES = {
+    "vit_token": ("vit_base_patch16_224", TINY),
+    "deit_distilled": ("deit_base_distilled_patch16_224", TINY),
+    "deit3_layerscale_no_embed_class": ("deit3_base_patch16_224", TINY),
+    "clip_pre_norm_quick_gelu": ("vit_base_patch32_clip_quickgelu_224", TINY),
+    "siglip_map_gelu_tanh": ("vit_base_patch16_siglip_224", TINY),
+    "reg_tokens_avg_fc_norm": ("vit_base_patch16_reg4_gap_256", TINY),
+    "qk_norm": ("vit_base_patch16_224", dict(TINY, qk_norm=True)),
+    "no_qkv_bias_no_class_token": ("vit_base_patch16_224", dict(TINY, qkv_bias=False, class_token=False,
+                                                                global_pool="avg")),
+    "dynamic_img_size": ("vit_base_patch16_224", dict(TINY, dynamic_img_size=True)),
+    "cait": ("cait_s24_224", TINY_CAIT),
+}
+
+
+def tiny_timm(arch: str, dtype: str = "float64", seed: int = 0, **kwargs):
+    from vitport.parity import build_timm_model
+
+    return build_timm_model(arch, dtype, seed, **kwargs)
+
+
+def images(spec, batch: int = 2, dtype: str = "float64", seed: int = 1, size=None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    h, w = size or spec.image_size
+    return rng.standard_normal((batch, h, w, spec.channels)).astype(dtype)

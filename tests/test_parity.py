@@ -1,0 +1,131 @@
+"""Numeric parity with timm, layer by layer, on bug-sensitive weights (DESIGN.md §5).
+
+Tiers: float64 (every layer and the logits within 1e-10, relative to the layer's scale) and
+float32 (logits within 1e-4 absolute), both frameworks. The measured maxima are attached to
+the test report (``pytest -rA`` / junit ``record_property``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import TINY_CAIT, TINY_CASES, images, tiny_timm
+
+import vitport
+from vitport.parity import compare, perturb_weights, verify_architecture
+
+FRAMEWORKS = ("haiku", "flax")
+
+
+def assert_within(rows, tol, what):
+    bad = [f"{r.layer}: max abs {r.max_abs:.3e} (scale {r.ref_scale:.3g})" for r in rows if not r.ok(tol)]
+    assert not bad, f"{what}: over tolerance {tol:g} at " + "; ".join(bad)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_float64_every_layer(case, framework, record_property):
+    arch, kwargs = TINY_CASES[case]
+    model = tiny_timm(arch, "float64", **kwargs)
+    jm = vitport.from_timm(model, framework)
+    assert jm.dtype == np.float64, "float64 timm weights must stay float64"
+    rows = compare(jm, model, images(jm.spec, dtype="float64"))
+    assert len(rows) >= 5, [r.layer for r in rows]  # patch_embed, blocks, ..., logits
+    record_property("max_abs_logits_f64", rows[-1].max_abs)
+    assert_within(rows, 1e-10, f"{case}/{framework} float64")
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_float32_logits(case, framework, record_property):
+    arch, kwargs = TINY_CASES[case]
+    model = tiny_timm(arch, "float32", **kwargs)
+    jm = vitport.from_timm(model, framework)
+    assert jm.dtype == np.float32
+    rows = compare(jm, model, images(jm.spec, dtype="float32"))
+    record_property("max_abs_logits_f32", rows[-1].max_abs)
+    assert rows[-1].max_abs < 1e-4, rows[-1]
+    assert_within(rows, 1e-4, f"{case}/{framework} float32")
+
+
+def test_dynamic_img_size_other_resolution():
+    """pos_embed is resampled to the input's grid at run time, as timm does."""
+    arch, kwargs = TINY_CASES["dynamic_img_size"]
+    model = tiny_timm(arch, "float32", **kwargs)
+    for framework in FRAMEWORKS:
+        jm = vitport.from_timm(model, framework)
+        for size in ((48, 48), (24, 40)):
+            rows = compare(jm, model, images(jm.spec, dtype="float32", size=size))
+            assert rows[-1].max_abs < 1e-4, (framework, size, rows[-1])
+
+
+@pytest.mark.parametrize("case", ["vit_token", "deit_distilled", "cait"])
+def test_haiku_and_flax_agree(case):
+    arch, kwargs = TINY_CASES[case]
+    model = tiny_timm(arch, "float64", **kwargs)
+    hk_model, fx_model = vitport.from_timm(model, "haiku"), vitport.from_timm(model, "flax")
+    x = images(hk_model.spec, dtype="float64")
+    (hk_out, hk_mid), (fx_out, fx_mid) = hk_model(x, True), fx_model(x, True)
+    assert sorted(hk_mid) == sorted(fx_mid)
+    for name in hk_mid:
+        np.testing.assert_allclose(np.asarray(hk_mid[name]), np.asarray(fx_mid[name]), rtol=0, atol=1e-12,
+                                   err_msg=name)
+    np.testing.assert_allclose(np.asarray(hk_out), np.asarray(fx_out), rtol=0, atol=1e-12)
+    # and .to() moves weights across frameworks without changing the function
+    np.testing.assert_allclose(np.asarray(hk_model.to("flax")(x)), np.asarray(fx_out), rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------ the parity check catches bugs
+
+
+def _swap(sd: dict, a: str, b: str) -> dict:
+    sd = dict(sd)
+    sd[a], sd[b] = sd[b], sd[a]
+    return sd
+
+
+CAIT_SWAPS = {
+    "proj_l<->proj_w": lambda sd: _swap(_swap(sd, "blocks.0.attn.proj_l.weight", "blocks.0.attn.proj_w.weight"),
+                                        "blocks.0.attn.proj_l.bias", "blocks.0.attn.proj_w.bias"),
+    "gamma_1<->gamma_2": lambda sd: _swap(sd, "blocks.1.gamma_1", "blocks.1.gamma_2"),
+    "class-attn k<->v": lambda sd: _swap(_swap(sd, "blocks_token_only.0.attn.k.weight",
+                                               "blocks_token_only.0.attn.v.weight"),
+                                         "blocks_token_only.0.attn.k.bias", "blocks_token_only.0.attn.v.bias"),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(CAIT_SWAPS))
+def test_parity_check_catches_swapped_weights(bug):
+    """A converter with one of these swaps fails the float32 tolerance by orders of magnitude
+    on bug-sensitive weights, while timm's own init (LayerScale 1e-5) would hide it."""
+    from vitport.timm_bridge import state_dict_to_numpy
+
+    import timm
+
+    def logit_error(model):
+        model = model.float().eval()
+        jm = vitport.from_timm(model, "flax")
+        broken = vitport.from_state_dict(CAIT_SWAPS[bug](state_dict_to_numpy(model.state_dict())), jm.spec, "flax")
+        return compare(broken, model, images(jm.spec, dtype="float32"))[-1].max_abs
+
+    sensitive = logit_error(perturb_weights(timm.create_model("cait_s24_224", pretrained=False, **TINY_CAIT)))
+    assert sensitive > 1e-2, f"{bug} moved logits by only {sensitive:.2e}"
+    default_init = logit_error(timm.create_model("cait_s24_224", pretrained=False, **TINY_CAIT))
+    assert default_init < 1e-4, f"timm's init was expected to hide {bug}; it moved logits by {default_init:.2e}"
+
+
+# ------------------------------------------------------------------------------- full size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,count", [("vit_base_patch16_224", 86_567_656), ("cait_s24_224", 46_916_200)])
+def test_full_size(name, count, record_property):
+    """One full-size model per family, both frameworks, float64 per layer and float32 logits."""
+    for result in verify_architecture(name, FRAMEWORKS, ("float64", "float32"), batch=1):
+        tol = 1e-10 if result.dtype == "float64" else 1e-4
+        record_property(f"{result.framework}_{result.dtype}_logits_max_abs", result.rows[-1].max_abs)
+        assert_within(result.rows, tol, f"{name}/{result.framework}/{result.dtype}")
+        assert result.rows[-1].layer == "logits"
+    jm = vitport.create_model(name, "haiku")
+    assert jm.num_params() == count
+    assert vitport.create_model(name, "flax").num_params() == count
