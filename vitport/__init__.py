@@ -2,6 +2,8 @@
 
     jm = vitport.from_timm(timm_model, framework="haiku")   # a live timm model (needs torch)
     jm = vitport.create_model("vit_base_patch16_224", framework="flax")   # random init, no torch
+    jm = vitport.load("cait_s24_224", framework="haiku")   # hub name, hf-hub: repo, folder or file
+    vitport.convert("cait_s24_224", "cait-haiku", framework="haiku")   # a folder that loads without torch
     logits = jm(images_nhwc)
 """
 
@@ -12,6 +14,7 @@ from typing import Any
 from converters.architectures import arch_spec, list_architectures, pretrained_tag_cfg
 
 from .api import JaxModel, from_state_dict, init_params
+from .hub import convert, export_timm, load, save
 
 
 def from_timm(model, framework: str = "flax") -> JaxModel:
@@ -38,5 +41,6 @@ def list_models(pattern: str = "*") -> list[str]:
     return list_architectures(pattern)
 
 
-__all__ = ["JaxModel", "create_model", "from_state_dict", "from_timm", "init_params", "list_models"]
+__all__ = ["JaxModel", "convert", "create_model", "export_timm", "from_state_dict", "from_timm", "init_params",
+           "list_models", "load", "save"]
 __version__ = "0.1.0"
