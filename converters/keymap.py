@@ -94,9 +94,9 @@ def vit_table(s: ViTSpec) -> list[Entry]:
         t.append(_param("cls_token", (1, 1, d)))
     if s.reg_tokens:
         t.append(_param("reg_token", (1, s.reg_tokens, d)))
+    t.append(_param("pos_embed", (1, s.num_pos_tokens, d)))
     if s.distilled:
         t.append(_param("dist_token", (1, 1, d)))
-    t.append(_param("pos_embed", (1, s.num_pos_tokens, d)))
     t += _patch_embed(s, s.patch_bias)
     if s.pre_norm:
         t += _norm("norm_pre", d)
@@ -110,9 +110,10 @@ def vit_table(s: ViTSpec) -> list[Entry]:
         t += _linear(f"{b}.attn.proj", d, d)
         if s.init_values is not None:
             t.append(_param(f"{b}.ls1.gamma", (d,)))
-            t.append(_param(f"{b}.ls2.gamma", (d,)))
         t += _norm(f"{b}.norm2", d)
         t += _mlp(f"{b}.mlp", d, s.mlp_dim)
+        if s.init_values is not None:
+            t.append(_param(f"{b}.ls2.gamma", (d,)))
     if s.has_norm:
         t += _norm("norm", d)
     if s.pool == "map":
@@ -137,23 +138,23 @@ def cait_table(s: CaiTSpec) -> list[Entry]:
     t += _patch_embed(s, True)
     for i in range(s.depth):
         b = f"blocks.{i}"
+        t += [_param(f"{b}.gamma_1", (d,)), _param(f"{b}.gamma_2", (d,))]
         t += _norm(f"{b}.norm1", d)
         t += _linear(f"{b}.attn.qkv", d, 3 * d, s.qkv_bias)
+        t += _linear(f"{b}.attn.proj", d, d)
         t += _linear(f"{b}.attn.proj_l", h, h)
         t += _linear(f"{b}.attn.proj_w", h, h)
-        t += _linear(f"{b}.attn.proj", d, d)
         t += _norm(f"{b}.norm2", d)
         t += _mlp(f"{b}.mlp", d, s.mlp_dim)
-        t += [_param(f"{b}.gamma_1", (d,)), _param(f"{b}.gamma_2", (d,))]
     for j in range(s.cls_depth):
         b = f"blocks_token_only.{j}"
+        t += [_param(f"{b}.gamma_1", (d,)), _param(f"{b}.gamma_2", (d,))]
         t += _norm(f"{b}.norm1", d)
         for qkv in ("q", "k", "v"):
             t += _linear(f"{b}.attn.{qkv}", d, d, s.qkv_bias)
         t += _linear(f"{b}.attn.proj", d, d)
         t += _norm(f"{b}.norm2", d)
         t += _mlp(f"{b}.mlp", d, s.cls_mlp_dim)
-        t += [_param(f"{b}.gamma_1", (d,)), _param(f"{b}.gamma_2", (d,))]
     t += _norm("norm", d)
     if s.num_classes:
         t += _linear("head", d, s.num_classes)
@@ -208,7 +209,8 @@ def timm_to_canonical(state_dict: Mapping[str, np.ndarray], spec: Spec, *,
 
 
 def canonical_to_timm(tree: Mapping[CanonicalKey, np.ndarray], spec: Spec) -> dict[str, np.ndarray]:
-    """Inverse of ``timm_to_canonical``: exact (only transposes), contiguous arrays."""
+    """Inverse of ``timm_to_canonical``: exact (only transposes); fresh, writable, C-ordered
+    arrays, so ``torch.from_numpy`` can take them."""
     table = key_table(spec)
     expected = {e.key: e for e in table}
     missing = [".".join(filter(None, k)) for k in expected if k not in tree]
@@ -219,4 +221,4 @@ def canonical_to_timm(tree: Mapping[CanonicalKey, np.ndarray], spec: Spec) -> di
         raise ConversionError(f"params do not match the {spec.family} architecture",
                               {"missing params": missing, "unexpected params": unexpected,
                                "wrong shapes": wrong})
-    return {e.timm_key: np.ascontiguousarray(e.to_timm(np.asarray(tree[e.key]))) for e in table}
+    return {e.timm_key: np.array(e.to_timm(np.asarray(tree[e.key])), order="C", copy=True) for e in table}
