@@ -53,6 +53,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 HUB_PREFIX = "hf-hub:"
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 # progress(description, done, total): called as work advances; total 0 means "unknown".
 ProgressFn = Callable[[str, int, int], None]
@@ -331,10 +333,10 @@ def _cast(tree: dict, dtype: str | None) -> dict:
     return {k: cast(v) for k, v in tree.items()}
 
 
-def load_resolved(r: Resolved, framework: str | None = None, *, image_size=None, dtype: str | None = None,
-                  progress: ProgressFn | None = None) -> JaxModel:
+def model_from_canonical(tree: dict, r: Resolved, framework: str | None = None, *, image_size=None,
+                         dtype: str | None = None) -> JaxModel:
+    """A JaxModel from a checked canonical tree (``read_canonical``): resized, cast, renamed."""
     framework = check_framework(framework or r.framework or "flax")
-    tree = read_canonical(r, progress)
     spec, cfg = r.spec, dict(r.pretrained_cfg)
     if image_size is not None:
         tree, spec = resize_canonical(tree, spec, image_size)
@@ -343,6 +345,11 @@ def load_resolved(r: Resolved, framework: str | None = None, *, image_size=None,
     tree = _cast(tree, dtype)
     params = canonical_to_framework({k: _to_jax(v) for k, v in tree.items()}, spec, framework)
     return JaxModel(spec, framework, params, cfg, r.architecture or None)
+
+
+def load_resolved(r: Resolved, framework: str | None = None, *, image_size=None, dtype: str | None = None,
+                  progress: ProgressFn | None = None) -> JaxModel:
+    return model_from_canonical(read_canonical(r, progress), r, framework, image_size=image_size, dtype=dtype)
 
 
 def load(source: str | os.PathLike, framework: str | None = None, *, arch: str | None = None,
@@ -462,7 +469,7 @@ def describe(source: str | os.PathLike, *, arch: str | None = None, model_args: 
     if r.weights.name.endswith(".safetensors"):
         header, _ = safetensors_header(r.weights)
         shapes = {k: s for k, (s, _) in header.items()}
-        dtypes = [d for _, d in header.values()]
+        dtypes = [SAFETENSORS_DTYPES.get(d, d) for _, d in header.values()]
     else:
         sd = read_state_dict(r.weights)
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
