@@ -82,3 +82,64 @@ def arch_spec(name: str, **overrides: Any) -> Spec:
         if "num_classes" in cfg and "num_classes" not in overrides:
             overrides["num_classes"] = cfg["num_classes"]
     return dataclasses.replace(spec, **overrides) if overrides else spec
+
+
+# ------------------------------------------------------------------ support summary (README)
+
+# Refusal reasons, most specific first: the first that matches names the category.
+REFUSAL_CATEGORIES = (
+    ("Eva is not supported", "`Eva` models (RoPE ViTs, DINOv3, PE, Sapiens2, ...)"),
+    ("VisionTransformerRelPos", "relative-position ViTs (`VisionTransformerRelPos`)"),
+    ("HybridEmbed", "hybrid CNN stems (`HybridEmbed`: R50, R26, ResNet-D, MCi)"),
+    ("DiffAttention", "differential attention"),
+    ("Block is supported", "parallel, res-post and differential blocks"),
+    ("GluMlp", "SwiGLU / gated MLPs (DINOv2 giant, TIPSv2)"),
+    ("RmsNorm", "RMSNorm instead of LayerNorm"),
+)
+
+# Options of supported architectures, as (label, predicate on the spec dict).
+OPTION_CATEGORIES = (
+    ("ViT (class token, token pool)", lambda s: s["family"] == "vit" and s["pool"] == "token"
+     and not s["distilled"]),
+    ("DeiT distilled (`dist_token`, `head_dist`)", lambda s: s.get("distilled", False)),
+    ("CaiT (talking heads, class attention)", lambda s: s["family"] == "cait"),
+    ("global average pool + `fc_norm`", lambda s: s["family"] == "vit" and s["pool"] == "avg"),
+    ("attention pool `map` (SigLIP)", lambda s: s["pool"] == "map"),
+    ("no pooling / no class token", lambda s: s["pool"] == "" or not s.get("class_token", True)),
+    ("register tokens", lambda s: s.get("reg_tokens", 0) > 0),
+    ("`no_embed_class`", lambda s: s.get("no_embed_class", False)),
+    ("`pre_norm`, patch embed without bias (CLIP)", lambda s: s.get("pre_norm", False)),
+    ("LayerScale `init_values` (DeiT-3, DINOv2, ...)", lambda s: s["family"] == "vit"
+     and s.get("init_values") is not None),
+    ("`qk_norm`", lambda s: s.get("qk_norm", False)),
+    ("`qkv_bias=False`", lambda s: not s["qkv_bias"]),
+    ("`gelu_tanh`", lambda s: s["activation"] == "gelu_tanh"),
+    ("`quick_gelu`", lambda s: s["activation"] == "quick_gelu"),
+    ("LayerNorm eps 1e-5", lambda s: s["norm_eps"] == 1e-5),
+    ("`dynamic_img_size`", lambda s: s.get("dynamic_img_size", False)),
+)
+
+
+def refusal_category(reason: str) -> str:
+    for needle, label in REFUSAL_CATEGORIES:
+        if needle in reason:
+            return label
+    return "other: " + reason.splitlines()[-1].strip()
+
+
+def support_summary_markdown() -> str:
+    """The README's table of what vitport converts, computed from the architecture table."""
+    archs = architectures()
+    specs = [a["spec"] for a in archs.values() if "spec" in a]
+    lines = [f"timm {table()['timm_version']}: {len(archs)} architectures under `vit_*`, `deit*`, `cait*`; "
+             f"**{len(specs)} convert**, {len(archs) - len(specs)} are refused by name.", "",
+             "| supported option | architectures |", "|---|---:|"]
+    lines += [f"| {label} | {sum(1 for s in specs if pred(s))} |" for label, pred in OPTION_CATEGORIES]
+    refused: dict[str, int] = {}
+    for a in archs.values():
+        if "unsupported" in a:
+            cat = refusal_category(a["unsupported"])
+            refused[cat] = refused.get(cat, 0) + 1
+    lines += ["", "| refused (out of scope for now) | architectures |", "|---|---:|"]
+    lines += [f"| {label} | {n} |" for label, n in sorted(refused.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)

@@ -10,6 +10,7 @@ reason vitport refuses it, plus each pretrained tag's hub repo and preprocessing
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,10 +32,18 @@ def build_meta(name: str):
     import timm
     import torch
 
-    # CaiT keeps its LayerScale init only in the tensor values; build those few for real.
-    device = "cpu" if name.startswith("cait") else "meta"
-    with torch.device(device):
+    with torch.device("meta"):
         return timm.create_model(name, pretrained=False)
+
+
+def cait_init_values(name: str) -> float:
+    """CaiT keeps its LayerScale init only in tensor values, which the meta device drops:
+    read it off a one-block CPU build (registered model_args survive the size overrides)."""
+    import timm
+
+    tiny = timm.create_model(name, pretrained=False, embed_dim=8, num_heads=1, depth=1, depth_token_only=1,
+                             img_size=16, patch_size=16)
+    return spec_from_timm_model(tiny).init_values
 
 
 def describe(name: str) -> dict:
@@ -43,6 +52,8 @@ def describe(name: str) -> dict:
     entry: dict = {}
     try:
         spec = spec_from_timm_model(build_meta(name))
+        if spec.family == "cait":
+            spec = dataclasses.replace(spec, init_values=cait_init_values(name))
         entry["spec"] = spec_to_dict(spec)
     except Exception as e:  # the reason is the record
         entry["unsupported"] = str(e)

@@ -323,7 +323,8 @@ def spec_from_timm_model(model) -> Spec:
         if c0 is not None:
             need((c0.attn.q.bias is not None) == qkv_bias, "class attention and self attention disagree on qkv_bias")
         gamma = b0.gamma_1
-        init_values = 1e-5 if gamma.is_meta else float(gamma.detach().flatten()[0])
+        # Only the values know the init; 6 significant digits undo float32 (1e-6, not 9.99999997e-07).
+        init_values = 1e-5 if gamma.is_meta else float(f"{float(gamma.detach().flatten()[0]):.6g}")
         if problems:
             raise UnsupportedArchitectureError("timm Cait options not supported by vitport:\n  "
                                                + "\n  ".join(problems))

@@ -1,0 +1,105 @@
+"""Walk timm's registry: every vit_*/deit*/cait* architecture converts with parity, or is
+refused with a message naming what is missing. A new timm architecture that is neither, or
+a stale ``timm_architectures.json``, fails here."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vitport
+from converters import UnsupportedArchitectureError, spec_from_timm_model
+from converters.architectures import (arch_spec, architectures, list_architectures, support_summary_markdown,
+                                      table)
+from converters.generate_architectures import build_meta, describe, timm_names
+from vitport.parity import compare, perturb_weights
+
+SUPPORTED = list_architectures(supported=True)
+REFUSED = list_architectures(supported=False)
+
+
+def test_table_covers_timm_registry():
+    """Same names as the installed timm, and each entry regenerates identically."""
+    import timm
+
+    assert table()["timm_version"] == timm.__version__, "regenerate: python -m converters.generate_architectures"
+    live = timm_names()
+    added, removed = sorted(set(live) - set(architectures())), sorted(set(architectures()) - set(live))
+    assert not added and not removed, f"timm added {added}, removed {removed}: regenerate the table"
+
+
+@pytest.mark.parametrize("name", sorted(architectures()))
+def test_table_entry_is_current(name):
+    assert describe(name) == architectures()[name], f"{name}: regenerate the architecture table"
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_refused_by_name(name):
+    """Refused architectures raise UnsupportedArchitectureError naming the missing option."""
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        vitport.from_timm(build_meta(name), "flax")
+    message = str(err.value)
+    assert re.search(r"not supported|is not supported|supported:", message), message
+    with pytest.raises(UnsupportedArchitectureError, match=re.escape(name)):
+        vitport.create_model(name)
+
+
+def tiny_twin_kwargs(spec) -> dict:
+    """The same options at a width, depth and resolution that run in milliseconds."""
+    kw = dict(embed_dim=32, num_heads=2, depth=2, img_size=4 * spec.patch_size,
+              num_classes=10 if spec.num_classes else 0, mlp_ratio=spec.mlp_dim / spec.dim)
+    if spec.family == "cait":
+        kw["mlp_ratio_token_only"] = spec.cls_mlp_dim / spec.dim
+    return kw
+
+
+@functools.lru_cache(maxsize=None)
+def float32_parity(spec) -> dict[str, float]:
+    """Worst logits and per-layer errors for one tiny spec (cached: archs that shrink to the
+    same spec are the same timm module tree)."""
+    model = _tiny_models[spec]
+    worst = {}
+    for framework in ("haiku", "flax"):
+        jm = vitport.from_timm(model, framework)
+        rows = compare(jm, model, np.random.default_rng(0).standard_normal((2, *spec.image_size, 3),
+                                                                            dtype=np.float32))
+        worst[framework] = (rows[-1].max_abs, [r.layer for r in rows if not r.ok(1e-4)])
+    return worst
+
+
+_tiny_models: dict = {}
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_tiny_twin_converts_with_parity(name):
+    import timm
+
+    spec = arch_spec(name)
+    model = timm.create_model(name, pretrained=False, **tiny_twin_kwargs(spec))
+    tiny = spec_from_timm_model(model)
+    perturb_weights(model).float().eval()
+    shrunk = dataclasses.replace(spec, image_size=tiny.image_size, dim=32, heads=2, depth=2,
+                                 mlp_dim=tiny.mlp_dim, num_classes=tiny.num_classes,
+                                 **({"cls_mlp_dim": tiny.cls_mlp_dim} if spec.family == "cait" else {}))
+    assert tiny == shrunk, "the tiny twin must keep every option of the architecture"
+    _tiny_models.setdefault(tiny, model)
+    for framework, (logits_err, bad_layers) in float32_parity(tiny).items():
+        assert logits_err < 1e-4 and not bad_layers, (framework, logits_err, bad_layers)
+
+
+def test_readme_support_table_matches_the_walk():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert support_summary_markdown() in readme, (
+        "README's support table is stale; paste converters.architectures.support_summary_markdown()")
+
+
+def test_list_models():
+    assert "vit_base_patch16_224" in vitport.list_models()
+    assert vitport.list_models("cait_*") == [n for n in SUPPORTED if n.startswith("cait_")]
+    assert len(vitport.list_models("cait_*")) == 10
+    assert not set(vitport.list_models()) & set(REFUSED)
