@@ -383,7 +383,19 @@ def spec_for_arch(name: str, model_args: Mapping[str, Any] | None = None) -> tup
     if model_args:
         spec = spec_with_timm_kwargs(spec, model_args, where="model_args")
     cfg = {k: v for k, v in pretrained_tag_cfg(name).items() if k != "hf_hub_id"}
-    return arch, spec, cfg
+    return arch, spec, sync_preprocessing(cfg, spec)
+
+
+def sync_preprocessing(cfg: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
+    """Preprocessing that agrees with a spec changed by timm kwargs: input size and classes
+    (label names go when the number of classes changes)."""
+    cfg = dict(cfg)
+    cfg["input_size"] = [spec.channels, *spec.image_size]
+    if cfg.get("num_classes") != spec.num_classes:
+        for key in ("label_names", "label_descriptions"):
+            cfg.pop(key, None)
+        cfg["num_classes"] = spec.num_classes
+    return cfg
 
 
 def check_shapes(shapes: Mapping[str, tuple[int, ...]], spec: Spec) -> dict[str, list[str]]:

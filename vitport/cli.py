@@ -29,7 +29,13 @@ TOLERANCES = {"float64": 1e-10, "float32": 1e-4}
 
 @contextlib.contextmanager
 def progress_bars():
-    """A ``vitport.hub.ProgressFn`` drawing rich progress bars (on stderr, cleared when done)."""
+    """A ``vitport.hub.ProgressFn`` drawing rich progress bars (on stderr, cleared when done).
+
+    Yields None when stderr is not a terminal: logs and pipes get no bars.
+    """
+    if not err_console.is_terminal:
+        yield None
+        return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                TimeElapsedColumn)
 
@@ -188,8 +194,13 @@ def timm_model_for(r, tree, model_args: dict[str, Any] | None = None):
     if r.kind == "vitport":
         model = timm.create_model(r.architecture, pretrained=False, **model_args_for_timm(r.spec, r.architecture))
         model.load_state_dict({k: _to_torch(v) for k, v in canonical_to_timm(tree, r.spec).items()})
-    elif r.kind == "hub":  # a timm name or an hf-hub: id: timm downloads (or finds in the cache) itself
+    elif r.kind == "hub" and r.source.startswith("hf-hub:"):  # timm reads the repo's config.json itself
         model = timm.create_model(r.source, pretrained=True, **kwargs)
+    elif r.kind == "hub":  # a timm name: timm downloads (or finds in the cache) the tag's weights itself
+        # vitport already checked that the weights have spec.num_classes classes; say so, or timm
+        # would drop a head whose size differs from its default tag's.
+        overlay = dict(num_classes=r.spec.num_classes)
+        model = timm.create_model(r.source, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     elif r.kind == "hub-dir" and (r.weights.parent / "config.json").is_file():
         model = timm.create_model(f"local-dir:{r.weights.parent}", pretrained=True, **kwargs)
     else:

@@ -39,7 +39,7 @@ from converters.architectures import arch_spec, pretrained_tag_cfg, resolve_tag,
 from converters.checkpoint_io import (CheckpointError, atomic_dir, check_output, check_shapes,
                                       find_weights, is_checkpoint_file, preprocessing, read_hub_config, read_json,
                                       read_safetensors, read_state_dict, safetensors_header,
-                                      spec_for_arch, spec_from_hub_config, spec_with_timm_kwargs,
+                                      spec_for_arch, spec_from_hub_config, spec_with_timm_kwargs, sync_preprocessing,
                                       timm_model_args, write_json, write_safetensors,
                                       write_safetensors_atomic)
 from converters.errors import UnsupportedArchitectureError
@@ -185,9 +185,11 @@ def _from_hub_config(path: Path, source: str, kind: SourceKind, weights: Path, a
     if arch is not None and split_name(arch)[0] != name:
         raise CheckpointError(f"{path} says the weights are {name}, but arch={arch!r} was given; "
                               "leave --arch out for hub-layout folders")
+    cfg = preprocessing(pretrained_cfg)
     if model_args:
         spec = spec_with_timm_kwargs(spec, model_args)
-    return Resolved(source, kind, weights, name, spec, preprocessing(pretrained_cfg), **extra)
+        cfg = sync_preprocessing(cfg, spec)
+    return Resolved(source, kind, weights, name, spec, cfg, **extra)
 
 
 def _from_vitport_dir(folder: Path, cfg: dict[str, Any], source: str) -> Resolved:
@@ -261,7 +263,7 @@ def resolve(source: str | os.PathLike, *, arch: str | None = None,
     if model_args:
         spec = spec_with_timm_kwargs(spec, model_args)
     config, weights = hub_download(repo_id, revision, arch=name, need_config=False)
-    cfg = {k: v for k, v in tag_cfg.items() if k != "hf_hub_id"}
+    cfg = sync_preprocessing({k: v for k, v in tag_cfg.items() if k != "hf_hub_id"}, spec)
     if config is not None:  # label names, when the repo has them
         try:
             _, hub_cfg, _ = read_hub_config(read_json(config))
