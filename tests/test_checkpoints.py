@@ -226,6 +226,13 @@ def test_timm_names_and_hf_hub_ids_resolve_through_the_hub_cache(tiny_dirs, hub_
                        {"config.json": bin_dir / "config.json", "pytorch_model.bin": bin_dir / "pytorch_model.bin"})
     jm = vitport.load("vit_base_patch16_224.augreg2_in21k_ft_in1k", model_args=TINY)
     assert tree_equal(jm.params, vitport.load(vit_folder).params)
+    # timm's own create_model(pretrained=True) caches the weights only, no config.json.
+    populate_hub_cache(hub_cache, "timm/vit_base_patch16_224.augreg_in21k_ft_in1k",
+                       {"model.safetensors": vit_folder / "model.safetensors"})
+    jm = vitport.load("vit_base_patch16_224.augreg_in21k_ft_in1k", model_args=TINY)
+    assert tree_equal(jm.params, vitport.load(vit_folder).params)
+    with pytest.raises(HubUnreachableError):  # a config-driven hf-hub: id does need config.json
+        vitport.load("hf-hub:timm/vit_base_patch16_224.augreg_in21k_ft_in1k")
 
 
 def test_no_network_says_how_to_pass_a_local_file(hub_cache, tmp_path):
@@ -241,6 +248,25 @@ def test_no_network_says_how_to_pass_a_local_file(hub_cache, tmp_path):
         vitport.load("hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k")
 
 
+def test_connection_failures_without_offline_mode(hub_cache, monkeypatch):
+    """Online mode but no network: huggingface_hub's own errors and raw connection errors."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for error in (LocalEntryNotFoundError("cannot find the requested files in the local cache"),
+                  ConnectionError("Name or service not known"), TimeoutError("timed out")):
+        def fail(*args, _error=error, **kwargs):
+            raise _error
+
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+        with pytest.raises(HubUnreachableError) as info:
+            vitport.load("vit_base_patch16_224")
+        assert "no network connection" in str(info.value)
+        assert "--arch vit_base_patch16_224" in str(info.value)
+
+
 def test_unknown_names_and_tags():
     with pytest.raises(UnsupportedArchitectureError, match="did you mean"):
         vitport.load("cait_s24_22")
@@ -248,6 +274,8 @@ def test_unknown_names_and_tags():
         vitport.load("cait_s24_224.nope")
     with pytest.raises(FileNotFoundError, match="no such file"):
         vitport.load("missing/model.safetensors", arch="cait_s24_224")
+    with pytest.raises(FileNotFoundError, match="hf-hub:timm/cait_s24_224.fb_dist_in1k"):
+        vitport.load("timm/cait_s24_224.fb_dist_in1k")
 
 
 # -------------------------------------------------------------- converted folders out

@@ -121,33 +121,42 @@ def hub_download(repo_id: str, revision: str | None = None, *, arch: str | None 
     Prefers ``model.safetensors`` over ``pytorch_model.bin``, as timm does. huggingface_hub
     draws its own progress bars and honours ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE``.
     """
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
+    weight_files = ("model.safetensors", "pytorch_model.bin")
+
     def get(filename: str) -> Path:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
+
+    def cached_weights() -> Path:
+        """The hub is unreachable: use weights already in the cache (timm caches no config.json)."""
+        for filename in weight_files:
+            found = try_to_load_from_cache(repo_id, filename, revision=revision)
+            if isinstance(found, str):
+                return Path(found)
+        raise _unreachable(repo_id, arch)
 
     try:
         try:
             config = get(CONFIG_NAME)
         except LocalEntryNotFoundError:
-            raise
+            if need_config:
+                raise
+            return None, cached_weights()
         except EntryNotFoundError:
             if need_config:
                 raise HubError(f"{repo_id} has no {CONFIG_NAME}: not a timm model repo "
                                f"(pass the architecture by name, or a local file with --arch)") from None
             config = None
-        local_miss = False
-        for filename in ("model.safetensors", "pytorch_model.bin"):
+        for filename in weight_files:
             try:
                 return config, get(filename)
             except LocalEntryNotFoundError:
-                local_miss = True  # maybe the other file is cached
+                return config, cached_weights()
             except EntryNotFoundError:
                 pass
-        if local_miss:
-            raise _unreachable(repo_id, arch)
         raise HubError(f"{repo_id} holds neither model.safetensors nor pytorch_model.bin")
     except LocalEntryNotFoundError:
         raise _unreachable(repo_id, arch) from None
@@ -249,7 +258,10 @@ def resolve(source: str | os.PathLike, *, arch: str | None = None,
         return _from_hub_config(config, text, "hub", weights, arch, model_args,
                                 repo_id=repo_id, revision=revision)
     if _looks_like_path(text):
-        raise FileNotFoundError(f"no such file or folder: {text}")
+        hint = ""
+        if text.count("/") == 1 and not is_checkpoint_file(text) and not text.startswith((".", "/", "~")):
+            hint = f" (for the hub repo, write hf-hub:{text})"
+        raise FileNotFoundError(f"no such file or folder: {text}{hint}")
     if arch is not None:
         raise CheckpointError("--arch is for local weights files; a timm name already says its architecture")
     # A timm name: the architecture comes from the name, the weights from its tag's repo.
