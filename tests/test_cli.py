@@ -138,7 +138,7 @@ def test_verify_real_weights(tiny, hub_cache, capsys, tmp_path):
     model, folder = tiny["cait"]
     rc, text, _ = run(capsys, "verify", "--checkpoint", folder, "--framework", "haiku", "--dtype", "both")
     assert rc == 0, text
-    assert "weights (80 tensors)" in text and "blocks_token_only.1" in text and "PASS" in text
+    assert "weights (80 tensors, 58,266 values)" in text and "blocks_token_only.1" in text and "PASS" in text
     # Through the hub cache, by timm name: timm and vitport each find the weights themselves.
     populate_hub_cache(hub_cache, "timm/cait_s24_224.fb_dist_in1k",
                        {"config.json": folder / "config.json", "model.safetensors": folder / "model.safetensors"})

@@ -240,7 +240,8 @@ def _verify_checkpoint(args: argparse.Namespace, frameworks, dtypes) -> int:
                 missing = sorted(set(theirs) ^ set(ours))
                 worst = max((float(np.max(np.abs(ours[k].astype(np.float64) - theirs[k].double().numpy())))
                              for k in ours if k in theirs), default=0.0)
-                rows = [LayerDiff(f"weights ({len(ours)} tensors)", (sum(int(np.prod(v.shape)) for v in ours.values()),),
+                n_values = sum(int(np.prod(v.shape)) for v in ours.values())
+                rows = [LayerDiff(f"weights ({len(ours)} tensors, {n_values:,} values)", (),
                                   float("inf") if missing else worst, float("inf") if missing else worst, 1.0)]
                 images = random_images(jm.spec, args.batch, args.seed, dtype=np.dtype(dtype))
                 rows += compare(jm, model, images)
