@@ -38,7 +38,7 @@ import numpy as np
 from .architectures import arch_spec, pretrained_tag_cfg, split_name
 from .errors import UnsupportedArchitectureError
 from .keymap import key_table
-from .specs import CaiTSpec, Spec, ViTSpec, _pair
+from .specs import CaiTSpec, Spec, _pair
 
 SAFETENSORS_EXTS = (".safetensors",)
 TORCH_EXTS = (".pth", ".pt", ".bin", ".pth.tar", ".ckpt")
