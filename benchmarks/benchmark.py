@@ -18,20 +18,18 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-# Run as a script from anywhere: make the repo root (vitport, converters) importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import jax
+import numpy as np
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-import vitport  # noqa: E402
+import vitport
 
 DEFAULT_MODELS = ("vit_base_patch16_224", "cait_s24_224")
 FRAMEWORKS = ("haiku", "flax")
@@ -80,24 +78,30 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def time_calls(fn: Callable[[], Any], iters: int, warmup: int) -> dict[str, Any]:
-    """First call (for JAX: trace + compile + run), then warm-up, then ``iters`` timed calls.
+def time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, warmup: int) -> dict[str, dict[str, Any]]:
+    """First call of each (for JAX: trace + compile + run), warm-up, then ``iters`` timed rounds.
 
-    ``fn`` must block until its result is computed, otherwise JAX's async dispatch would make
-    us time only the enqueueing.
+    Each round calls every implementation once, so a burst of background load (this is a shared
+    2-core box) hits all of them alike instead of skewing whichever happened to be running.
+    Every ``fn`` must block until its result is computed, otherwise JAX's async dispatch would
+    make us time only the enqueueing.
     """
-    t0 = time.perf_counter()
-    out = fn()
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
+    res = {}
+    for name, fn in fns.items():
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"first_call_s": first, "median_s": statistics.median(times), "min_s": min(times),
-            "max_s": max(times), "times_s": times, "output": out}
+        out = fn()
+        res[name] = {"first_call_s": time.perf_counter() - t0, "output": out, "times_s": []}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            res[name]["times_s"].append(time.perf_counter() - t0)
+    for r in res.values():
+        r.update(median_s=statistics.median(r["times_s"]), min_s=min(r["times_s"]), max_s=max(r["times_s"]))
+    return res
 
 
 def bench_model(name: str, batches: list[int], args: argparse.Namespace, console: Console) -> list[dict]:
@@ -118,23 +122,43 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, console
             with torch.inference_mode():
                 return model(x_torch)
 
-        console.log(f"{name} batch {batch}: timm")
-        res = time_calls(run_timm, args.iters, args.warmup)
-        ref = res.pop("output").numpy()
-        scale = float(np.abs(ref).max())
-        timm_ips = batch / res["median_s"]
-        rows.append({"model": name, "batch": batch, "impl": "timm (eager)", **res, "images_per_s": timm_ips,
-                     "speedup_vs_timm": 1.0, "max_abs_diff": 0.0, "max_abs_logit": scale})
-
+        fns = {"timm": run_timm}
         for fw, jm in jax_models.items():
-            console.log(f"{name} batch {batch}: {fw}")
-            res = time_calls(lambda: jm(x_jax).block_until_ready(), args.iters, args.warmup)
-            diff = float(np.abs(np.asarray(res.pop("output")) - ref).max())
-            ips = batch / res["median_s"]
-            rows.append({"model": name, "batch": batch, "impl": f"{fw} (jit)", **res, "images_per_s": ips,
+            fns[fw] = lambda jm=jm: jm(x_jax).block_until_ready()
+
+        console.log(f"{name} batch {batch}: {', '.join(fns)} ({args.warmup} warm-up, {args.iters} timed rounds)")
+        res = time_interleaved(fns, args.iters, args.warmup)
+        ref = res["timm"]["output"].numpy()
+        scale = float(np.abs(ref).max())
+        timm_ips = batch / res["timm"]["median_s"]
+        for impl, r in res.items():
+            diff = float(np.abs(np.asarray(r.pop("output")) - ref).max())
+            ips = batch / r["median_s"]
+            rows.append({"model": name, "batch": batch, "impl": impl, **r, "images_per_s": ips,
                          "speedup_vs_timm": ips / timm_ips, "max_abs_diff": diff, "max_abs_logit": scale,
                          "outputs_match": diff <= args.rtol * max(scale, 1e-6)})
     return rows
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(machine busy CPU-seconds, machine total CPU-seconds, this process's CPU-seconds), Linux only."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle + iowait
+    own = os.times()
+    return (sum(fields[:8]) - idle) / hz, sum(fields[:8]) / hz, own.user + own.system
+
+
+def other_cpu_share(before, after) -> float | None:
+    """Fraction of the machine's CPU time used by other processes while we ran: a load average
+    counts our own threads too, this does not."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    others = (after[0] - before[0]) - (after[2] - before[2])
+    return max(0.0, others / (after[1] - before[1]))
 
 
 def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, console: Console) -> None:
@@ -142,16 +166,21 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
     console.print(f"[bold]Versions[/]: python {info['python']}, jax {info['jax']} (backend {info['jax_backend']}: "
                   f"{', '.join(info['jax_devices'])}), flax {info['flax']}, haiku {info['haiku']}, "
                   f"torch {info['torch']} ({info['torch_threads']} threads), timm {info['timm']}")
-    console.print(f"[bold]Settings[/]: float32, eval mode, {args.warmup} warm-up + {args.iters} timed calls, "
-                  f"median per call; JAX first call includes trace + compile")
+    share = info["other_processes_cpu_share"]
+    if share is not None:
+        style = "bold red" if share > 0.05 else "green"
+        console.print(f"[bold]Other processes[/] used [{style}]{share:.1%}[/] of the machine's CPU time during the run"
+                      + (" — these timings are contaminated; rerun on a quiet machine" if share > 0.05 else ""))
+    console.print(f"[bold]Settings[/]: float32, eval mode, {args.warmup} warm-up + {args.iters} timed rounds "
+                  f"(timm, haiku, flax called in turn), median per call; JAX first call includes trace + compile")
 
     table = Table(title="Inference throughput: timm (PyTorch eager) vs vitport (JAX jit)")
     table.add_column("model")
     table.add_column("batch", justify="right")
-    table.add_column("implementation")
+    table.add_column("impl")
     table.add_column("first call (s)", justify="right")
     table.add_column("median (ms)", justify="right")
-    table.add_column("min–max (ms)", justify="right")
+    table.add_column("min-max (ms)", justify="right")
     table.add_column("images/s", justify="right")
     table.add_column("vs timm", justify="right")
     table.add_column("max |Δlogit|", justify="right")
@@ -161,10 +190,10 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
         if prev is not None and group != prev:
             table.add_section()
         prev = group
-        ok = r.get("outputs_match", True)
-        diff = "ref" if r["impl"].startswith("timm") else f"{r['max_abs_diff']:.1e}"
+        ok = r["outputs_match"]
+        diff = "ref" if r["impl"] == "timm" else f"{r['max_abs_diff']:.1e}"
         table.add_row(r["model"], str(r["batch"]), r["impl"], f"{r['first_call_s']:.2f}",
-                      f"{r['median_s'] * 1e3:.1f}", f"{r['min_s'] * 1e3:.0f}–{r['max_s'] * 1e3:.0f}",
+                      f"{r['median_s'] * 1e3:.1f}", f"{r['min_s'] * 1e3:.0f}-{r['max_s'] * 1e3:.0f}",
                       f"{r['images_per_s']:.2f}", f"{r['speedup_vs_timm']:.2f}×",
                       diff if ok else f"[bold red]{diff} MISMATCH[/]")
     console.print(table)
@@ -176,12 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # timm runs on all cores like XLA's CPU backend does by default, so the comparison is fair.
     torch.set_num_threads(os.cpu_count() or 1)
-    console = Console()
+    # Piped output (logs, README) would otherwise be squeezed to 80 columns and wrap the table.
+    console = Console() if sys.stdout.isatty() else Console(width=130)
     info = machine_info()
 
+    # Other processes on a small box skew everything (torch's OpenMP threads worst of all);
+    # measure how much CPU they took so a reader can tell a clean run from a contaminated one.
+    snap = cpu_snapshot()
     rows = []
     for name in args.models:
         rows += bench_model(name, args.batches, args, console)
+    info["other_processes_cpu_share"] = other_cpu_share(snap, cpu_snapshot())
 
     render(rows, info, args, console)
     if args.json:
@@ -194,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": rows,
         }, indent=2))
         console.print(f"results written to {args.json}")
-    return 0 if all(r.get("outputs_match", True) for r in rows) else 1
+    return 0 if all(r["outputs_match"] for r in rows) else 1
 
 
 if __name__ == "__main__":
