@@ -25,7 +25,6 @@ move it into place with ``os.replace`` only once it is complete, so an error or 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -36,9 +35,8 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from .architectures import arch_spec, pretrained_tag_cfg, split_name
-from .errors import UnsupportedArchitectureError
 from .keymap import key_table
-from .specs import CaiTSpec, Spec, _pair
+from .specs import Spec, spec_with_timm_kwargs
 
 SAFETENSORS_EXTS = (".safetensors",)
 TORCH_EXTS = (".pth", ".pt", ".bin", ".pth.tar", ".ckpt")
@@ -157,7 +155,7 @@ def _read_torch(path: Path, *, progress: Progress | None = None) -> dict[str, np
     state_dict, _ = unwrap_state_dict(obj, source=str(path))
     out = {}
     for i, (k, v) in enumerate(state_dict.items()):
-        out[k] = _torch_to_numpy(v)
+        out[k] = torch_to_numpy(v)
         if progress:
             progress(i + 1, len(state_dict))
     return out
@@ -176,7 +174,8 @@ def _unpickler_reason(msg: str) -> str:
     return lines[0] if lines else "unpickling failed"
 
 
-def _torch_to_numpy(t) -> np.ndarray:
+def torch_to_numpy(t) -> np.ndarray:
+    """A torch tensor as numpy, keeping its dtype (bfloat16 through ml_dtypes)."""
     import torch
 
     if not isinstance(t, torch.Tensor):
@@ -264,95 +263,6 @@ def preprocessing(pretrained_cfg: Mapping[str, Any]) -> dict[str, Any]:
             if k in PREPROCESSING_KEYS and v is not None}
 
 
-# timm keyword arguments that change nothing at inference.
-_INFERENCE_NEUTRAL = {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
-                      "drop_path_rate", "drop_block_rate", "weight_init", "fix_init", "device", "dtype"}
-# timm keyword arguments vitport implements only at their default value.
-_VIT_DEFAULT_ONLY = {"pos_embed": ("learn",), "scale_attn_norm": (False,), "scale_mlp_norm": (False,),
-                     "proj_bias": (True,), "dynamic_img_pad": (False,), "embed_layer": (None,),
-                     "embed_norm_layer": (None,), "block_fn": (None,), "mlp_layer": (None,),
-                     "attn_layer": (None, "attn")}
-_CAIT_DEFAULT_ONLY = {k: (None,) for k in ("block_layers", "block_layers_token", "patch_layer", "attn_block",
-                                          "mlp_block", "attn_block_token_only", "mlp_block_token_only",
-                                          "norm_layer", "act_layer")}
-
-
-def _ratio_dim(dim: int, ratio: float) -> int:
-    return int(dim * ratio + 1e-6)  # timm: int(dim * ratio); the epsilon absorbs ratios derived from ints
-
-
-def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str = "model_args") -> Spec:
-    """Apply timm constructor keyword arguments on top of a spec (the factory's defaults).
-
-    This is what ``timm.create_model(arch, **kwargs)`` does to the architecture; a keyword
-    vitport does not implement, or does not know, is refused by name (all at once).
-    """
-    kw = dict(kwargs)
-    bad: list[str] = []
-    new: dict[str, Any] = {}
-    default_only = _CAIT_DEFAULT_ONLY if isinstance(spec, CaiTSpec) else _VIT_DEFAULT_ONLY
-    for k in list(kw):
-        if k in _INFERENCE_NEUTRAL:
-            kw.pop(k)
-        elif k in default_only:
-            v = kw.pop(k)
-            if v not in default_only[k]:
-                bad.append(f"{k}={v!r}")
-    common = {"img_size": "image_size", "in_chans": "channels", "num_classes": "num_classes",
-              "depth": "depth", "num_heads": "heads", "qkv_bias": "qkv_bias", "init_values": "init_values"}
-    for k, field in common.items():
-        if k in kw:
-            v = kw.pop(k)
-            new[field] = _pair(v) if k == "img_size" else v
-    if "patch_size" in kw:
-        p = kw.pop("patch_size")
-        h, w = _pair(p)
-        if h != w:
-            bad.append(f"patch_size={p!r} (non-square)")
-        new["patch_size"] = h
-    dim = kw.pop("embed_dim", spec.dim)
-    new["dim"] = dim
-    mlp_ratio = kw.pop("mlp_ratio", spec.mlp_dim / spec.dim)
-    new["mlp_dim"] = _ratio_dim(dim, mlp_ratio)
-    if "global_pool" in kw:
-        new["pool"] = kw.pop("global_pool")
-    if isinstance(spec, CaiTSpec):
-        if "depth_token_only" in kw:
-            new["cls_depth"] = kw.pop("depth_token_only")
-        new["cls_mlp_dim"] = _ratio_dim(dim, kw.pop("mlp_ratio_token_only", spec.cls_mlp_dim / spec.dim))
-    else:
-        for k in ("class_token", "reg_tokens", "no_embed_class", "final_norm", "pool_include_prefix",
-                  "qk_norm", "dynamic_img_size"):
-            if k in kw:
-                new[k] = kw.pop(k)
-        if "pre_norm" in kw:
-            new["pre_norm"] = bool(kw.pop("pre_norm"))
-            new["patch_bias"] = not new["pre_norm"]
-        if "fc_norm" in kw and kw["fc_norm"] is not None:
-            new["fc_norm"] = bool(kw.pop("fc_norm"))
-        else:
-            kw.pop("fc_norm", None)
-            if new.get("pool", spec.pool) != spec.pool:  # timm's fc_norm=None follows the pool
-                new["fc_norm"] = new["pool"] == "avg"
-        if "act_layer" in kw:
-            act = kw.pop("act_layer")
-            if act in ("gelu", "gelu_tanh", "quick_gelu"):
-                new["activation"] = act
-            elif act is not None:
-                bad.append(f"act_layer={act!r} (supported: 'gelu', 'gelu_tanh', 'quick_gelu')")
-        if "norm_layer" in kw:
-            norm = kw.pop("norm_layer")
-            if norm == "layernorm":
-                new["norm_eps"] = 1e-6  # timm.layers.LayerNorm's default eps
-            elif norm is not None:
-                bad.append(f"norm_layer={norm!r} (only LayerNorm is supported)")
-    bad += [f"{k}={v!r}" for k, v in kw.items()]  # anything left is not implemented (or unknown)
-    if bad:
-        raise UnsupportedArchitectureError(
-            f"timm settings in {where} that vitport does not implement: {', '.join(bad)}")
-    return dataclasses.replace(spec, **new)
-
-
 def spec_from_hub_config(cfg: Mapping[str, Any], *, where: str = "config.json") -> tuple[str, Spec, dict[str, Any], dict[str, Any]]:
     """``(architecture, spec, pretrained_cfg, model_args)`` of a timm hub ``config.json``.
 
@@ -407,21 +317,6 @@ def check_shapes(shapes: Mapping[str, tuple[int, ...]], spec: Spec) -> dict[str,
         "wrong shapes": [f"{k}: {tuple(shapes[k])}, {expected[k]} expected" for k in expected
                          if k in shapes and tuple(shapes[k]) != expected[k]],
     }
-
-
-def timm_model_args(spec: Spec) -> dict[str, Any]:
-    """The ``timm.create_model`` keyword arguments that rebuild ``spec`` on top of its factory.
-
-    Only what vitport can change is written: size, classes, width, depth, heads, MLP ratio.
-    """
-    args: dict[str, Any] = {"img_size": list(spec.image_size), "patch_size": spec.patch_size,
-                            "in_chans": spec.channels, "num_classes": spec.num_classes,
-                            "embed_dim": spec.dim, "depth": spec.depth, "num_heads": spec.heads,
-                            "mlp_ratio": spec.mlp_dim / spec.dim, "global_pool": spec.pool}
-    if isinstance(spec, CaiTSpec):
-        args["depth_token_only"] = spec.cls_depth
-        args["mlp_ratio_token_only"] = spec.cls_mlp_dim / spec.dim
-    return args
 
 
 # ----------------------------------------------------------------------------- writing

@@ -5,8 +5,8 @@ A spec's fields are exactly the keyword arguments of ``vitport.{haiku,flax}.{ViT
 
 - a live timm model (``spec_from_timm_model``): reads the built modules, and refuses by name
   every timm option the JAX models do not implement;
-- timm constructor kwargs (``ViTSpec.from_timm_kwargs``), as found in a hub ``config.json``'s
-  ``model_args`` or in vitport's architecture table;
+- timm ``create_model`` kwargs on top of an architecture's spec (``spec_with_timm_kwargs``),
+  as found in a hub ``config.json``'s ``model_args``;
 - the JSON form written next to converted weights (``spec_from_dict``).
 
 No torch at module level: only ``spec_from_timm_model`` imports it.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from .errors import UnsupportedArchitectureError
 
@@ -24,7 +24,7 @@ Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
 Pool = Literal["token", "avg", "map", ""]
 
 
-def _pair(x) -> tuple[int, int]:
+def pair(x) -> tuple[int, int]:
     if isinstance(x, (tuple, list)):
         a, b = x
         return int(a), int(b)
@@ -68,7 +68,7 @@ class ViTSpec:
     family = "vit"
 
     def __post_init__(self):
-        object.__setattr__(self, "image_size", _pair(self.image_size))
+        object.__setattr__(self, "image_size", pair(self.image_size))
         if self.pool not in ("token", "avg", "map", ""):
             raise UnsupportedArchitectureError(f"global_pool={self.pool!r} is not supported "
                                                "(vitport implements 'token', 'avg', 'map' and '')")
@@ -104,57 +104,6 @@ class ViTSpec:
     def has_fc_norm(self) -> bool:
         return self.final_norm and self.fc_norm
 
-    @classmethod
-    def from_timm_kwargs(cls, distilled: bool = False, **kw: Any) -> "ViTSpec":
-        """Build from ``VisionTransformer.__init__`` kwargs (timm's names and defaults)."""
-        unsupported = {
-            "pos_embed": ("learn",), "scale_attn_norm": (False,), "scale_mlp_norm": (False,),
-            "proj_bias": (True,), "dynamic_img_pad": (False,), "embed_layer": (None,),
-            "embed_norm_layer": (None,), "block_fn": (None,), "mlp_layer": (None,),
-            "attn_layer": (None, "attn"),
-        }
-        bad = [f"{k}={kw[k]!r}" for k, ok in unsupported.items() if k in kw and kw[k] not in ok]
-        norm_layer = kw.get("norm_layer")
-        if norm_layer not in (None, "layernorm"):
-            bad.append(f"norm_layer={norm_layer!r}")
-        if bad:
-            raise UnsupportedArchitectureError("timm options not supported by vitport: " + ", ".join(bad))
-        pool = kw.get("global_pool", "token")
-        if pool not in ("token", "avg", "map", ""):
-            raise UnsupportedArchitectureError(f"global_pool={pool!r} is not supported")
-        fc_norm = kw.get("fc_norm")
-        pre_norm = bool(kw.get("pre_norm", False))
-        embed_dim = kw.get("embed_dim", 768)
-        act = kw.get("act_layer") or "gelu"
-        if act not in ("gelu", "gelu_tanh", "quick_gelu"):
-            raise UnsupportedArchitectureError(f"act_layer={act!r} is not supported")
-        return cls(
-            image_size=kw.get("img_size", 224),
-            patch_size=_square_patch(kw.get("patch_size", 16)),
-            channels=kw.get("in_chans", 3),
-            num_classes=kw.get("num_classes", 1000),
-            dim=embed_dim,
-            depth=kw.get("depth", 12),
-            heads=kw.get("num_heads", 12),
-            mlp_dim=int(embed_dim * kw.get("mlp_ratio", 4.0)),
-            pool=pool,
-            class_token=kw.get("class_token", True),
-            reg_tokens=kw.get("reg_tokens", 0),
-            distilled=distilled,
-            no_embed_class=kw.get("no_embed_class", False),
-            pre_norm=pre_norm,
-            final_norm=kw.get("final_norm", True),
-            fc_norm=(pool == "avg") if fc_norm is None else bool(fc_norm),
-            pool_include_prefix=kw.get("pool_include_prefix", False),
-            patch_bias=not pre_norm,
-            qkv_bias=kw.get("qkv_bias", True),
-            qk_norm=kw.get("qk_norm", False),
-            init_values=kw.get("init_values"),
-            activation=act,
-            norm_eps=kw.get("norm_eps", 1e-6),
-            dynamic_img_size=kw.get("dynamic_img_size", False),
-        )
-
 
 @dataclass(frozen=True)
 class CaiTSpec:
@@ -179,7 +128,7 @@ class CaiTSpec:
     family = "cait"
 
     def __post_init__(self):
-        object.__setattr__(self, "image_size", _pair(self.image_size))
+        object.__setattr__(self, "image_size", pair(self.image_size))
         if self.pool not in ("token", "avg", ""):
             raise UnsupportedArchitectureError(f"CaiT global_pool={self.pool!r} is not supported")
         if self.dim % self.heads:
@@ -189,38 +138,13 @@ class CaiTSpec:
     def grid_size(self) -> tuple[int, int]:
         return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
 
-    @classmethod
-    def from_timm_kwargs(cls, **kw: Any) -> "CaiTSpec":
-        """Build from ``Cait.__init__`` kwargs (timm's names and defaults)."""
-        bad = [k for k in ("block_layers", "block_layers_token", "patch_layer", "attn_block",
-                           "mlp_block", "attn_block_token_only", "mlp_block_token_only",
-                           "norm_layer", "act_layer") if kw.get(k) is not None]
-        if bad:
-            raise UnsupportedArchitectureError("timm CaiT options not supported by vitport: " + ", ".join(bad))
-        embed_dim = kw.get("embed_dim", 768)
-        return cls(
-            image_size=kw.get("img_size", 224),
-            patch_size=_square_patch(kw.get("patch_size", 16)),
-            channels=kw.get("in_chans", 3),
-            num_classes=kw.get("num_classes", 1000),
-            dim=embed_dim,
-            depth=kw.get("depth", 12),
-            cls_depth=kw.get("depth_token_only", 2),
-            heads=kw.get("num_heads", 12),
-            mlp_dim=int(embed_dim * kw.get("mlp_ratio", 4.0)),
-            cls_mlp_dim=int(embed_dim * kw.get("mlp_ratio_token_only", 4.0)),
-            pool=kw.get("global_pool", "token"),
-            qkv_bias=kw.get("qkv_bias", True),
-            init_values=kw.get("init_values", 1e-4),
-        )
-
 
 Spec = ViTSpec | CaiTSpec
 SPEC_TYPES = {"vit": ViTSpec, "cait": CaiTSpec}
 
 
 def _square_patch(p) -> int:
-    h, w = _pair(p)
+    h, w = pair(p)
     if h != w:
         raise UnsupportedArchitectureError(f"non-square patch_size={p!r} is not supported")
     return h
@@ -243,6 +167,113 @@ def spec_from_dict(d: dict[str, Any]) -> Spec:
     if unknown:
         raise ValueError(f"unknown {family} spec fields: {', '.join(unknown)}")
     return cls(**d)
+
+
+# ------------------------------------------------------------------ timm create_model kwargs
+
+
+# timm keyword arguments that change nothing at inference.
+_INFERENCE_NEUTRAL = {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+                      "drop_path_rate", "drop_block_rate", "weight_init", "fix_init", "device", "dtype"}
+# timm keyword arguments vitport implements only at their default value.
+_VIT_DEFAULT_ONLY = {"pos_embed": ("learn",), "scale_attn_norm": (False,), "scale_mlp_norm": (False,),
+                     "proj_bias": (True,), "dynamic_img_pad": (False,), "embed_layer": (None,),
+                     "embed_norm_layer": (None,), "block_fn": (None,), "mlp_layer": (None,),
+                     "attn_layer": (None, "attn")}
+_CAIT_DEFAULT_ONLY = {k: (None,) for k in ("block_layers", "block_layers_token", "patch_layer", "attn_block",
+                                          "mlp_block", "attn_block_token_only", "mlp_block_token_only",
+                                          "norm_layer", "act_layer")}
+
+
+def _ratio_dim(dim: int, ratio: float) -> int:
+    return int(dim * ratio + 1e-6)  # timm: int(dim * ratio); the epsilon absorbs ratios derived from ints
+
+
+def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str = "model_args") -> Spec:
+    """Apply timm constructor keyword arguments on top of a spec (the factory's defaults).
+
+    This is what ``timm.create_model(arch, **kwargs)`` does to the architecture; a keyword
+    vitport does not implement, or does not know, is refused by name (all at once).
+    """
+    kw = dict(kwargs)
+    bad: list[str] = []
+    new: dict[str, Any] = {}
+    default_only = _CAIT_DEFAULT_ONLY if isinstance(spec, CaiTSpec) else _VIT_DEFAULT_ONLY
+    for k in list(kw):
+        if k in _INFERENCE_NEUTRAL:
+            kw.pop(k)
+        elif k in default_only:
+            v = kw.pop(k)
+            if v not in default_only[k]:
+                bad.append(f"{k}={v!r}")
+    common = {"img_size": "image_size", "in_chans": "channels", "num_classes": "num_classes",
+              "depth": "depth", "num_heads": "heads", "qkv_bias": "qkv_bias", "init_values": "init_values"}
+    for k, field in common.items():
+        if k in kw:
+            v = kw.pop(k)
+            new[field] = pair(v) if k == "img_size" else v
+    if "patch_size" in kw:
+        p = kw.pop("patch_size")
+        h, w = pair(p)
+        if h != w:
+            bad.append(f"patch_size={p!r} (non-square)")
+        new["patch_size"] = h
+    dim = kw.pop("embed_dim", spec.dim)
+    new["dim"] = dim
+    mlp_ratio = kw.pop("mlp_ratio", spec.mlp_dim / spec.dim)
+    new["mlp_dim"] = _ratio_dim(dim, mlp_ratio)
+    if "global_pool" in kw:
+        new["pool"] = kw.pop("global_pool")
+    if isinstance(spec, CaiTSpec):
+        if "depth_token_only" in kw:
+            new["cls_depth"] = kw.pop("depth_token_only")
+        new["cls_mlp_dim"] = _ratio_dim(dim, kw.pop("mlp_ratio_token_only", spec.cls_mlp_dim / spec.dim))
+    else:
+        for k in ("class_token", "reg_tokens", "no_embed_class", "final_norm", "pool_include_prefix",
+                  "qk_norm", "dynamic_img_size"):
+            if k in kw:
+                new[k] = kw.pop(k)
+        if "pre_norm" in kw:
+            new["pre_norm"] = bool(kw.pop("pre_norm"))
+            new["patch_bias"] = not new["pre_norm"]
+        if "fc_norm" in kw and kw["fc_norm"] is not None:
+            new["fc_norm"] = bool(kw.pop("fc_norm"))
+        else:
+            kw.pop("fc_norm", None)
+            if new.get("pool", spec.pool) != spec.pool:  # timm's fc_norm=None follows the pool
+                new["fc_norm"] = new["pool"] == "avg"
+        if "act_layer" in kw:
+            act = kw.pop("act_layer")
+            if act in ("gelu", "gelu_tanh", "quick_gelu"):
+                new["activation"] = act
+            elif act is not None:
+                bad.append(f"act_layer={act!r} (supported: 'gelu', 'gelu_tanh', 'quick_gelu')")
+        if "norm_layer" in kw:
+            norm = kw.pop("norm_layer")
+            if norm == "layernorm":
+                new["norm_eps"] = 1e-6  # timm.layers.LayerNorm's default eps
+            elif norm is not None:
+                bad.append(f"norm_layer={norm!r} (only LayerNorm is supported)")
+    bad += [f"{k}={v!r}" for k, v in kw.items()]  # anything left is not implemented (or unknown)
+    if bad:
+        raise UnsupportedArchitectureError(
+            f"timm settings in {where} that vitport does not implement: {', '.join(bad)}")
+    return dataclasses.replace(spec, **new)
+
+
+def timm_model_args(spec: Spec) -> dict[str, Any]:
+    """The ``timm.create_model`` keyword arguments that rebuild ``spec`` on top of its factory.
+
+    Only what vitport can change is written: size, classes, width, depth, heads, MLP ratio.
+    """
+    args: dict[str, Any] = {"img_size": list(spec.image_size), "patch_size": spec.patch_size,
+                            "in_chans": spec.channels, "num_classes": spec.num_classes,
+                            "embed_dim": spec.dim, "depth": spec.depth, "num_heads": spec.heads,
+                            "mlp_ratio": spec.mlp_dim / spec.dim, "global_pool": spec.pool}
+    if isinstance(spec, CaiTSpec):
+        args["depth_token_only"] = spec.cls_depth
+        args["mlp_ratio_token_only"] = spec.cls_mlp_dim / spec.dim
+    return args
 
 
 # --------------------------------------------------------------------------- live timm models

@@ -47,7 +47,7 @@ def haiku_transform(spec: Spec, **extra: Any) -> hk.Transformed:
     return hk.transform(forward)
 
 
-def _to_jax(a: Any) -> jax.Array:
+def to_jax_array(a: Any) -> jax.Array:
     a = np.asarray(a)
     if a.dtype == np.float64 and not jax.config.jax_enable_x64:
         raise ValueError("the weights are float64 but jax_enable_x64 is off; call "
@@ -119,7 +119,7 @@ def from_state_dict(state_dict: Mapping[str, Any], spec: Spec, framework: Framew
     """Convert a timm state_dict of numpy arrays into a JaxModel (no torch needed)."""
     check_framework(framework)
     canonical = timm_to_canonical(state_dict, spec, source=source)
-    params = canonical_to_framework({k: _to_jax(v) for k, v in canonical.items()}, spec, framework)
+    params = canonical_to_framework({k: to_jax_array(v) for k, v in canonical.items()}, spec, framework)
     return JaxModel(spec, framework, params, **meta)
 
 

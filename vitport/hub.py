@@ -39,13 +39,12 @@ from converters.architectures import arch_spec, pretrained_tag_cfg, resolve_tag,
 from converters.checkpoint_io import (CheckpointError, atomic_dir, check_output, check_shapes,
                                       find_weights, is_checkpoint_file, preprocessing, read_hub_config, read_json,
                                       read_safetensors, read_state_dict, safetensors_header,
-                                      spec_for_arch, spec_from_hub_config, spec_with_timm_kwargs, sync_preprocessing,
-                                      timm_model_args, write_json, write_safetensors,
-                                      write_safetensors_atomic)
+                                      spec_for_arch, spec_from_hub_config, sync_preprocessing, write_json,
+                                      write_safetensors, write_safetensors_atomic)
 from converters.errors import UnsupportedArchitectureError
-from converters.specs import _pair
+from converters.specs import pair, spec_with_timm_kwargs, timm_model_args
 
-from .api import Framework, JaxModel, _to_jax, check_framework
+from .api import Framework, JaxModel, check_framework, to_jax_array
 
 FORMAT = "vitport"
 FORMAT_VERSION = 1
@@ -313,7 +312,7 @@ def resize_canonical(tree: dict, spec: Spec, image_size: int | tuple[int, int]) 
     """Change the input resolution: resample ``pos_embed`` as timm does (bicubic, antialias, float32)."""
     from .ops import resample_pos_embed
 
-    new_size = _pair(image_size)
+    new_size = pair(image_size)
     if new_size == tuple(spec.image_size):
         return tree, spec
     if any(s < spec.patch_size for s in new_size):
@@ -357,7 +356,7 @@ def model_from_canonical(tree: dict, r: Resolved, framework: str | None = None, 
         if spec is not r.spec:
             cfg["input_size"] = [spec.channels, *spec.image_size]
     tree = _cast(tree, dtype)
-    params = canonical_to_framework({k: _to_jax(v) for k, v in tree.items()}, spec, framework)
+    params = canonical_to_framework({k: to_jax_array(v) for k, v in tree.items()}, spec, framework)
     return JaxModel(spec, framework, params, cfg, r.architecture or None)
 
 

@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from converters.specs import pair  # noqa: F401  (re-exported for the front-ends)
+
 # timm's activations; jax.nn.gelu defaults to the tanh approximation, timm's GELU is exact.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -35,10 +37,6 @@ def canonical_pool(pool: str | None) -> str:
         return POOL_ALIASES[pool]
     except KeyError:
         raise ValueError(f"pool must be one of 'cls'/'token', 'mean'/'avg', 'map' or '', got {pool!r}") from None
-
-
-def pair(x: int | Sequence[int]) -> tuple[int, int]:
-    return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
