@@ -3,15 +3,15 @@
 Both JAX front-ends name their submodules after timm's modules, with list indices joined by
 an underscore (``blocks.3.attn.qkv`` -> ``blocks_3`` / ``attn`` / ``qkv``), so the rules are:
 
-=========  ===================================  ======================================
-           Flax linen                           Haiku
-=========  ===================================  ======================================
-module     nested dicts under ``params``        ``"vit/blocks_3/attn/qkv"``       
-Linear     ``kernel``, ``bias``                 ``w``, ``b``
-conv       ``kernel``, ``bias``                 ``w``, ``b``
-LayerNorm  ``scale``, ``bias``                  ``scale``, ``offset``
-free       its own name (``cls_token``)         its own name, under its module
-=========  ===================================  ======================================
+=========  ===============================  ==============================
+           Flax linen                       Haiku
+=========  ===============================  ==============================
+module     nested dicts under ``params``    ``"vit/blocks_3/attn/qkv"``
+Linear     ``kernel``, ``bias``             ``w``, ``b``
+conv       ``kernel``, ``bias``             ``w``, ``b``
+LayerNorm  ``scale``, ``bias``              ``scale``, ``offset``
+free       its own name (``cls_token``)     its own name, under its module
+=========  ===============================  ==============================
 """
 
 from __future__ import annotations

@@ -31,17 +31,6 @@ def wide_console(monkeypatch):
     monkeypatch.setattr(cli.err_console, "width", 250)
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-tiny")
