@@ -365,6 +365,17 @@ def _commit(tmp: Path, target: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
+def _staged(tmp: Path, target: Path, force: bool) -> Iterator[Path]:
+    """Yield ``tmp``; commit it to ``target`` on success, delete it on any exception."""
+    try:
+        yield tmp
+        _commit(tmp, target, force)
+    except BaseException:  # KeyboardInterrupt too: never leave a partial output
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``target``; on success it becomes ``target``.
 
@@ -373,12 +384,8 @@ def atomic_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]
     """
     target = check_output(target, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent or "."))
-    try:
-        yield tmp
-        _commit(tmp, target, force)
-    except BaseException:
-        _remove(tmp)
-        raise
+    with _staged(tmp, target, force) as staged:
+        yield staged
 
 
 @contextlib.contextmanager
@@ -387,13 +394,8 @@ def atomic_file(target: str | os.PathLike, force: bool = False) -> Iterator[Path
     target = check_output(target, force)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent or ".")
     os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        _commit(tmp, target, force)
-    except BaseException:
-        _remove(tmp)
-        raise
+    with _staged(Path(name), target, force) as staged:
+        yield staged
 
 
 def _contiguous(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:

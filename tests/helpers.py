@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 
 # Small enough to run in well under a second, big enough that every path is exercised
@@ -35,3 +38,14 @@ def images(spec, batch: int = 2, dtype: str = "float64", seed: int = 1, size=Non
     rng = np.random.default_rng(seed)
     h, w = size or spec.image_size
     return rng.standard_normal((batch, h, w, spec.channels)).astype(dtype)
+
+
+BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['timm'] = None\n"
+
+
+def run_without_torch(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where importing torch or timm fails."""
+    proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return proc

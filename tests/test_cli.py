@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import vitport
-from helpers import TINY, TINY_CAIT, images, tiny_timm
+from helpers import TINY, TINY_CAIT, images, run_without_torch, tiny_timm
 from test_checkpoints import (_Payload, assert_timm_loads_equal, listing, max_abs, populate_hub_cache,
                               save_hub_dir, timm_logits, tree_equal)
 from vitport import cli
@@ -310,7 +308,6 @@ def test_full_size_convert_load_without_torch_and_export(full_size, tmp_path, ca
     # Loading needs no torch: identical logits in a process where torch and timm cannot import.
     dirs = {arch: str(c) for arch, (_, _, c) in full_size.items()}
     code = (
-        "import sys; sys.modules['torch'] = None; sys.modules['timm'] = None\n"
         "import jax; jax.config.update('jax_enable_x64', True)\n"
         "import numpy as np, vitport\n"
         f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
@@ -318,8 +315,7 @@ def test_full_size_convert_load_without_torch_and_export(full_size, tmp_path, ca
         f"    np.save({str(tmp_path)!r} + f'/{{arch}}.npy', np.asarray(vitport.load(d)(x)))\n"
         "assert sys.modules['torch'] is None and sys.modules['timm'] is None\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    run_without_torch(code, timeout=600)
     for arch in FULL:
         np.testing.assert_array_equal(np.load(tmp_path / f"{arch}.npy"), logits[arch])
 
