@@ -4,14 +4,16 @@ Imports neither jax nor torch at module level (torch is imported lazily, and onl
 ``.pth`` files or inspect live timm models).
 """
 
-from .errors import ConversionError, UnsupportedArchitectureError
+from .errors import (CheckpointError, ConversionError, HubError, HubUnreachableError, InvalidArgumentError,
+                     MissingFileError, OutputExistsError, UnsupportedArchitectureError, VitportError)
 from .frameworks import (FRAMEWORKS, canonical_to_framework, flat_keys, framework_path,
                          framework_to_canonical, unflatten_keys)
 from .keymap import Entry, canonical_to_timm, check_finite, key_table, timm_to_canonical
 from .specs import CaiTSpec, Spec, ViTSpec, spec_from_dict, spec_from_timm_model, spec_to_dict
 
 __all__ = [
-    "CaiTSpec", "ConversionError", "Entry", "FRAMEWORKS", "Spec", "UnsupportedArchitectureError",
+    "CaiTSpec", "CheckpointError", "ConversionError", "HubError", "HubUnreachableError", "InvalidArgumentError",
+    "MissingFileError", "OutputExistsError", "VitportError", "Entry", "FRAMEWORKS", "Spec", "UnsupportedArchitectureError",
     "ViTSpec", "canonical_to_framework", "canonical_to_timm", "check_finite", "flat_keys",
     "framework_path", "framework_to_canonical", "key_table", "spec_from_dict",
     "spec_from_timm_model", "spec_to_dict", "timm_to_canonical", "unflatten_keys",

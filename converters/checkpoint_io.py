@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from .architectures import arch_spec, pretrained_tag_cfg, split_name
+from .errors import CheckpointError, MissingFileError, OutputExistsError
 from .keymap import key_table
 from .specs import Spec, spec_with_timm_kwargs
 
@@ -51,14 +52,6 @@ PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "int
 Progress = Callable[[int, int], None]  # (done, total)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read: corrupt, truncated, of an unknown kind, or refused."""
-
-
-class OutputExistsError(FileExistsError):
-    """The output path exists and overwriting was not asked for."""
-
-
 # ----------------------------------------------------------------------------- reading
 
 
@@ -70,7 +63,7 @@ def read_state_dict(path: str | os.PathLike, *, progress: Progress | None = None
     """A checkpoint file as ``{timm_key: numpy array}``, unwrapped; dtypes are kept."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint file: {path}")
+        raise MissingFileError(f"no such checkpoint file: {path}")
     name = path.name.lower()
     if name.endswith(SAFETENSORS_EXTS):
         return read_safetensors(path, progress=progress)
@@ -219,7 +212,7 @@ def find_weights(folder: str | os.PathLike) -> Path:
     for name in HUB_WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"{folder} holds none of {', '.join(HUB_WEIGHT_FILES)} "
+    raise MissingFileError(f"{folder} holds none of {', '.join(HUB_WEIGHT_FILES)} "
                             "(a hub-layout folder has config.json and model.safetensors)")
 
 
@@ -337,7 +330,7 @@ def check_output(path: str | os.PathLike, force: bool = False) -> Path:
         raise OutputExistsError(f"{path} already exists; refusing to overwrite it "
                                 "(pass --force / force=True to replace it)")
     if path.parent and not path.parent.exists():
-        raise FileNotFoundError(f"the folder {path.parent} does not exist")
+        raise MissingFileError(f"the folder {path.parent} does not exist")
     return path
 
 

@@ -20,7 +20,7 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 
-from .errors import ConversionError
+from .errors import InvalidArgumentError, ConversionError
 from .keymap import CanonicalKey, Entry, key_table
 from .specs import Spec
 
@@ -56,7 +56,7 @@ def framework_path(e: Entry, spec: Spec, framework: Framework) -> tuple[str, ...
     if framework == "haiku":
         module = "/".join([HAIKU_ROOT[spec.family], *segments])
         return (module, _haiku_leaf(e))
-    raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+    raise InvalidArgumentError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
 
 
 def canonical_to_framework(tree: Mapping[CanonicalKey, Any], spec: Spec, framework: Framework) -> dict:

@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
-from .errors import UnsupportedArchitectureError
+from .errors import InvalidArgumentError, UnsupportedArchitectureError
 
 Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
 Pool = Literal["token", "avg", "map", ""]
@@ -165,7 +165,7 @@ def spec_from_dict(d: dict[str, Any]) -> Spec:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"unknown {family} spec fields: {', '.join(unknown)}")
+        raise InvalidArgumentError(f"unknown {family} spec fields: {', '.join(unknown)}")
     return cls(**d)
 
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
+from converters.errors import InvalidArgumentError
 from converters import (FRAMEWORKS, CaiTSpec, Spec, canonical_to_framework, canonical_to_timm,
                         framework_to_canonical, timm_to_canonical)
 
@@ -23,7 +25,7 @@ Framework = Literal["haiku", "flax"]
 
 def check_framework(framework: str) -> Framework:
     if framework not in FRAMEWORKS:
-        raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+        raise InvalidArgumentError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
     return framework  # type: ignore[return-value]
 
 
@@ -50,7 +52,7 @@ def haiku_transform(spec: Spec, **extra: Any) -> hk.Transformed:
 def to_jax_array(a: Any) -> jax.Array:
     a = np.asarray(a)
     if a.dtype == np.float64 and not jax.config.jax_enable_x64:
-        raise ValueError("the weights are float64 but jax_enable_x64 is off; call "
+        raise InvalidArgumentError("the weights are float64 but jax_enable_x64 is off; call "
                          "jax.config.update('jax_enable_x64', True) first, or convert a float32 model")
     return jnp.asarray(a)
 
@@ -95,7 +97,7 @@ class JaxModel:
     def __call__(self, images: Any, return_intermediates: bool = False) -> Any:
         x = jnp.asarray(images, dtype=self.dtype)
         if x.ndim != 4 or x.shape[-1] != self.spec.channels:
-            raise ValueError(f"expected NHWC images with {self.spec.channels} channels, got shape {tuple(x.shape)}")
+            raise InvalidArgumentError(f"expected NHWC images with {self.spec.channels} channels, got shape {tuple(x.shape)}")
         return self.apply_fn(self.params, x, return_intermediates=return_intermediates)
 
     def num_params(self) -> int:

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from converters.errors import InvalidArgumentError, VitportError
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -61,9 +63,9 @@ def _model_args(text: str | None) -> dict[str, Any] | None:
     try:
         args = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--model-args must be a JSON object, e.g. '{{\"num_classes\": 10}}' ({e})") from None
+        raise InvalidArgumentError(f"--model-args must be a JSON object, e.g. '{{\"num_classes\": 10}}' ({e})") from None
     if not isinstance(args, dict):
-        raise ValueError("--model-args must be a JSON object, e.g. '{\"num_classes\": 10}'")
+        raise InvalidArgumentError("--model-args must be a JSON object, e.g. '{\"num_classes\": 10}'")
     return args
 
 
@@ -78,7 +80,7 @@ def _image_size(text: str | None):
         return parts[0], parts[0]
     if len(parts) == 2:
         return parts[0], parts[1]
-    raise ValueError(f"--img-size takes N or HxW (e.g. 384 or 384x512), got {text!r}")
+    raise InvalidArgumentError(f"--img-size takes N or HxW (e.g. 384 or 384x512), got {text!r}")
 
 
 def _size(n: int) -> str:
@@ -152,7 +154,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.checkpoint or args.pretrained:
         return _verify_checkpoint(args, frameworks, dtypes)
     if args.arch or args.model_args or args.revision:
-        raise ValueError("--arch, --model-args and --revision go with --checkpoint")
+        raise InvalidArgumentError("--arch, --model-args and --revision go with --checkpoint")
     from .parity import verify_architecture
 
     all_ok = True
@@ -218,9 +220,9 @@ def _verify_checkpoint(args: argparse.Namespace, frameworks, dtypes) -> int:
 
     source = args.pretrained or args.checkpoint
     if args.pretrained and args.checkpoint:
-        raise ValueError("give --checkpoint or --pretrained, not both")
+        raise InvalidArgumentError("give --checkpoint or --pretrained, not both")
     if args.pretrained and (_looks_like_path(args.pretrained) or args.pretrained.startswith("hf-hub:")):
-        raise ValueError("--pretrained takes a timm name (e.g. cait_s24_224); use --checkpoint for files, "
+        raise InvalidArgumentError("--pretrained takes a timm name (e.g. cait_s24_224); use --checkpoint for files, "
                          "folders and hf-hub: repos")
     model_args = _model_args(args.model_args)
     r = resolve(source, arch=args.arch, model_args=model_args, revision=args.revision)
@@ -417,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:  # every vitport error is one of these
+    except VitportError as e:  # a deliberate error: one paragraph, no traceback; anything else is a bug
         err_console.print("[bold red]error:[/]", escape(str(e)))
         return 2
     except KeyboardInterrupt:

@@ -41,7 +41,8 @@ from converters.checkpoint_io import (CheckpointError, atomic_dir, check_output,
                                       read_safetensors, read_state_dict, safetensors_header,
                                       spec_for_arch, spec_from_hub_config, sync_preprocessing, write_json,
                                       write_safetensors, write_safetensors_atomic)
-from converters.errors import UnsupportedArchitectureError
+from converters.errors import (HubError, HubUnreachableError, InvalidArgumentError, MissingFileError,
+                               UnsupportedArchitectureError)
 from converters.specs import pair, spec_with_timm_kwargs, timm_model_args
 
 from .api import Framework, JaxModel, check_framework, to_jax_array
@@ -58,14 +59,6 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
 # progress(description, done, total): called as work advances; total 0 means "unknown".
 ProgressFn = Callable[[str, int, int], None]
 SourceKind = Literal["hub", "hub-dir", "file", "vitport"]
-
-
-class HubUnreachableError(ConnectionError):
-    """The hub was needed, could not be reached, and the files are not in the local cache."""
-
-
-class HubError(OSError):
-    """The hub answered, but not with what was asked for (no such repo, revision or file)."""
 
 
 @dataclass
@@ -206,7 +199,7 @@ def _from_vitport_dir(folder: Path, cfg: dict[str, Any], source: str) -> Resolve
                               f"supported (this vitport reads version {FORMAT_VERSION})")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"{folder} has a vitport {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        raise MissingFileError(f"{folder} has a vitport {CONFIG_NAME} but no {WEIGHTS_NAME}")
     try:
         spec = spec_from_dict(cfg["spec"])
         framework = check_framework(cfg["framework"])
@@ -260,7 +253,7 @@ def resolve(source: str | os.PathLike, *, arch: str | None = None,
         hint = ""
         if text.count("/") == 1 and not is_checkpoint_file(text) and not text.startswith((".", "/", "~")):
             hint = f" (for the hub repo, write hf-hub:{text})"
-        raise FileNotFoundError(f"no such file or folder: {text}{hint}")
+        raise MissingFileError(f"no such file or folder: {text}{hint}")
     if arch is not None:
         raise CheckpointError("--arch is for local weights files; a timm name already says its architecture")
     # A timm name: the architecture comes from the name, the weights from its tag's repo.
@@ -316,7 +309,7 @@ def resize_canonical(tree: dict, spec: Spec, image_size: int | tuple[int, int]) 
     if new_size == tuple(spec.image_size):
         return tree, spec
     if any(s < spec.patch_size for s in new_size):
-        raise ValueError(f"image_size={new_size} is smaller than one {spec.patch_size}-pixel patch")
+        raise InvalidArgumentError(f"image_size={new_size} is smaller than one {spec.patch_size}-pixel patch")
     new_spec = dataclasses.replace(spec, image_size=new_size)
     prefix = 0 if isinstance(spec, CaiTSpec) or spec.no_embed_class else spec.num_prefix_tokens
     key = ("", "pos_embed")
@@ -331,7 +324,7 @@ def _cast(tree: dict, dtype: str | None) -> dict:
     if dtype is None:
         return tree
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise InvalidArgumentError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if dtype == "bfloat16":
         import ml_dtypes
 
@@ -446,7 +439,7 @@ def export_timm(source: str | os.PathLike, out_file: str | os.PathLike, *, force
     pretrained_cfg_overlay=dict(file=out_file))`` (plus the model's non-default kwargs).
     """
     if not str(out_file).endswith(".safetensors"):
-        raise ValueError(f"--out must name a .safetensors file, got {out_file}")
+        raise InvalidArgumentError(f"--out must name a .safetensors file, got {out_file}")
     check_output(out_file, force)
     r = resolve(source, arch=arch, model_args=model_args, revision=revision)
     tree = read_canonical(r, progress)
