@@ -74,9 +74,9 @@ def _param(key: str, shape: tuple[int, ...]) -> Entry:
     return Entry(key, module, leaf, "param", shape)
 
 
-def _mlp(m: str, d: int, hidden: int) -> Iterator[Entry]:
-    yield from _linear(f"{m}.fc1", d, hidden)
-    yield from _linear(f"{m}.fc2", hidden, d)
+def _mlp(m: str, d: int, hidden: int, bias: bool = True) -> Iterator[Entry]:
+    yield from _linear(f"{m}.fc1", d, hidden, bias)
+    yield from _linear(f"{m}.fc2", hidden, d, bias)
 
 
 def _patch_embed(spec: Spec, bias: bool) -> Iterator[Entry]:
@@ -107,12 +107,12 @@ def vit_table(s: ViTSpec) -> list[Entry]:
         if s.qk_norm:
             t += _norm(f"{b}.attn.q_norm", dh)
             t += _norm(f"{b}.attn.k_norm", dh)
-        t += _linear(f"{b}.attn.proj", d, d)
-        if s.init_values is not None:
+        t += _linear(f"{b}.attn.proj", d, d, s.proj_bias)
+        if s.has_layer_scale:
             t.append(_param(f"{b}.ls1.gamma", (d,)))
         t += _norm(f"{b}.norm2", d)
-        t += _mlp(f"{b}.mlp", d, s.mlp_dim)
-        if s.init_values is not None:
+        t += _mlp(f"{b}.mlp", d, s.mlp_dim, s.proj_bias)
+        if s.has_layer_scale:
             t.append(_param(f"{b}.ls2.gamma", (d,)))
     if s.has_norm:
         t += _norm("norm", d)

@@ -1,7 +1,9 @@
 """Architecture specs: the hyperparameters of a checkpoint, framework-neutral.
 
-A spec's fields are exactly the keyword arguments of ``vitport.{haiku,flax}.{ViT,CaiT}``, so
-``ViT(**dataclasses.asdict(spec))`` builds the model. Specs come from three places:
+A spec is the one description of a model that every front-end (Haiku, Flax linen, Flax NNX)
+and the key table read: its fields are the model constructors' keyword arguments, and every
+structural decision (pool, fc_norm, patch bias, grid, prefix and position-token counts) is a
+field or property here, never re-derived in a front-end. Specs come from three places:
 
 - a live timm model (``spec_from_timm_model``): reads the built modules, and refuses by name
   every timm option the JAX models do not implement;
@@ -60,6 +62,7 @@ class ViTSpec:
     patch_bias: bool = True
     qkv_bias: bool = True
     qk_norm: bool = False
+    proj_bias: bool = True
     init_values: float | None = None
     activation: Activation = "gelu"
     norm_eps: float = 1e-6
@@ -88,13 +91,28 @@ class ViTSpec:
         return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
 
     @property
+    def prefix_tokens(self) -> tuple[str, ...]:
+        """The learned tokens put before the patches, in timm's order."""
+        return tuple(name for name, on in (("cls_token", self.class_token), ("reg_token", self.reg_tokens > 0),
+                                           ("dist_token", self.distilled)) if on)
+
+    @property
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + int(self.distilled) + self.reg_tokens
 
     @property
+    def num_pos_prefix_tokens(self) -> int:
+        """Rows of pos_embed that belong to prefix tokens (none with ``no_embed_class``)."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
+
+    @property
     def num_pos_tokens(self) -> int:
         h, w = self.grid_size
-        return h * w + (0 if self.no_embed_class else self.num_prefix_tokens)
+        return h * w + self.num_pos_prefix_tokens
+
+    @property
+    def has_layer_scale(self) -> bool:
+        return self.init_values is not None
 
     @property
     def has_norm(self) -> bool:
@@ -126,6 +144,12 @@ class CaiTSpec:
     norm_eps: float = 1e-6
 
     family = "cait"
+    # CaiT has no options for these; the shared layers read them from any spec.
+    patch_bias = True
+    proj_bias = True
+    qk_norm = False
+    num_prefix_tokens = 1
+    num_pos_prefix_tokens = 0  # the class token joins after the self-attention blocks, unembedded
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", pair(self.image_size))
@@ -137,6 +161,11 @@ class CaiTSpec:
     @property
     def grid_size(self) -> tuple[int, int]:
         return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_pos_tokens(self) -> int:
+        h, w = self.grid_size
+        return h * w
 
 
 Spec = ViTSpec | CaiTSpec
@@ -177,7 +206,7 @@ _INFERENCE_NEUTRAL = {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_dro
                       "drop_path_rate", "drop_block_rate", "weight_init", "fix_init", "device", "dtype"}
 # timm keyword arguments vitport implements only at their default value.
 _VIT_DEFAULT_ONLY = {"pos_embed": ("learn",), "scale_attn_norm": (False,), "scale_mlp_norm": (False,),
-                     "proj_bias": (True,), "dynamic_img_pad": (False,), "embed_layer": (None,),
+                     "dynamic_img_pad": (False,), "embed_layer": (None,),
                      "embed_norm_layer": (None,), "block_fn": (None,), "mlp_layer": (None,),
                      "attn_layer": (None, "attn")}
 _CAIT_DEFAULT_ONLY = {k: (None,) for k in ("block_layers", "block_layers_token", "patch_layer", "attn_block",
@@ -208,6 +237,8 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
                 bad.append(f"{k}={v!r}")
     common = {"img_size": "image_size", "in_chans": "channels", "num_classes": "num_classes",
               "depth": "depth", "num_heads": "heads", "qkv_bias": "qkv_bias", "init_values": "init_values"}
+    if not isinstance(spec, CaiTSpec):
+        common["proj_bias"] = "proj_bias"
     for k, field in common.items():
         if k in kw:
             v = kw.pop(k)
@@ -333,7 +364,7 @@ def spec_from_timm_model(model) -> Spec:
         if type(mlp) is not Mlp:
             return None, None
         need(ident(mlp.norm), f"{where}.norm (scale_mlp_norm is not supported)")
-        need(mlp.fc1.bias is not None and mlp.fc2.bias is not None, f"{where}: MLP without bias")
+        need((mlp.fc1.bias is None) == (mlp.fc2.bias is None), f"{where}: fc1 and fc2 disagree on bias")
         need(mlp.fc2.out_features == dim, f"{where}: MLP output width differs from dim")
         return mlp.fc1.out_features, activation(mlp.act, f"{where}.act")
 
@@ -384,13 +415,16 @@ def spec_from_timm_model(model) -> Spec:
     b0 = model.blocks[0]
     mlp_dim = act = eps = None
     qkv_bias = qk_norm = False
+    proj_bias = True
     init_values = None
     if type(b0) is Block:
         need(type(b0.attn) is Attention, f"blocks.0.attn: {type(b0.attn).__name__}")
         if type(b0.attn) is Attention:
             need(ident(b0.attn.norm), "blocks.0.attn.norm (scale_attn_norm is not supported)")
             need(getattr(b0.attn, "gate", None) is None, "gated attention is not supported")
-            need(b0.attn.proj.bias is not None, "proj_bias=False is not supported")
+            proj_bias = b0.attn.proj.bias is not None
+            need(type(b0.mlp) is not Mlp or (b0.mlp.fc1.bias is not None) == proj_bias,
+                 "attention and MLP projections disagree on bias")
             need(b0.attn.head_dim * b0.attn.num_heads == dim, "attn_head_dim != dim // num_heads")
             qkv_bias = b0.attn.qkv.bias is not None
             qk_norm = not ident(b0.attn.q_norm)
@@ -437,6 +471,6 @@ def spec_from_timm_model(model) -> Spec:
         final_norm=has_norm or has_fc_norm, fc_norm=has_fc_norm,
         pool_include_prefix=model.pool_include_prefix,
         patch_bias=model.patch_embed.proj.bias is not None,
-        qkv_bias=qkv_bias, qk_norm=qk_norm, init_values=init_values, activation=act,
+        qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias, init_values=init_values, activation=act,
         norm_eps=eps, dynamic_img_size=model.dynamic_img_size,
     )

@@ -21,6 +21,7 @@ TINY_CASES = {
     "siglip_map_gelu_tanh": ("vit_base_patch16_siglip_224", TINY),
     "reg_tokens_avg_fc_norm": ("vit_base_patch16_reg4_gap_256", TINY),
     "qk_norm": ("vit_base_patch16_224", dict(TINY, qk_norm=True)),
+    "no_proj_bias": ("vit_base_patch16_224", dict(TINY, proj_bias=False)),
     "no_qkv_bias_no_class_token": ("vit_base_patch16_224", dict(TINY, qkv_bias=False, class_token=False,
                                                                 global_pool="avg")),
     "dynamic_img_size": ("vit_base_patch16_224", dict(TINY, dynamic_img_size=True)),

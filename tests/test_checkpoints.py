@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import vitport
-from converters import ConversionError, UnsupportedArchitectureError
+from converters import FRAMEWORKS, ConversionError, UnsupportedArchitectureError
 from converters.architectures import list_architectures
 from converters.checkpoint_io import (CheckpointError, OutputExistsError, read_state_dict, spec_from_hub_config,
                                       unwrap_state_dict)
@@ -93,7 +93,7 @@ def test_hub_layout_folder_loads_like_timm(case, tmp_path):
     arch, kw = TINY_CASES[case]
     model = tiny_timm(arch, "float64", **kw)
     folder = save_hub_dir(model, tmp_path / case)
-    for framework in ("haiku", "flax"):
+    for framework in FRAMEWORKS:
         jm = vitport.load(folder, framework)
         assert jm.framework == framework and jm.architecture == arch
         assert jm.dtype == np.float64
@@ -267,7 +267,7 @@ def test_unknown_names_and_tags():
 
 def test_convert_writes_a_folder_that_loads_back_identically(tiny_dirs, tmp_path):
     for name, (model, folder) in tiny_dirs.items():
-        for framework in ("haiku", "flax"):
+        for framework in FRAMEWORKS:
             out = tmp_path / f"{name}-{framework}"
             jm = vitport.convert(folder, out, framework)
             assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
@@ -353,7 +353,7 @@ def test_resampled_pos_embed_matches_timm(arch, new, tmp_path):
     theirs = timm.create_model(arch, pretrained=True, **dict(TINY, img_size=size),
                                pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"),
                                                            num_classes=10)).eval()
-    for framework in ("haiku", "flax"):
+    for framework in FRAMEWORKS:
         jm = vitport.load(folder, framework, image_size=new)
         assert jm.spec.image_size == size and jm.pretrained_cfg["input_size"] == [3, *size]
         ours = jm.to_timm_state_dict()

@@ -1,28 +1,41 @@
-"""The models as users build them: the seed's usage, training mode, dropout, layer dropout."""
+"""The models as users build them, in every front-end: the seed's usage, training mode,
+dropout, stochastic depth, param names, and the NNX-specific train()/eval() and optimizer."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from helpers import run_without_torch
 
 import vitport
+from converters import FRAMEWORKS, ViTSpec, flat_keys, framework_path, key_table
+from converters.errors import InvalidArgumentError
 from vitport import ops
+from vitport.config import ModelConfig, config_from_kwargs
 from vitport.flax import CaiT as FlaxCaiT
 from vitport.flax import ViT as FlaxViT
-from vitport.haiku import CaiT as HaikuCaiT
-from vitport.haiku import ViT as HaikuViT
+from vitport.frontends import front_end
 
 SEED_VIT = dict(image_size=256, patch_size=32, num_classes=1000, dim=1024, depth=6, heads=16, mlp_dim=2048,
                 dropout=0.1, emb_dropout=0.1)
 SEED_CAIT = dict(image_size=256, patch_size=32, num_classes=1000, dim=1024, depth=12, cls_depth=2, heads=16,
                  mlp_dim=2048, dropout=0.1, emb_dropout=0.1, layer_dropout=0.05)
+SMALL_VIT = dict(SEED_VIT, image_size=32, patch_size=8, depth=2, dim=32, heads=4, mlp_dim=64)
 SMALL_CAIT = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=3, cls_depth=2, heads=4, mlp_dim=64,
                   dropout=0.1, emb_dropout=0.1, layer_dropout=0.5, init_values=0.1)
+SMALL = {"vit": SMALL_VIT, "cait": SMALL_CAIT}
+
+
+def small_config(family: str, **overrides) -> ModelConfig:
+    return config_from_kwargs(family, dict(SMALL[family], **overrides))
 
 
 def test_seed_readme_vit_usage():
@@ -50,27 +63,21 @@ def test_seed_readme_cait_usage():
     assert out.shape == (1, 1000)
 
 
-@pytest.mark.parametrize("cls,kw", [(FlaxViT, dict(SEED_VIT, depth=2, dim=64, heads=4, mlp_dim=128)),
-                                    (FlaxCaiT, SMALL_CAIT)])
-def test_flax_dropout_only_in_training(cls, kw):
-    size = kw["image_size"]
-    img = jax.random.normal(jax.random.PRNGKey(0), (4, size, size, 3))
-    model = cls(**kw)
-    params = model.init(jax.random.PRNGKey(1), img)
-    eval_a, eval_b = model.apply(params, img), model.apply(params, img, train=False)
-    np.testing.assert_array_equal(eval_a, eval_b)
-    train_a = model.apply(params, img, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
-    train_b = model.apply(params, img, train=True, rngs={"dropout": jax.random.PRNGKey(3)})
-    assert np.abs(np.asarray(train_a - eval_a)).max() > 1e-4
-    assert np.abs(np.asarray(train_a - train_b)).max() > 1e-4, "a fresh draw each step"
-    with pytest.raises(Exception, match="dropout"):
-        model.apply(params, img, train=True)  # training without an rng is an error, not silent eval
+def test_seed_signature_nnx():
+    """The seed's constructor in NNX: evaluation by default, train() switches dropout on."""
+    img = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 256, 3), jnp.float32)
+    forward = nnx.jit(lambda model, x: model(x))
+    model = vitport.nnx.ViT(**SEED_VIT, rngs=nnx.Rngs(0))
+    out = forward(model, img)
+    assert out.shape == (1, 1000)
+    np.testing.assert_array_equal(forward(model, img), out)
+    cait = vitport.nnx.CaiT(**dict(SEED_CAIT, depth=2), rngs=nnx.Rngs(0))
+    assert forward(cait, img).shape == (1, 1000)
 
 
-def test_haiku_seed_signature_and_training():
-    img = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    kw = dict(SEED_VIT, image_size=32, patch_size=8, depth=2, dim=32, heads=4, mlp_dim=64)
-    for cls, args in ((HaikuViT, kw), (HaikuCaiT, SMALL_CAIT)):
+def test_seed_signature_haiku():
+    img = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3), jnp.float32)
+    for cls, args in ((vitport.haiku.ViT, SMALL_VIT), (vitport.haiku.CaiT, SMALL_CAIT)):
         f = hk.transform(lambda x, is_training=False: cls(**args)(x, is_training=is_training))
         params = f.init(jax.random.PRNGKey(1), img)
         evals = f.apply(params, None, img)
@@ -79,17 +86,59 @@ def test_haiku_seed_signature_and_training():
         assert np.abs(np.asarray(train - evals)).max() > 1e-4
 
 
-def test_cait_trains_with_layer_dropout():
+def test_every_front_end_takes_every_constructor_option():
+    """The seed-style constructors accept every spec field and run-time setting."""
+    fields = {f.name for f in dataclasses.fields(ViTSpec)} | {"dropout", "emb_dropout", "layer_dropout"}
+    assert fields <= {f.name for f in dataclasses.fields(FlaxViT)}
+    cfg = small_config("vit", qk_norm=True, proj_bias=False, init_values=0.1, reg_tokens=2, pool="mean")
+    for framework in FRAMEWORKS:
+        params = front_end(framework).init(cfg, jax.random.PRNGKey(0))
+        assert set(flat_keys(params, framework)) == {
+            "/".join(map(str, framework_path(e, cfg.spec, framework))) for e in key_table(cfg.spec)}
+    with pytest.raises(InvalidArgumentError, match="unknown vit argument.*qkv_norm"):
+        vitport.nnx.ViT(**SMALL_VIT, qkv_norm=True, rngs=nnx.Rngs(0))
+
+
+# ------------------------------------------------------- every front-end, through the registry
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("family", ["vit", "cait"])
+def test_dropout_only_in_training(framework, family):
+    cfg = small_config(family)
+    fe = front_end(framework)
+    img = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3), jnp.float32)
+    params = fe.init(cfg, jax.random.PRNGKey(1))
+    apply = jax.jit(fe.apply(cfg), static_argnames=("train", "return_intermediates"))
+    eval_a, eval_b = apply(params, img), apply(params, img, train=False)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a = apply(params, img, train=True, rng=jax.random.PRNGKey(2))
+    train_b = apply(params, img, train=True, rng=jax.random.PRNGKey(3))
+    assert np.abs(np.asarray(train_a - eval_a)).max() > 1e-4
+    assert np.abs(np.asarray(train_a - train_b)).max() > 1e-4, "a fresh draw each step"
+    np.testing.assert_array_equal(train_a, apply(params, img, train=True, rng=jax.random.PRNGKey(2)))
+    with pytest.raises(Exception, match="(?i)rng"):
+        fe.apply(cfg)(params, img, train=True)  # training without an rng is an error, not silent eval
+    # with every rate at zero, training is evaluation
+    quiet = small_config(family, dropout=0.0, emb_dropout=0.0, layer_dropout=0.0)
+    np.testing.assert_allclose(fe.apply(quiet)(params, img, train=True, rng=jax.random.PRNGKey(2)), eval_a,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_cait_trains_with_layer_dropout(framework):
     """A few SGD steps with stochastic depth: finite loss and gradients for every param
-    (every layer keeps its params even when its branch is dropped)."""
-    model = FlaxCaiT(**SMALL_CAIT)
-    img = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+    (every layer keeps its params even when its branch is dropped), and the loss falls."""
+    cfg = small_config("cait")
+    fe = front_end(framework)
+    img = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3), jnp.float32)
     labels = jnp.array([0, 1, 2, 3])
-    params = model.init(jax.random.PRNGKey(1), img)
+    params = fe.init(cfg, jax.random.PRNGKey(1))
+    apply = fe.apply(cfg)
 
     def loss_fn(p, rng):
-        logits = model.apply(p, img, train=True, rngs={"dropout": rng})
-        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+        logits = apply(p, img, train=True, rng=rng)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     losses = []
@@ -98,7 +147,6 @@ def test_cait_trains_with_layer_dropout():
         assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
         params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
         losses.append(float(loss))
-    assert jax.tree.structure(params) == jax.tree.structure(model.init(jax.random.PRNGKey(1), img))
     assert all(np.isfinite(losses)), losses
 
 
@@ -112,38 +160,100 @@ def test_drop_path_is_per_sample_and_rescaled():
     assert ops.drop_path(x, 0.25, None) is x
 
 
-def test_cait_layer_dropout_rate_is_constant_over_depth():
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_cait_layer_dropout_rate_is_constant_over_depth(framework):
     """timm's Cait uses the same drop-path rate in every block; ViT decays it linearly from 0."""
-    assert ops.drop_path_rates(0.1, 3) == [0.0, 0.05, 0.1]
+    vit3 = small_config("vit", depth=3, layer_dropout=0.1)
+    assert [vit3.drop_path_rate(i) for i in range(3)] == [0.0, 0.05, 0.1]
     img = jnp.ones((16, 32, 32, 3))
-    no_dropout = dict(dropout=0.0, emb_dropout=0.0, layer_dropout=0.5)
     first_block_change = {}
-    for name, model in (("cait", FlaxCaiT(**dict(SMALL_CAIT, **no_dropout))),
-                        ("vit", FlaxViT(**dict(SEED_VIT, image_size=32, patch_size=8, depth=3, dim=32, heads=4,
-                                                mlp_dim=64, **no_dropout)))):
-        params = model.init(jax.random.PRNGKey(0), img)
-        _, out = model.apply(params, img, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
-                             return_intermediates=True)
-        _, ref = model.apply(params, img, return_intermediates=True)
-        first_block_change[name] = float(np.abs(np.asarray(out["blocks.0"] - ref["blocks.0"])).max())
+    for family in ("cait", "vit"):
+        cfg = small_config(family, depth=3, dropout=0.0, emb_dropout=0.0, layer_dropout=0.5)
+        fe = front_end(framework)
+        params = fe.init(cfg, jax.random.PRNGKey(0))
+        _, out = fe.apply(cfg)(params, img, train=True, rng=jax.random.PRNGKey(1), return_intermediates=True)
+        _, ref = fe.apply(cfg)(params, img, return_intermediates=True)
+        first_block_change[family] = float(np.abs(np.asarray(out["blocks.0"] - ref["blocks.0"])).max())
     assert first_block_change["cait"] > 1e-3
     assert first_block_change["vit"] == 0.0
 
 
-def test_explicit_stable_param_names():
-    params = FlaxViT(**dict(SEED_VIT, image_size=64, depth=2)).init(jax.random.PRNGKey(0), jnp.ones((1, 64, 64, 3)))
-    assert set(params["params"]) == {"patch_embed", "cls_token", "pos_embed", "blocks_0", "blocks_1", "norm", "head"}
-    assert set(params["params"]["blocks_0"]) == {"norm1", "attn", "norm2", "mlp"}
-    f = hk.transform(lambda x: HaikuViT(**dict(SEED_VIT, image_size=64, depth=1))(x))
-    names = set(f.init(jax.random.PRNGKey(0), jnp.ones((1, 64, 64, 3))))
-    assert "vit/blocks_0/attn/qkv" in names and "vit/patch_embed/proj" in names
+@pytest.mark.parametrize("framework,expected", [
+    ("haiku", {"vit/blocks_0/attn/qkv/w", "vit/patch_embed/proj/w", "vit/cls_token", "vit/blocks_1/norm2/offset"}),
+    ("flax", {"params/blocks_0/attn/qkv/kernel", "params/patch_embed/proj/kernel", "params/cls_token",
+              "params/blocks_1/norm2/bias"}),
+    ("nnx", {"blocks/0/attn/qkv/kernel", "patch_embed/proj/kernel", "cls_token", "blocks/1/norm2/bias"}),
+])
+def test_explicit_stable_param_names(framework, expected):
+    params = front_end(framework).init(small_config("vit"), jax.random.PRNGKey(0))
+    assert expected <= set(flat_keys(params, framework))
 
 
-def test_wrong_input_size_is_a_clear_error():
-    model = FlaxViT(**dict(SEED_VIT, image_size=64, depth=1))
-    params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 64, 64, 3)))
-    with pytest.raises(ValueError, match="expects 64x64.*dynamic_img_size"):
-        model.apply(params, jnp.ones((1, 96, 96, 3)))
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_wrong_input_size_is_a_clear_error(framework):
+    jm = vitport.api.JaxModel(small_config("vit").spec, framework,
+                              vitport.init_params(small_config("vit").spec, framework))
+    with pytest.raises(InvalidArgumentError, match="expects 32x32.*dynamic_img_size"):
+        jm(np.ones((1, 48, 48, 3), np.float32))
+    with pytest.raises(InvalidArgumentError, match="uint8 pixels.*preprocess"):
+        jm(np.ones((1, 32, 32, 3), np.uint8))
+
+
+# ------------------------------------------------------------------------------- NNX only
+
+
+def test_nnx_train_and_eval_switch_dropout():
+    model = vitport.nnx.ViT(**SMALL_VIT, rngs=nnx.Rngs(0))
+    img = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3), jnp.float32)
+    evals = model(img)
+    np.testing.assert_array_equal(model(img), evals)  # evaluation by default: deterministic
+    model.train()
+    a, b = model(img), model(img)  # the 'dropout' stream advances on each call
+    assert np.abs(np.asarray(a - evals)).max() > 1e-4 and np.abs(np.asarray(a - b)).max() > 1e-4
+    model.eval()
+    np.testing.assert_array_equal(model(img), evals)
+
+
+@pytest.mark.parametrize("family", ["vit", "cait"])
+def test_nnx_optimizer_step_lowers_the_loss(family):
+    """One ``nnx.Optimizer`` step with optax on a fixed batch lowers the loss and moves weights."""
+    cls = vitport.nnx.ViT if family == "vit" else vitport.nnx.CaiT
+    model = cls(**dict(SMALL[family], dropout=0.0, emb_dropout=0.0, layer_dropout=0.0, num_classes=10),
+                rngs=nnx.Rngs(0))
+    img = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3), jnp.float32)
+    labels = jnp.arange(8) % 10
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+    def loss_fn(m):
+        return optax.softmax_cross_entropy_with_integer_labels(m(img), labels).mean()
+
+    @nnx.jit
+    def step(m, opt):
+        loss, grads = nnx.value_and_grad(loss_fn)(m)
+        opt.update(m, grads)
+        return loss
+
+    loss0 = step(model, optimizer)
+    loss1 = loss_fn(model)
+    assert float(loss1) < float(loss0)
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert all(np.abs(np.asarray(a) - b).max() > 0 for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
+
+
+def test_nnx_module_is_built_abstractly_and_filled():
+    """``jm.module`` holds the converted weights; building it initialises nothing at random."""
+    spec = small_config("vit").spec
+    jm = vitport.api.JaxModel(spec, "nnx", vitport.init_params(spec, "nnx", 3))
+    model = jm.module
+    assert isinstance(model, vitport.nnx.ViT)
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(model(x), jm(x))
+    np.testing.assert_array_equal(np.asarray(model.blocks[1].attn.qkv.kernel[...]),
+                                  np.asarray(jm.params["blocks"][1]["attn"]["qkv"]["kernel"]))
+
+
+# ------------------------------------------------------------------------------- create_model
 
 
 @pytest.mark.parametrize("name,count", [("vit_base_patch16_224", 86_567_656), ("cait_s24_224", 46_916_200)])
@@ -158,21 +268,47 @@ def test_timm_param_counts(name, count):
 
 
 def test_import_and_create_model_without_torch():
-    """vitport, its models and create_model must not need torch."""
+    """vitport, its models and create_model must not need torch, in any front-end."""
     code = (
-        "import vitport\n"
-        "jm = vitport.create_model('vit_tiny_patch16_224', framework='haiku', num_classes=5)\n"
-        "import numpy as np\n"
-        "print(jm(np.zeros((1, 224, 224, 3), np.float32)).shape)\n"
+        "import vitport, numpy as np\n"
+        "for fw in vitport.FRAMEWORKS:\n"
+        "    jm = vitport.create_model('vit_tiny_patch16_224', framework=fw, num_classes=5, depth=2)\n"
+        "    print(fw, jm(np.zeros((1, 224, 224, 3), np.float32)).shape)\n"
         "assert 'cait_s24_224' in vitport.list_models('cait_*')\n"
     )
     out = run_without_torch(code)
-    assert out.stdout.strip() == "(1, 5)"
+    assert out.stdout.split() == ["haiku", "(1,", "5)", "flax", "(1,", "5)", "nnx", "(1,", "5)"]
+
+
+def test_create_model_takes_timm_keywords():
+    jm = vitport.create_model("vit_base_patch16_224", "nnx", img_size=64, embed_dim=64, num_heads=2, depth=1,
+                              num_classes=3, global_pool="avg", reg_tokens=2, drop_path_rate=0.1)
+    s = jm.spec
+    assert (s.image_size, s.dim, s.heads, s.depth, s.num_classes, s.pool, s.fc_norm, s.reg_tokens) == \
+        ((64, 64), 64, 2, 1, 3, "avg", True, 2)
+    assert jm.config.layer_dropout == 0.1
+    assert jm(np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 3)
+    with pytest.raises(vitport.VitportError, match="img_szie"):
+        vitport.create_model("vit_base_patch16_224", img_szie=384)
 
 
 def test_create_model_uses_the_tags_preprocessing():
-    jm = vitport.create_model("cait_s24_224", "flax", num_classes=3)
+    jm = vitport.create_model("cait_s24_224", "flax", num_classes=3, depth=1)
     assert jm.pretrained_cfg["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert jm.pretrained_cfg["crop_pct"] == 1.0
     assert vitport.create_model("vit_base_patch16_224.augreg2_in21k_ft_in1k", "flax",
                                 depth=1).pretrained_cfg["mean"] == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_with_params_maps_any_tree_to_timm_keys(framework):
+    """Gradients (any tree shaped like params) get timm's names through the converter."""
+    jm = vitport.create_model("vit_base_patch16_224", framework, img_size=32, patch_size=8, embed_dim=32,
+                              num_heads=2, depth=1, num_classes=4)
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    grads = jax.grad(lambda p: jm.apply_fn(p, x).sum())(jm.params)
+    named = jm.with_params(grads).to_timm_state_dict()
+    assert list(named) == [e.timm_key for e in key_table(jm.spec)]
+    np.testing.assert_allclose(named["head.bias"], np.full(4, 2.0), rtol=1e-6)  # d(sum logits)/d bias = batch
+    with pytest.raises(vitport.VitportError):
+        jm.with_params({"not": np.zeros(3)})

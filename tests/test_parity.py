@@ -1,7 +1,7 @@
 """Numeric parity with timm, layer by layer, on bug-sensitive weights (DESIGN.md §5).
 
-Tiers: float64 (every layer and the logits within 1e-10, relative to the layer's scale) and
-float32 (logits within 1e-4 absolute), both frameworks. The measured maxima are attached to
+Tiers (``vitport.parity.TOLERANCES``): float64 (every layer and the logits within 1e-10,
+relative to the layer's scale) and float32 (within 1e-4), in every front-end of the registry. The measured maxima are attached to
 the test report (``pytest -rA`` / junit ``record_property``).
 """
 
@@ -12,9 +12,9 @@ import pytest
 from helpers import TINY_CAIT, TINY_CASES, images, tiny_timm
 
 import vitport
-from vitport.parity import compare, perturb_weights, verify_architecture
+from converters import FRAMEWORKS
+from vitport.parity import TOLERANCES, compare, perturb_weights, verify_architecture
 
-FRAMEWORKS = ("haiku", "flax")
 
 
 def assert_within(rows, tol, what):
@@ -32,7 +32,7 @@ def test_float64_every_layer(case, framework, record_property):
     rows = compare(jm, model, images(jm.spec, dtype="float64"))
     assert len(rows) >= 5, [r.layer for r in rows]  # patch_embed, blocks, ..., logits
     record_property("max_abs_logits_f64", rows[-1].max_abs)
-    assert_within(rows, 1e-10, f"{case}/{framework} float64")
+    assert_within(rows, TOLERANCES["float64"], f"{case}/{framework} float64")
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -44,8 +44,8 @@ def test_float32_logits(case, framework, record_property):
     assert jm.dtype == np.float32
     rows = compare(jm, model, images(jm.spec, dtype="float32"))
     record_property("max_abs_logits_f32", rows[-1].max_abs)
-    assert rows[-1].max_abs < 1e-4, rows[-1]
-    assert_within(rows, 1e-4, f"{case}/{framework} float32")
+    assert rows[-1].max_abs < TOLERANCES["float32"], rows[-1]
+    assert_within(rows, TOLERANCES["float32"], f"{case}/{framework} float32")
 
 
 def test_dynamic_img_size_other_resolution():
@@ -59,20 +59,22 @@ def test_dynamic_img_size_other_resolution():
             assert rows[-1].max_abs < 1e-4, (framework, size, rows[-1])
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("case", ["vit_token", "deit_distilled", "cait"])
-def test_haiku_and_flax_agree(case):
+def test_front_ends_agree(case, framework):
+    """Every front-end computes the same function as the first one, layer by layer, and
+    ``.to()`` moves weights between them without changing it."""
     arch, kwargs = TINY_CASES[case]
     model = tiny_timm(arch, "float64", **kwargs)
-    hk_model, fx_model = vitport.from_timm(model, "haiku"), vitport.from_timm(model, "flax")
-    x = images(hk_model.spec, dtype="float64")
-    (hk_out, hk_mid), (fx_out, fx_mid) = hk_model(x, True), fx_model(x, True)
-    assert sorted(hk_mid) == sorted(fx_mid)
-    for name in hk_mid:
-        np.testing.assert_allclose(np.asarray(hk_mid[name]), np.asarray(fx_mid[name]), rtol=0, atol=1e-12,
+    reference, jm = vitport.from_timm(model, FRAMEWORKS[0]), vitport.from_timm(model, framework)
+    x = images(jm.spec, dtype="float64")
+    (ref_out, ref_mid), (out, mid) = reference(x, True), jm(x, True)
+    assert sorted(mid) == sorted(ref_mid)
+    for name in mid:
+        np.testing.assert_allclose(np.asarray(mid[name]), np.asarray(ref_mid[name]), rtol=0, atol=1e-12,
                                    err_msg=name)
-    np.testing.assert_allclose(np.asarray(hk_out), np.asarray(fx_out), rtol=0, atol=1e-12)
-    # and .to() moves weights across frameworks without changing the function
-    np.testing.assert_allclose(np.asarray(hk_model.to("flax")(x)), np.asarray(fx_out), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(reference.to(framework)(x)), np.asarray(ref_out), rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------------ the parity check catches bugs
@@ -122,7 +124,7 @@ def test_parity_check_catches_swapped_weights(bug):
 def test_full_size(name, count, record_property):
     """One full-size model per family, both frameworks, float64 per layer and float32 logits."""
     for result in verify_architecture(name, FRAMEWORKS, ("float64", "float32"), batch=1):
-        tol = 1e-10 if result.dtype == "float64" else 1e-4
+        tol = TOLERANCES[result.dtype]
         record_property(f"{result.framework}_{result.dtype}_logits_max_abs", result.rows[-1].max_abs)
         assert_within(result.rows, tol, f"{name}/{result.framework}/{result.dtype}")
         assert result.rows[-1].layer == "logits"

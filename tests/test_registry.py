@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import vitport
-from converters import UnsupportedArchitectureError, spec_from_timm_model
+from converters import FRAMEWORKS, UnsupportedArchitectureError, spec_from_timm_model
 from converters.architectures import (arch_spec, architectures, list_architectures, support_summary_markdown,
                                       table)
 from converters.generate_architectures import build_meta, describe, timm_names
@@ -64,7 +64,7 @@ def float32_parity(spec) -> dict[str, float]:
     same spec are the same timm module tree)."""
     model = _tiny_models[spec]
     worst = {}
-    for framework in ("haiku", "flax"):
+    for framework in FRAMEWORKS:
         jm = vitport.from_timm(model, framework)
         rows = compare(jm, model, np.random.default_rng(0).standard_normal((2, *spec.image_size, 3),
                                                                             dtype=np.float32))

@@ -1,7 +1,7 @@
-"""vitport: timm's Vision Transformers (ViT, DeiT, CaiT) in JAX, in Haiku and Flax.
+"""vitport: timm's Vision Transformers (ViT, DeiT, CaiT) in JAX: Haiku, Flax linen and Flax NNX.
 
-    jm = vitport.from_timm(timm_model, framework="haiku")   # a live timm model (needs torch)
-    jm = vitport.create_model("vit_base_patch16_224", framework="flax")   # random init, no torch
+    jm = vitport.from_timm(timm_model, framework="nnx")   # a live timm model (needs torch)
+    jm = vitport.create_model("vit_base_patch16_224", framework="flax", img_size=384)   # random init, no torch
     jm = vitport.load("cait_s24_224", framework="haiku")   # hub name, hf-hub: repo, folder or file
     vitport.convert("cait_s24_224", "cait-haiku", framework="haiku")   # a folder that loads without torch
     logits = jm(images_nhwc)
@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from converters import FRAMEWORKS, VitportError
 from converters.architectures import arch_spec, list_architectures, pretrained_tag_cfg
+from converters.specs import spec_with_timm_kwargs
 
 from .api import JaxModel, from_state_dict, init_params
+from .config import ModelConfig
 from .hub import convert, export_timm, load, save
 
 
@@ -24,16 +27,25 @@ def from_timm(model, framework: str = "flax") -> JaxModel:
     return _from_timm(model, framework)
 
 
-def create_model(name: str, framework: str = "flax", rng: Any = 0, **overrides: Any) -> JaxModel:
+# timm's training-time rates -> ModelConfig fields.
+TIMM_DROP_RATES = {"drop_rate": "head_dropout", "proj_drop_rate": "dropout", "pos_drop_rate": "emb_dropout",
+                   "attn_drop_rate": "attn_dropout", "drop_path_rate": "layer_dropout"}
+
+
+def create_model(name: str, framework: str = "flax", rng: Any = 0, **timm_kwargs: Any) -> JaxModel:
     """A randomly initialised model of a timm architecture (``arch`` or ``arch.tag``).
 
-    ``overrides`` replace spec fields (``num_classes=10``, ``image_size=384``, ...). Needs no
-    torch: specs come from vitport's table of timm architectures.
+    Takes ``timm.create_model``'s keyword names (``img_size``, ``embed_dim``, ``depth``,
+    ``num_heads``, ``num_classes``, ``global_pool``, ``reg_tokens``, ``drop_path_rate``, ...),
+    exactly as ``load(..., model_args=...)`` does; a keyword vitport does not know or
+    implement is an error that names it. Needs no torch.
     """
-    spec = arch_spec(name, **overrides)
-    cfg = pretrained_tag_cfg(name)
-    preprocessing = {k: v for k, v in cfg.items() if k != "hf_hub_id"}
-    return JaxModel(spec, framework, init_params(spec, framework, rng), preprocessing, name.partition(".")[0])
+    rates = {TIMM_DROP_RATES[k]: timm_kwargs.pop(k) for k in list(timm_kwargs) if k in TIMM_DROP_RATES}
+    spec = spec_with_timm_kwargs(arch_spec(name), timm_kwargs, where=f"create_model({name!r}, ...)")
+    cfg = ModelConfig(spec, **rates)
+    preprocessing = {k: v for k, v in pretrained_tag_cfg(name).items() if k != "hf_hub_id"}
+    return JaxModel(spec, framework, init_params(cfg, framework, rng), preprocessing, name.partition(".")[0],
+                    config=cfg)
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -41,6 +53,6 @@ def list_models(pattern: str = "*") -> list[str]:
     return list_architectures(pattern)
 
 
-__all__ = ["JaxModel", "convert", "create_model", "export_timm", "from_state_dict", "from_timm", "init_params",
+__all__ = ["FRAMEWORKS", "JaxModel", "ModelConfig", "VitportError", "convert", "create_model", "export_timm", "from_state_dict", "from_timm", "init_params",
            "list_models", "load", "save"]
 __version__ = "0.1.0"

@@ -5,55 +5,33 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
+from converters import (FRAMEWORKS, Spec, canonical_to_framework, canonical_to_timm, framework_to_canonical,
+                        timm_to_canonical)
 from converters.errors import InvalidArgumentError
-from converters import (FRAMEWORKS, CaiTSpec, Spec, canonical_to_framework, canonical_to_timm,
-                        framework_to_canonical, timm_to_canonical)
+from converters.frameworks import layout, pure_tree as _pure
 
-from . import flax as vflax
-from . import haiku as vhaiku
+from .config import ModelConfig
+from .frontends import FrontEnd, front_end
 
-Framework = Literal["haiku", "flax"]
-
-
-def check_framework(framework: str) -> Framework:
-    if framework not in FRAMEWORKS:
-        raise InvalidArgumentError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
-    return framework  # type: ignore[return-value]
+Framework = str  # one of converters.FRAMEWORKS
 
 
-def model_kwargs(spec: Spec) -> dict[str, Any]:
-    """A spec's fields are the JAX models' constructor arguments."""
-    return dataclasses.asdict(spec)
-
-
-def flax_module(spec: Spec, **extra: Any):
-    cls = vflax.CaiT if isinstance(spec, CaiTSpec) else vflax.ViT
-    return cls(**model_kwargs(spec), **extra)
-
-
-def haiku_transform(spec: Spec, **extra: Any) -> hk.Transformed:
-    cls = vhaiku.CaiT if isinstance(spec, CaiTSpec) else vhaiku.ViT
-
-    def forward(x, is_training: bool = False, return_intermediates: bool = False):
-        return cls(**model_kwargs(spec), **extra)(x, is_training=is_training,
-                                                   return_intermediates=return_intermediates)
-
-    return hk.transform(forward)
+def check_framework(framework: str) -> str:
+    layout(framework)  # raises InvalidArgumentError naming the choices
+    return framework
 
 
 def to_jax_array(a: Any) -> jax.Array:
     a = np.asarray(a)
     if a.dtype == np.float64 and not jax.config.jax_enable_x64:
         raise InvalidArgumentError("the weights are float64 but jax_enable_x64 is off; call "
-                         "jax.config.update('jax_enable_x64', True) first, or convert a float32 model")
+                                   "jax.config.update('jax_enable_x64', True) first, or convert a float32 model")
     return jnp.asarray(a)
 
 
@@ -62,8 +40,8 @@ class JaxModel:
     """A timm architecture in one JAX framework, with its params and preprocessing.
 
     ``jm(images_nhwc)`` runs the jitted model in evaluation mode and returns logits.
-    ``params`` is the framework's own tree (Flax ``{'params': ...}`` or Haiku's flat
-    module dict); ``apply_fn(params, images, ...)`` is the matching pure function.
+    ``params`` is the framework's own tree (see ``vitport.frontends``); ``apply_fn`` the
+    matching pure function; ``module`` the framework's own model object.
     """
 
     spec: Spec
@@ -71,33 +49,59 @@ class JaxModel:
     params: Any
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
     architecture: str | None = None
+    config: ModelConfig | None = None  # dropout rates and dtypes; default: the spec, no dropout
 
     def __post_init__(self):
         check_framework(self.framework)
+        self.params = _pure(self.params)
+        if self.config is None:
+            self.config = ModelConfig(self.spec)
+        elif self.config.spec != self.spec:
+            raise InvalidArgumentError("config.spec differs from spec")
+
+    @property
+    def front_end(self) -> FrontEnd:
+        return front_end(self.framework)
 
     @functools.cached_property
     def apply_fn(self):
-        """``apply_fn(params, x, return_intermediates=False)`` in evaluation mode (jitted)."""
-        if self.framework == "flax":
-            module = flax_module(self.spec)
+        """``apply_fn(params, x, *, train=False, rng=None, return_intermediates=False)``, jitted.
 
-            def apply(params, x, return_intermediates=False):
-                return module.apply(params, x, return_intermediates=return_intermediates)
-        else:
-            transformed = hk.without_apply_rng(haiku_transform(self.spec))
+        ``train=True`` runs dropout and stochastic depth from ``rng``; with every rate at zero
+        it is the same function as evaluation.
+        """
+        return jax.jit(self.front_end.apply(self.config), static_argnames=("train", "return_intermediates"))
 
-            def apply(params, x, return_intermediates=False):
-                return transformed.apply(params, x, return_intermediates=return_intermediates)
-        return jax.jit(apply, static_argnames="return_intermediates")
+    @property
+    def module(self) -> Any:
+        """The framework's own model: Haiku's transformed pair, the linen module, or the NNX
+        module holding these weights."""
+        return self.front_end.module(self.config, self.params)
+
+    def with_params(self, tree: Any) -> "JaxModel":
+        """The same model with another tree shaped like ``params`` (new weights, gradients,
+        optimizer moments): ``jm.with_params(grads).to_timm_state_dict()`` names them with
+        timm's keys."""
+        tree = _pure(tree)
+        if jax.tree.structure(tree) != jax.tree.structure(self.params):
+            framework_to_canonical(tree, self.spec, self.framework)  # names what differs
+            raise InvalidArgumentError("the tree is not shaped like this model's params")
+        return dataclasses.replace(self, params=tree)
 
     @property
     def dtype(self):
         return jax.tree.leaves(self.params)[0].dtype
 
     def __call__(self, images: Any, return_intermediates: bool = False) -> Any:
-        x = jnp.asarray(images, dtype=self.dtype)
-        if x.ndim != 4 or x.shape[-1] != self.spec.channels:
-            raise InvalidArgumentError(f"expected NHWC images with {self.spec.channels} channels, got shape {tuple(x.shape)}")
+        arr = images if isinstance(images, jax.Array) else np.asarray(images)
+        if arr.dtype.kind not in "fc" and arr.dtype.name != "bfloat16":
+            raise InvalidArgumentError(
+                f"images are {arr.dtype} pixels; the model takes normalised float NHWC arrays. Use "
+                "jm.preprocess(...) (timm's evaluation transform) or scale and normalise them yourself")
+        if arr.ndim != 4 or arr.shape[-1] != self.spec.channels:
+            raise InvalidArgumentError(f"expected NHWC images with {self.spec.channels} channels, "
+                                       f"got shape {tuple(arr.shape)}")
+        x = jnp.asarray(arr, dtype=self.dtype)
         return self.apply_fn(self.params, x, return_intermediates=return_intermediates)
 
     def num_params(self) -> int:
@@ -111,7 +115,7 @@ class JaxModel:
         return canonical_to_timm({k: np.asarray(v) for k, v in self.canonical().items()}, self.spec)
 
     def to(self, framework: Framework) -> "JaxModel":
-        """The same weights in the other framework."""
+        """The same weights in another framework."""
         params = canonical_to_framework(self.canonical(), self.spec, check_framework(framework))
         return dataclasses.replace(self, framework=framework, params=params)
 
@@ -125,10 +129,11 @@ def from_state_dict(state_dict: Mapping[str, Any], spec: Spec, framework: Framew
     return JaxModel(spec, framework, params, **meta)
 
 
-def init_params(spec: Spec, framework: Framework, rng: int | jax.Array = 0) -> Any:
-    """Random (timm-style) init of a spec's params in one framework."""
+def init_params(spec_or_config: Spec | ModelConfig, framework: Framework, rng: int | jax.Array = 0) -> Any:
+    """Random (timm-style) init of a model's params in one framework."""
+    cfg = spec_or_config if isinstance(spec_or_config, ModelConfig) else ModelConfig(spec_or_config)
     key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
-    x = jnp.zeros((1, *spec.image_size, spec.channels), jnp.float32)
-    if check_framework(framework) == "flax":
-        return jax.jit(flax_module(spec).init)(key, x)
-    return jax.jit(haiku_transform(spec).init)(key, x)
+    return _pure(front_end(check_framework(framework)).init(cfg, key))
+
+
+__all__ = ["FRAMEWORKS", "JaxModel", "from_state_dict", "init_params"]

@@ -1,4 +1,4 @@
-"""vitport: convert timm checkpoints to Haiku / Flax, verify parity, export back to timm.
+"""vitport: convert timm checkpoints to Haiku / Flax linen / Flax NNX, verify parity, export back to timm.
 
 A SOURCE is a timm name (cait_s24_224, vit_base_patch16_224.augreg2_in21k_ft_in1k:
 downloaded from the hub), an hf-hub: repo id, a local folder in the hub layout
@@ -19,11 +19,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from converters.errors import InvalidArgumentError, VitportError
+from converters.frameworks import FRAMEWORKS
 
 console = Console()
 err_console = Console(stderr=True)
-
-TOLERANCES = {"float64": 1e-10, "float32": 1e-4}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -150,12 +149,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     jax.config.update("jax_enable_x64", True)
     dtypes = ["float64", "float32"] if args.dtype == "both" else [args.dtype]
-    frameworks = ["haiku", "flax"] if args.framework == "both" else [args.framework]
+    frameworks = list(FRAMEWORKS) if args.framework == "all" else [args.framework]
     if args.checkpoint or args.pretrained:
         return _verify_checkpoint(args, frameworks, dtypes)
     if args.arch or args.model_args or args.revision:
         raise InvalidArgumentError("--arch, --model-args and --revision go with --checkpoint")
-    from .parity import verify_architecture
+    from .parity import TOLERANCES, verify_architecture
 
     all_ok = True
     for result in verify_architecture(args.name, frameworks, dtypes, batch=args.batch, seed=args.seed,
@@ -168,55 +167,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if all_ok else 1
 
 
-def _to_torch(a):
-    import numpy as np
-    import torch
-
-    a = np.ascontiguousarray(a)
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
-
-def timm_model_for(r, tree, model_args: dict[str, Any] | None = None):
-    """timm's own model for a resolved source, loading the checkpoint timm's own way.
-
-    vitport's reading of the file is what is under test, so timm reads it independently:
-    ``hf-hub:`` / ``local-dir:`` for hub layouts, ``pretrained_cfg_overlay=dict(file=...)``
-    for single files. A vitport folder has no timm file; its weights are loaded from the
-    exported timm state_dict.
-    """
-    import timm
-
-    from converters import canonical_to_timm
-
-    from .hub import model_args_for_timm
-
-    kwargs = dict(model_args or {})
-    if r.kind == "vitport":
-        model = timm.create_model(r.architecture, pretrained=False, **model_args_for_timm(r.spec, r.architecture))
-        model.load_state_dict({k: _to_torch(v) for k, v in canonical_to_timm(tree, r.spec).items()})
-    elif r.kind == "hub" and r.source.startswith("hf-hub:"):  # timm reads the repo's config.json itself
-        model = timm.create_model(r.source, pretrained=True, **kwargs)
-    elif r.kind == "hub":  # a timm name: timm downloads (or finds in the cache) the tag's weights itself
-        # vitport already checked that the weights have spec.num_classes classes; say so, or timm
-        # would drop a head whose size differs from its default tag's.
-        overlay = dict(num_classes=r.spec.num_classes)
-        model = timm.create_model(r.source, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    elif r.kind == "hub-dir" and (r.weights.parent / "config.json").is_file():
-        model = timm.create_model(f"local-dir:{r.weights.parent}", pretrained=True, **kwargs)
-    else:
-        overlay = dict(file=str(r.weights), num_classes=r.spec.num_classes)
-        model = timm.create_model(r.architecture, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    return model.eval()
-
-
 def _verify_checkpoint(args: argparse.Namespace, frameworks, dtypes) -> int:
     import numpy as np
     import torch
 
     from .hub import _looks_like_path, model_from_canonical, read_canonical, resolve
-    from .parity import LayerDiff, compare, random_images
+    from .parity import TOLERANCES, compare, compare_weights, random_images, timm_model_for
 
     source = args.pretrained or args.checkpoint
     if args.pretrained and args.checkpoint:
@@ -233,18 +189,12 @@ def _verify_checkpoint(args: argparse.Namespace, frameworks, dtypes) -> int:
     all_ok = True
     for dtype in dtypes:
         model = timm_model.to(getattr(torch, dtype)).eval()
-        theirs = model.state_dict()
         for framework in frameworks:
             with console.status(f"converting to {framework} and comparing ({dtype})"):
                 jm = model_from_canonical(tree, r, framework, dtype=dtype)
-                ours = jm.to_timm_state_dict()
                 # Weights first: did timm and vitport read the same numbers from the file?
-                missing = sorted(set(theirs) ^ set(ours))
-                worst = max((float(np.max(np.abs(ours[k].astype(np.float64) - theirs[k].double().numpy())))
-                             for k in ours if k in theirs), default=0.0)
-                n_values = sum(int(np.prod(v.shape)) for v in ours.values())
-                rows = [LayerDiff(f"weights ({len(ours)} tensors, {n_values:,} values)", (),
-                                  float("inf") if missing else worst, float("inf") if missing else worst, 1.0)]
+                weights, missing = compare_weights(jm, model)
+                rows = [weights]
                 images = random_images(jm.spec, args.batch, args.seed, dtype=np.dtype(dtype))
                 rows += compare(jm, model, images)
             tol = TOLERANCES[dtype]
@@ -356,13 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("convert", help="convert a checkpoint to a Haiku or Flax folder",
+    c = sub.add_parser("convert", help="convert a checkpoint to a Haiku, Flax linen or Flax NNX folder",
                        description="Convert a timm checkpoint into a folder with model.safetensors (JAX params, "
                                    "flat keys) and config.json (spec and preprocessing) that vitport.load() "
                                    "reads without torch. An existing --out is refused unless --force; a failed "
                                    "or interrupted conversion leaves nothing behind.")
     _add_source_args(c)
-    c.add_argument("--framework", choices=["haiku", "flax"], default="flax", help="default: %(default)s")
+    c.add_argument("--framework", choices=FRAMEWORKS, default="flax", help="default: %(default)s")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--img-size", metavar="N|HxW", help="input resolution; pos_embed is resampled as timm does")
     c.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
@@ -372,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="prove numeric parity with timm, layer by layer",
                        description="Without --checkpoint: build the timm model NAME with bug-sensitive random "
-                                   "weights (offline), convert it to Haiku and Flax, and print per-layer max abs "
+                                   "weights (offline), convert it to every front-end (Haiku, Flax linen, Flax NNX), and print per-layer max abs "
                                    "/ max rel differences. With --checkpoint SOURCE or --pretrained NAME: timm "
                                    "loads the real weights its own way, vitport loads them its own way, and the "
                                    "weights and every layer are compared. Exits 1 if anything is over "
@@ -384,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--arch", help="timm architecture of a bare weights file given to --checkpoint")
     v.add_argument("--model-args", metavar="JSON", help="timm create_model kwargs as JSON")
     v.add_argument("--revision", help="hub revision")
-    v.add_argument("--framework", choices=["haiku", "flax", "both"], default="both")
+    v.add_argument("--framework", choices=[*FRAMEWORKS, "all"], default="all")
     v.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
     v.add_argument("--batch", type=int, default=2)
     v.add_argument("--seed", type=int, default=0, help="seed of the weights and the images")

@@ -404,7 +404,7 @@ def vitport_config(jm: JaxModel, source: str | None = None) -> dict[str, Any]:
 def save(jm: JaxModel, out: str | os.PathLike, *, force: bool = False, source: str | None = None,
          progress: ProgressFn | None = None) -> Path:
     """Write a converted folder (``model.safetensors`` + ``config.json``), all or nothing."""
-    tensors = {k: np.asarray(v) for k, v in flat_keys(jm.params).items()}
+    tensors = {k: np.asarray(v) for k, v in flat_keys(jm.params, jm.framework).items()}
     with atomic_dir(out, force) as tmp:
         if progress:
             progress(f"writing {Path(out).name}", 0, 0)

@@ -1,7 +1,7 @@
-"""Parameter-free jnp maths shared by the Haiku and Flax front-ends.
+"""Parameter-free jnp maths of the shared forward passes (``vitport.structure``).
 
 Everything here follows timm's definitions exactly (attention scale, activations, pos-embed
-resampling); the two front-ends only own parameters and module names.
+resampling); the front-ends only own parameters and module names.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
 
-POOL_ALIASES = {"cls": "token", "token": "token", "mean": "avg", "avg": "avg", "map": "map",
-                "": "", None: ""}
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -29,14 +27,6 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
         return ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}") from None
-
-
-def canonical_pool(pool: str | None) -> str:
-    """The seed's ``'cls'``/``'mean'`` and timm's ``'token'``/``'avg'`` name the same pools."""
-    try:
-        return POOL_ALIASES[pool]
-    except KeyError:
-        raise ValueError(f"pool must be one of 'cls'/'token', 'mean'/'avg', 'map' or '', got {pool!r}") from None
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
@@ -78,7 +68,7 @@ def resample_pos_embed(pos_embed: jax.Array, new_grid: tuple[int, int], old_grid
     """timm's ``resample_abs_pos_embed``: bicubic, antialiased, computed in float32.
 
     ``jax.image.resize(..., "cubic", antialias=True)`` matches torch's
-    ``F.interpolate(mode="bicubic", antialias=True)`` up and down (DESIGN.md §5).
+    ``F.interpolate(mode="bicubic", antialias=True)`` up and down (docs/design.md, numerics).
     """
     if tuple(new_grid) == tuple(old_grid):
         return pos_embed
@@ -115,9 +105,3 @@ def pool_tokens(x: jax.Array, pool: str, num_prefix_tokens: int, include_prefix:
         return (x if include_prefix else x[:, num_prefix_tokens:]).mean(axis=1)
     return x
 
-
-def drop_path_rates(rate: float, depth: int) -> list[float]:
-    """timm's linear stochastic-depth decay rule for ViT."""
-    if depth <= 1:
-        return [0.0] * depth
-    return [rate * i / (depth - 1) for i in range(depth)]

@@ -1,12 +1,15 @@
 """Layer-by-layer numeric parity between a timm model and its JAX port (needs torch + timm).
 
-Two pieces, used by the tests and by ``vitport verify``:
+The pieces, used by the tests and by ``vitport verify``:
 
 - ``perturb_weights``: re-initialise a timm model so that every path matters. timm's own init
   hides bugs (CaiT's LayerScale of 1e-5 makes every block nearly the identity, so swapped
-  ``proj_l``/``proj_w`` or gammas change logits by < 2e-5); DESIGN.md §5 gives the scheme.
+  ``proj_l``/``proj_w`` or gammas change logits by < 2e-5); docs/design.md (numerics) gives the scheme.
 - ``compare``: run both sides on the same images and report, for every timm-named
-  activation both expose, the max absolute and max relative difference.
+  activation both expose, the max absolute and max relative difference;
+- ``compare_weights``: do timm and vitport hold the same numbers (a checkpoint read twice);
+- ``timm_model_for``: timm's own loading of a checkpoint vitport resolved;
+- ``TOLERANCES``: what each dtype must meet.
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from converters import FRAMEWORKS
+
 from .api import JaxModel
+
+# Per-dtype tolerance, relative to max(1, max|reference|) of each compared tensor.
+TOLERANCES = {"float64": 1e-10, "float32": 1e-4}
 
 GAMMA_NAMES = ("gamma", "gamma_1", "gamma_2")
 
@@ -152,7 +160,7 @@ def build_timm_model(name: str, dtype: str = "float32", seed: int = 0, **kwargs:
     return perturb_weights(model, seed).to(getattr(torch, dtype)).eval()
 
 
-def verify_architecture(name: str, frameworks=("haiku", "flax"), dtypes=("float64", "float32"), *,
+def verify_architecture(name: str, frameworks=FRAMEWORKS, dtypes=("float64", "float32"), *,
                         batch: int = 2, seed: int = 0, status=None, timm_model=None):
     """Yield a VerifyResult per (dtype, framework): timm vs the converted JAX model.
 
@@ -178,3 +186,58 @@ def verify_architecture(name: str, frameworks=("haiku", "flax"), dtypes=("float6
                 images = random_images(jm.spec, batch, seed, dtype=np.dtype(dtype))
                 rows = compare(jm, model, images)
             yield VerifyResult(name, framework, dtype, rows)
+
+
+def compare_weights(jm: JaxModel, timm_model) -> tuple[LayerDiff, list[str]]:
+    """The largest difference between vitport's and timm's tensors, as a parity row, and the
+    keys only one side has (those make the row infinite)."""
+    ours, theirs = jm.to_timm_state_dict(), timm_model.state_dict()
+    only_one = sorted(set(theirs) ^ set(ours))
+    worst = max((float(np.max(np.abs(ours[k].astype(np.float64) - theirs[k].double().numpy())))
+                 for k in ours if k in theirs), default=0.0)
+    n_values = sum(int(np.prod(v.shape)) for v in ours.values())
+    worst = float("inf") if only_one else worst
+    return LayerDiff(f"weights ({len(ours)} tensors, {n_values:,} values)", (), worst, worst, 1.0), only_one
+
+
+def _to_torch(a):
+    import numpy as np
+    import torch
+
+    a = np.ascontiguousarray(a)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def timm_model_for(r, tree, model_args: dict[str, Any] | None = None):
+    """timm's own model for a resolved source, loading the checkpoint timm's own way.
+
+    vitport's reading of the file is what is under test, so timm reads it independently:
+    ``hf-hub:`` / ``local-dir:`` for hub layouts, ``pretrained_cfg_overlay=dict(file=...)``
+    for single files. A vitport folder has no timm file; its weights are loaded from the
+    exported timm state_dict.
+    """
+    import timm
+
+    from converters import canonical_to_timm
+
+    from .hub import model_args_for_timm
+
+    kwargs = dict(model_args or {})
+    if r.kind == "vitport":
+        model = timm.create_model(r.architecture, pretrained=False, **model_args_for_timm(r.spec, r.architecture))
+        model.load_state_dict({k: _to_torch(v) for k, v in canonical_to_timm(tree, r.spec).items()})
+    elif r.kind == "hub" and r.source.startswith("hf-hub:"):  # timm reads the repo's config.json itself
+        model = timm.create_model(r.source, pretrained=True, **kwargs)
+    elif r.kind == "hub":  # a timm name: timm downloads (or finds in the cache) the tag's weights itself
+        # vitport already checked that the weights have spec.num_classes classes; say so, or timm
+        # would drop a head whose size differs from its default tag's.
+        overlay = dict(num_classes=r.spec.num_classes)
+        model = timm.create_model(r.source, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    elif r.kind == "hub-dir" and (r.weights.parent / "config.json").is_file():
+        model = timm.create_model(f"local-dir:{r.weights.parent}", pretrained=True, **kwargs)
+    else:
+        overlay = dict(file=str(r.weights), num_classes=r.spec.num_classes)
+        model = timm.create_model(r.architecture, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    return model.eval()

@@ -1,6 +1,5 @@
 """Flax linen front-end: ``ViT`` and ``CaiT`` (``train`` is a call argument)."""
 
-from .cait import CaiT
-from .vit import ViT
+from .models import CaiT, ViT
 
 __all__ = ["CaiT", "ViT"]

@@ -1,6 +1,5 @@
 """Haiku front-end: ``ViT`` and ``CaiT`` (``is_training`` is a call argument)."""
 
-from .cait import CaiT
-from .vit import ViT
+from .models import CaiT, ViT
 
 __all__ = ["CaiT", "ViT"]

@@ -1,0 +1,120 @@
+"""timm's VisionTransformer (ViT, DeiT, distilled DeiT) and CaiT as Flax linen modules."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+
+from ..config import ModelConfig, config_from_kwargs, config_kwargs
+from .layers import run_root
+
+Dtype = Any
+
+
+class _Root(nn.Module):
+    """Shared by ``ViT`` and ``CaiT``: the module's fields are the constructor keywords of
+    ``vitport.config``; ``config`` resolves them into the one description every layer reads."""
+
+    family = ""
+
+    @property
+    def config(self) -> ModelConfig:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("parent", "name")}
+        return config_from_kwargs(self.family, fields)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, **kwargs: Any):
+        return cls(**config_kwargs(cfg), **kwargs)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, return_intermediates: bool = False) -> Any:
+        """NHWC images -> logits (B, num_classes), or pooled features when ``num_classes=0``.
+
+        ``train`` runs dropout and stochastic depth, drawing from the 'dropout' rng; with
+        ``return_intermediates`` returns ``(output, {timm module name: activation})``.
+        """
+        return run_root(self, self.config, x, train, return_intermediates)
+
+
+class ViT(_Root):
+    """Vision Transformer, numerically identical to timm's ``VisionTransformer``.
+
+    Keeps the seed signature ``ViT(image_size, patch_size, num_classes, dim, depth, heads,
+    mlp_dim, dropout, emb_dropout)`` and adds timm's options under timm's meaning (see
+    ``converters.specs.ViTSpec`` and ``vitport.config.ModelConfig``). ``pool`` takes 'cls' /
+    'token', 'mean' / 'avg', 'map' or ''; ``fc_norm=None`` means "when pooling by average",
+    ``patch_bias=None`` means "unless pre_norm". A distilled model in training returns
+    ``(logits, logits_dist)`` as timm does.
+    """
+
+    family = "vit"
+    image_size: int | Sequence[int] = 224
+    patch_size: int = 16
+    num_classes: int = 1000
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    dropout: float = 0.0
+    emb_dropout: float = 0.0
+    channels: int = 3
+    pool: str = "cls"
+    layer_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    head_dropout: float = 0.0
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    proj_bias: bool = True
+    init_values: float | None = None
+    class_token: bool = True
+    reg_tokens: int = 0
+    distilled: bool = False
+    no_embed_class: bool = False
+    pre_norm: bool = False
+    final_norm: bool = True
+    fc_norm: bool | None = None
+    pool_include_prefix: bool = False
+    patch_bias: bool | None = None
+    activation: str = "gelu"
+    norm_eps: float = 1e-6
+    dynamic_img_size: bool = False
+    dtype: Dtype = None
+    param_dtype: Dtype = "float32"
+
+
+class CaiT(_Root):
+    """CaiT, numerically identical to timm's ``Cait``.
+
+    Keeps the seed signature ``CaiT(image_size, patch_size, num_classes, dim, depth,
+    cls_depth, heads, mlp_dim, dropout, emb_dropout, layer_dropout)``. ``layer_dropout`` is
+    timm's stochastic depth (the same rate in every self-attention block); ``init_values`` is
+    the LayerScale init; ``cls_mlp_dim`` (default ``mlp_dim``) the class-attention MLP width.
+    """
+
+    family = "cait"
+    image_size: int | Sequence[int] = 224
+    patch_size: int = 16
+    num_classes: int = 1000
+    dim: int = 384
+    depth: int = 24
+    cls_depth: int = 2
+    heads: int = 8
+    mlp_dim: int = 1536
+    dropout: float = 0.0
+    emb_dropout: float = 0.0
+    layer_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    head_dropout: float = 0.0
+    channels: int = 3
+    cls_mlp_dim: int | None = None
+    pool: str = "cls"
+    qkv_bias: bool = True
+    init_values: float = 1e-5
+    activation: str = "gelu"
+    norm_eps: float = 1e-6
+    dtype: Dtype = None
+    param_dtype: Dtype = "float32"

@@ -1,0 +1,172 @@
+"""The registry of front-ends: one entry per JAX framework.
+
+Each entry knows how to build, initialise and apply a model from a ``ModelConfig``
+(evaluation and training), and which layout rule (``converters.frameworks.LAYOUTS``) says
+where each canonical tensor lives in its params. The API, CLI, parity code, tests and
+benchmark iterate over ``FRONT_ENDS``; a fourth framework is one entry here, one layout rule
+and one package of primitives.
+
+==========  ======================  ===================================  ==================================
+framework   modules                 training mode                        params (``JaxModel.params``)
+==========  ======================  ===================================  ==================================
+``haiku``   ``vitport.haiku.ViT``   ``apply(..., is_training=True)``     ``{"vit/blocks_0/attn/qkv": {"w"}}``
+``flax``    ``vitport.flax.ViT``    ``apply(..., train=True)``           ``{"params": {"blocks_0": ...}}``
+``nnx``     ``vitport.nnx.ViT``     ``model.train()`` / ``model.eval()``  ``{"blocks": {0: {...}}}`` (pure)
+==========  ======================  ===================================  ==================================
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from converters.frameworks import FRAMEWORKS, layout
+
+from . import flax as vflax
+from . import haiku as vhaiku
+from . import nnx as vnnx
+from .config import ModelConfig
+
+# apply(params, images, *, train=False, rng=None, return_intermediates=False)
+ApplyFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class FrontEnd:
+    """How one framework builds, initialises and runs a model.
+
+    ``module(cfg, params)`` is the framework's own model object (Haiku's transformed pair,
+    the linen module, or the NNX module holding ``params``).
+    """
+
+    name: str
+    package: Any
+    training: str
+    init: Callable[[ModelConfig, jax.Array], Any]
+    apply: Callable[[ModelConfig], ApplyFn]
+    module: Callable[[ModelConfig, Any], Any]
+
+    def model_class(self, cfg: ModelConfig) -> type:
+        return {"vit": self.package.ViT, "cait": self.package.CaiT}[cfg.family]
+
+    @property
+    def layout(self):
+        return layout(self.name)
+
+
+def _example(cfg: ModelConfig) -> jax.Array:
+    return jnp.zeros((1, *cfg.spec.image_size, cfg.spec.channels), jnp.dtype(cfg.param_dtype))
+
+
+# ------------------------------------------------------------------------------ Haiku
+
+
+@functools.lru_cache(maxsize=64)
+def _haiku_transformed(cfg: ModelConfig) -> hk.Transformed:
+    cls = vhaiku.ViT if cfg.family == "vit" else vhaiku.CaiT
+
+    def forward(x, is_training: bool = False, return_intermediates: bool = False):
+        return cls.from_config(cfg)(x, is_training=is_training, return_intermediates=return_intermediates)
+
+    return hk.transform(forward)
+
+
+def _haiku_apply(cfg: ModelConfig) -> ApplyFn:
+    transformed = _haiku_transformed(cfg)
+
+    def apply(params, x, *, train=False, rng=None, return_intermediates=False):
+        return transformed.apply(params, rng, x, is_training=train, return_intermediates=return_intermediates)
+
+    return apply
+
+
+HAIKU = FrontEnd("haiku", vhaiku, "is_training=True in apply",
+                 init=lambda cfg, key: jax.jit(_haiku_transformed(cfg).init)(key, _example(cfg)),
+                 apply=_haiku_apply, module=lambda cfg, params: _haiku_transformed(cfg))
+
+
+# ------------------------------------------------------------------------------- linen
+
+
+def _linen_module(cfg: ModelConfig):
+    return (vflax.ViT if cfg.family == "vit" else vflax.CaiT).from_config(cfg)
+
+
+def _linen_apply(cfg: ModelConfig) -> ApplyFn:
+    module = _linen_module(cfg)
+
+    def apply(params, x, *, train=False, rng=None, return_intermediates=False):
+        return module.apply(params, x, train=train, return_intermediates=return_intermediates,
+                            rngs={} if rng is None else {"dropout": rng})
+
+    return apply
+
+
+FLAX = FrontEnd("flax", vflax, "train=True in apply",
+                init=lambda cfg, key: jax.jit(_linen_module(cfg).init)(key, _example(cfg)),
+                apply=_linen_apply, module=lambda cfg, params: _linen_module(cfg))
+
+
+# --------------------------------------------------------------------------------- NNX
+
+
+def _nnx_build(cfg: ModelConfig, key: jax.Array):
+    return (vnnx.ViT if cfg.family == "vit" else vnnx.CaiT).from_config(cfg, rngs=nnx.Rngs(key))
+
+
+def _concrete(state: Any) -> Any:
+    """Concrete placeholders for the rng state of an abstract model (keys are overridden by
+    the ``rng`` given to apply; only models with dropout have any)."""
+    def leaf(s):
+        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
+            return jax.random.key(0)
+        return jnp.zeros(s.shape, s.dtype)
+
+    return jax.tree.map(leaf, state)
+
+
+@functools.lru_cache(maxsize=64)
+def _nnx_graph(cfg: ModelConfig):
+    """The model's graph and non-param state, built abstractly: no weights are initialised."""
+    abstract = nnx.eval_shape(lambda: _nnx_build(cfg, jax.random.key(0)))
+    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+    return graphdef, _concrete(rest)
+
+
+def nnx_module(cfg: ModelConfig, params: Any) -> nnx.Module:
+    """An NNX model holding ``params``, without initialising one at random first."""
+    graphdef, rest = _nnx_graph(cfg)
+    return nnx.merge(graphdef, params, rest)
+
+
+def _nnx_init(cfg: ModelConfig, key: jax.Array) -> Any:
+    return jax.jit(lambda k: nnx.to_pure_dict(nnx.state(_nnx_build(cfg, k), nnx.Param)))(key)
+
+
+def _nnx_apply(cfg: ModelConfig) -> ApplyFn:
+    def apply(params, x, *, train=False, rng=None, return_intermediates=False):
+        model = nnx_module(cfg, params)
+        if train:
+            model.train()
+        rngs = None if rng is None else nnx.Rngs(dropout=rng)
+        return model(x, rngs=rngs, return_intermediates=return_intermediates)
+
+    return apply
+
+
+NNX = FrontEnd("nnx", vnnx, "model.train() / model.eval()", init=_nnx_init, apply=_nnx_apply, module=nnx_module)
+
+
+FRONT_ENDS: dict[str, FrontEnd] = {fe.name: fe for fe in (HAIKU, FLAX, NNX)}
+assert tuple(FRONT_ENDS) == FRAMEWORKS, "every layout rule needs a front-end, and vice versa"
+
+
+def front_end(framework: str) -> FrontEnd:
+    layout(framework)  # the one error message for an unknown framework
+    return FRONT_ENDS[framework]

@@ -1,0 +1,106 @@
+"""Flax NNX primitives and the generic composite module (see ``vitport.structure``).
+
+Attributes are named after timm's modules; lists are ``nnx.List`` so paths read
+``blocks/3/attn/qkv/kernel``, the layout rule ``converters.frameworks.LAYOUTS["nnx"]``.
+Dropout and stochastic depth are off until ``model.train()`` and draw from the ``dropout``
+rng stream (the one given at construction, or ``rngs=`` at call time).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .. import ops, structure
+from ..config import ModelConfig
+
+
+def _stream(rngs: nnx.Rngs | None, rate: float):
+    """Layers that never drop keep no rng state (converted models carry none)."""
+    return rngs if rate > 0.0 else None
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth (timm ``DropPath``): per sample, rescaled, only when not deterministic."""
+
+    def __init__(self, rate: float, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+        self.rate, self.deterministic = rate, deterministic
+        self.rngs = rngs["dropout"].fork() if rngs is not None else nnx.data(None)
+
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        if self.deterministic or self.rate == 0.0:
+            return x
+        stream = rngs["dropout"] if rngs is not None else self.rngs
+        if stream is None:
+            raise ValueError("DropPath in training mode needs rngs: build the model with rngs=nnx.Rngs(...) "
+                             "or pass rngs= when calling it")
+        return ops.drop_path(x, self.rate, stream())
+
+
+def _build(decl: Any, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    kw = dict(dtype=cfg.dtype, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    if isinstance(decl, structure.Linear):
+        return nnx.Linear(decl.in_features, decl.out_features, use_bias=decl.bias,
+                          kernel_init=structure.WEIGHT_INIT, **kw)
+    if isinstance(decl, structure.Norm):
+        # Two-pass variance like torch; the fast variance loses digits in float32.
+        return nnx.LayerNorm(decl.features, epsilon=decl.eps, use_fast_variance=False, **kw)
+    if isinstance(decl, structure.PatchConv):
+        p = decl.patch_size
+        return nnx.Conv(decl.in_channels, decl.out_channels, (p, p), strides=(p, p), padding="VALID",
+                        use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT, **kw)
+    if isinstance(decl, structure.Dropout):
+        return nnx.Dropout(decl.rate, deterministic=True, rngs=_stream(rngs, decl.rate))
+    if isinstance(decl, structure.DropPath):
+        return DropPath(decl.rate, rngs=_stream(rngs, decl.rate))
+    if isinstance(decl, structure.Node):
+        return Node(decl, rngs=rngs)
+    raise TypeError(f"no NNX layer for {decl!r}")
+
+
+class Layers:
+    """``structure.Layers`` over an NNX module's attributes; ``rngs`` given at call time go to
+    every layer that draws randomness."""
+
+    def __init__(self, module: "Node", rngs: nnx.Rngs | None):
+        self.module, self.rngs = module, rngs
+
+    def __call__(self, name: str) -> Callable:
+        attr, _, index = name.partition(".")
+        layer = getattr(self.module, attr)
+        if index:
+            layer = layer[int(index)]
+        if isinstance(layer, (nnx.Dropout, DropPath, Node)):
+            return functools.partial(layer, rngs=self.rngs)
+        return layer
+
+    def param(self, name: str) -> jax.Array:
+        return getattr(self.module, name)[...]
+
+
+class Node(nnx.Module):
+    """A composite timm module (``node.kind``): its children and wiring come from ``structure``."""
+
+    def __init__(self, node: structure.Node, *, rngs: nnx.Rngs):
+        self.node = node
+        lists: dict[str, list] = {}
+        for name, decl in node.children().items():
+            if isinstance(decl, structure.Param):
+                init = structure.initializer(decl)
+                setattr(self, name, nnx.Param(init(rngs.params(), decl.shape, jnp.dtype(node.cfg.param_dtype))))
+                continue
+            layer = _build(decl, node.cfg, rngs)
+            attr, _, index = name.partition(".")
+            if index:
+                lists.setdefault(attr, []).append(layer)
+            else:
+                setattr(self, attr, layer)
+        for attr, layers in lists.items():
+            setattr(self, attr, nnx.List(layers))
+
+    def __call__(self, *inputs: jax.Array, rngs: nnx.Rngs | None = None) -> Any:
+        return structure.FORWARD[self.node.kind](Layers(self, rngs), self.node.cfg, *inputs)

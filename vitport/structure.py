@@ -1,0 +1,397 @@
+"""The model, written once: which submodules each timm module has, and how they are wired.
+
+A front-end (Haiku, Flax linen, Flax NNX) supplies only primitives (Linear, LayerNorm, the
+patch conv, a free parameter, dropout, stochastic depth) and one generic composite module.
+Everything else is here, framework-free:
+
+- ``children(kind, cfg, ...)`` declares a timm module's submodules and parameters, under
+  timm's names and in timm's order (``{"norm1": Norm(...), "attn": Node("Attention"), ...}``);
+- ``FORWARD[kind](m, cfg, *inputs)`` wires them. ``m`` is a front-end's ``Layers`` view of
+  the module: ``m("norm1")`` is the callable submodule, ``m.param("cls_token")`` the array.
+
+So a timm option is a spec field, a key-table entry, and a branch here; a front-end learns
+about it only if it needs a new primitive. ``docs/design.md`` has the checklist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from converters.errors import InvalidArgumentError
+from converters.specs import CaiTSpec, Spec, ViTSpec
+
+from . import ops
+from .config import ModelConfig
+
+# ------------------------------------------------------------------------ declarations
+
+
+@dataclass(frozen=True)
+class Linear:
+    in_features: int
+    out_features: int
+    bias: bool = True
+
+
+@dataclass(frozen=True)
+class PatchConv:
+    """Non-overlapping patchify convolution (timm ``PatchEmbed.proj``)."""
+
+    in_channels: int
+    out_channels: int
+    patch_size: int
+    bias: bool = True
+
+
+@dataclass(frozen=True)
+class Norm:
+    """Affine LayerNorm with the model's own eps (two-pass variance, as torch computes it)."""
+
+    features: int
+    eps: float
+
+
+@dataclass(frozen=True)
+class Param:
+    """A free tensor. ``init``: 'trunc_normal' (std 0.02), 'small_normal' (std 1e-6, timm's
+    cls/reg tokens) or 'constant' (``value``: LayerScale)."""
+
+    shape: tuple[int, ...]
+    init: str = "trunc_normal"
+    value: float = 0.0
+
+
+@dataclass(frozen=True)
+class Dropout:
+    rate: float
+
+
+@dataclass(frozen=True)
+class DropPath:
+    """timm's stochastic depth: drop whole residual branches per sample."""
+
+    rate: float
+
+
+@dataclass(frozen=True)
+class Node:
+    """A composite timm module of ``kind`` (a key of ``FORWARD``) built from ``cfg``.
+
+    ``args`` are the extra declaration arguments of ``children(kind, cfg, *args)``.
+    """
+
+    kind: str
+    cfg: ModelConfig
+    args: tuple = ()
+
+    def children(self) -> dict[str, Any]:
+        return children(self.kind, self.cfg, *self.args)
+
+
+def initializer(p: Param) -> Callable[[jax.Array, tuple[int, ...], Any], jax.Array]:
+    """``init(key, shape, dtype)`` for a free parameter (timm's inits for these tensors)."""
+    if p.init == "trunc_normal":
+        return jax.nn.initializers.truncated_normal(0.02)
+    if p.init == "small_normal":
+        return jax.nn.initializers.normal(1e-6)
+    return jax.nn.initializers.constant(p.value)
+
+
+WEIGHT_INIT = jax.nn.initializers.truncated_normal(0.02)  # Linear and conv weights, as timm's ViT init
+
+
+Declaration = Linear | PatchConv | Norm | Param | Dropout | DropPath | Node
+
+
+class Layers(Protocol):
+    """A front-end's view of one module for the shared forward passes."""
+
+    def __call__(self, name: str) -> Callable[..., Any]:
+        """The submodule ``name`` (timm's name, e.g. ``"attn"`` or ``"blocks.3"``), ready to call
+        on its inputs: training mode and rngs are the front-end's business."""
+
+    def param(self, name: str) -> jax.Array:
+        """The free parameter ``name`` (e.g. ``"cls_token"``)."""
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _mlp(cfg: ModelConfig, hidden: int, drop: float) -> Node:
+    return Node("Mlp", cfg, (hidden, drop))
+
+
+def _vit_children(cfg: ModelConfig) -> dict[str, Any]:
+    s: ViTSpec = cfg.spec
+    d = s.dim
+    c: dict[str, Any] = {"patch_embed": Node("PatchEmbed", cfg)}
+    inits = {"cls_token": ((1, 1, d), "small_normal"), "reg_token": ((1, s.reg_tokens, d), "small_normal"),
+             "dist_token": ((1, 1, d), "trunc_normal")}
+    for name in s.prefix_tokens:
+        c[name] = Param(*inits[name])
+    c["pos_embed"] = Param((1, s.num_pos_tokens, d))
+    c["pos_drop"] = Dropout(cfg.emb_dropout)
+    if s.pre_norm:
+        c["norm_pre"] = Norm(d, s.norm_eps)
+    for i in range(s.depth):
+        c[f"blocks.{i}"] = Node("Block", cfg, (cfg.drop_path_rate(i),))
+    if s.has_norm:
+        c["norm"] = Norm(d, s.norm_eps)
+    if s.pool == "map":
+        c["attn_pool"] = Node("AttentionPoolLatent", cfg)
+    if s.has_fc_norm:
+        c["fc_norm"] = Norm(d, s.norm_eps)
+    c["head_drop"] = Dropout(cfg.head_dropout)
+    if s.num_classes:
+        c["head"] = Linear(d, s.num_classes)
+        if s.distilled:
+            c["head_dist"] = Linear(d, s.num_classes)
+    return c
+
+
+def _cait_children(cfg: ModelConfig) -> dict[str, Any]:
+    s: CaiTSpec = cfg.spec
+    d = s.dim
+    c: dict[str, Any] = {"patch_embed": Node("PatchEmbed", cfg), "cls_token": Param((1, 1, d)),
+                         "pos_embed": Param((1, s.num_pos_tokens, d)), "pos_drop": Dropout(cfg.emb_dropout)}
+    for i in range(s.depth):
+        c[f"blocks.{i}"] = Node("LayerScaleBlock", cfg, (cfg.drop_path_rate(i),))
+    for j in range(s.cls_depth):
+        c[f"blocks_token_only.{j}"] = Node("LayerScaleBlockClassAttn", cfg)
+    c["norm"] = Norm(d, s.norm_eps)
+    c["head_drop"] = Dropout(cfg.head_dropout)
+    if s.num_classes:
+        c["head"] = Linear(d, s.num_classes)
+    return c
+
+
+def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
+    """The submodules and params of a ``kind`` module, by timm name, in timm's order."""
+    s: Spec = cfg.spec
+    d = s.dim
+    if kind == "ViT":
+        return _vit_children(cfg)
+    if kind == "CaiT":
+        return _cait_children(cfg)
+    if kind == "PatchEmbed":
+        return {"proj": PatchConv(s.channels, d, s.patch_size, s.patch_bias)}
+    if kind == "Block":  # timm vision_transformer.Block
+        (drop_path,) = args
+        c = {"norm1": Norm(d, s.norm_eps), "attn": Node("Attention", cfg)}
+        if s.has_layer_scale:
+            c["ls1"] = Node("LayerScale", cfg)
+        c["drop_path1"] = DropPath(drop_path)
+        c["norm2"] = Norm(d, s.norm_eps)
+        c["mlp"] = _mlp(cfg, s.mlp_dim, cfg.dropout)
+        if s.has_layer_scale:
+            c["ls2"] = Node("LayerScale", cfg)
+        c["drop_path2"] = DropPath(drop_path)
+        return c
+    if kind == "Attention":
+        c = {"qkv": Linear(d, 3 * d, s.qkv_bias)}
+        if s.qk_norm:
+            c["q_norm"] = Norm(d // s.heads, s.norm_eps)
+            c["k_norm"] = Norm(d // s.heads, s.norm_eps)
+        return {**c, "attn_drop": Dropout(cfg.attn_dropout), "proj": Linear(d, d, s.proj_bias),
+                "proj_drop": Dropout(cfg.dropout)}
+    if kind == "Mlp":
+        hidden, drop = args
+        return {"fc1": Linear(d, hidden, s.proj_bias), "drop1": Dropout(drop),
+                "fc2": Linear(hidden, d, s.proj_bias), "drop2": Dropout(drop)}
+    if kind == "LayerScale":
+        return {"gamma": Param((d,), "constant", s.init_values)}
+    if kind == "AttentionPoolLatent":
+        return {"latent": Param((1, 1, d)), "q": Linear(d, d), "kv": Linear(d, 2 * d), "proj": Linear(d, d),
+                "norm": Norm(d, s.norm_eps), "mlp": _mlp(cfg, s.mlp_dim, 0.0)}
+    if kind == "LayerScaleBlock":  # CaiT self-attention block, talking heads
+        (drop_path,) = args
+        return {"gamma_1": Param((d,), "constant", s.init_values), "gamma_2": Param((d,), "constant", s.init_values),
+                "norm1": Norm(d, s.norm_eps), "attn": Node("TalkingHeadAttn", cfg), "drop_path": DropPath(drop_path),
+                "norm2": Norm(d, s.norm_eps), "mlp": _mlp(cfg, s.mlp_dim, cfg.dropout)}
+    if kind == "TalkingHeadAttn":
+        h = s.heads
+        return {"qkv": Linear(d, 3 * d, s.qkv_bias), "attn_drop": Dropout(cfg.attn_dropout), "proj": Linear(d, d),
+                "proj_l": Linear(h, h), "proj_w": Linear(h, h), "proj_drop": Dropout(cfg.dropout)}
+    if kind == "LayerScaleBlockClassAttn":  # timm builds these without dropout or drop path
+        return {"gamma_1": Param((d,), "constant", s.init_values), "gamma_2": Param((d,), "constant", s.init_values),
+                "norm1": Norm(d, s.norm_eps), "attn": Node("ClassAttn", cfg), "norm2": Norm(d, s.norm_eps),
+                "mlp": _mlp(cfg, s.cls_mlp_dim, 0.0)}
+    if kind == "ClassAttn":
+        return {"q": Linear(d, d, s.qkv_bias), "k": Linear(d, d, s.qkv_bias), "v": Linear(d, d, s.qkv_bias),
+                "proj": Linear(d, d)}
+    raise KeyError(f"unknown module kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+def _heads(spec: Spec, *tensors: jax.Array) -> list[jax.Array]:
+    return [ops.split_heads(t, spec.heads) for t in tensors]
+
+
+def patch_embed(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> the (B, h, w, D) patch grid; a size that is not a multiple of the patch
+    is floored, as timm's strided convolution does."""
+    return m("proj")(x)
+
+
+def attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``Attention``: fused qkv, optional per-head q/k LayerNorm, scale Dh**-0.5."""
+    q, k, v = _heads(cfg.spec, *jnp.split(m("qkv")(x), 3, axis=-1))
+    if cfg.spec.qk_norm:
+        q, k = m("q_norm")(q), m("k_norm")(k)
+    weights = m("attn_drop")(jax.nn.softmax(ops.attention_logits(q, k), axis=-1))
+    return m("proj_drop")(m("proj")(ops.merge_heads(ops.attend(weights, v))))
+
+
+def mlp(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    x = m("drop1")(ops.activation(cfg.spec.activation)(m("fc1")(x)))
+    return m("drop2")(m("fc2")(x))
+
+
+def layer_scale(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    return x * m.param("gamma")
+
+
+def block(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``Block``: ``x + ls1(attn(norm1(x)))``, ``x + ls2(mlp(norm2(x)))``."""
+    scale = (lambda name: m(name)) if cfg.spec.has_layer_scale else (lambda name: lambda y: y)
+    x = x + m("drop_path1")(scale("ls1")(m("attn")(m("norm1")(x))))
+    return x + m("drop_path2")(scale("ls2")(m("mlp")(m("norm2")(x))))
+
+
+def attention_pool(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``AttentionPoolLatent`` (SigLIP's 'map' head) with one latent query."""
+    b, _, d = x.shape
+    q = m("q")(jnp.broadcast_to(m.param("latent"), (b, 1, d)).astype(x.dtype))
+    k, v = jnp.split(m("kv")(x), 2, axis=-1)
+    q, k, v = _heads(cfg.spec, q, k, v)
+    x = m("proj")(ops.merge_heads(ops.dot_product_attention(q, k, v)))
+    x = x + m("mlp")(m("norm")(x))
+    return x[:, 0]
+
+
+def talking_head_attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """CaiT: attention logits (``proj_l``) and weights (``proj_w``) mixed across heads."""
+    q, k, v = _heads(cfg.spec, *jnp.split(m("qkv")(x), 3, axis=-1))
+    # proj_l / proj_w are Linear layers over the heads axis: move heads last and back.
+    logits = m("proj_l")(ops.attention_logits(q, k).transpose(0, 2, 3, 1))
+    weights = m("proj_w")(jax.nn.softmax(logits, axis=-2)).transpose(0, 3, 1, 2)
+    weights = m("attn_drop")(weights)
+    return m("proj_drop")(m("proj")(ops.merge_heads(ops.attend(weights, v))))
+
+
+def class_attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """CaiT class attention: the query is token 0 only; keys and values are all tokens."""
+    q, k, v = _heads(cfg.spec, m("q")(x[:, :1]), m("k")(x), m("v")(x))
+    return m("proj")(ops.merge_heads(ops.dot_product_attention(q, k, v)))
+
+
+def layer_scale_block(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    x = x + m("drop_path")(m.param("gamma_1") * m("attn")(m("norm1")(x)))
+    return x + m("drop_path")(m.param("gamma_2") * m("mlp")(m("norm2")(x)))
+
+
+def class_attention_block(m: Layers, cfg: ModelConfig, x: jax.Array, cls: jax.Array) -> jax.Array:
+    """Updates only the class token: ``cls += g1 * attn(norm1(cat(cls, x)))``, then the MLP."""
+    cls = cls + m.param("gamma_1") * m("attn")(m("norm1")(jnp.concatenate([cls, x], axis=1)))
+    return cls + m.param("gamma_2") * m("mlp")(m("norm2")(cls))
+
+
+def check_input(spec: Spec, x: jax.Array) -> None:
+    """timm's ``PatchEmbed`` checks: the trained size, or any multiple of the patch when
+    ``dynamic_img_size``."""
+    h, w = x.shape[1:3]
+    if getattr(spec, "dynamic_img_size", False):
+        p = spec.patch_size
+        if h % p or w % p or h < p or w < p:
+            raise InvalidArgumentError(f"input is {h}x{w}; with dynamic_img_size the sides must be positive "
+                                       f"multiples of the patch size {p}")
+    elif (h, w) != tuple(spec.image_size):
+        raise InvalidArgumentError(f"input is {h}x{w}, the model expects {spec.image_size[0]}x{spec.image_size[1]} "
+                                   "(build it with dynamic_img_size=True to accept other sizes, or resample "
+                                   "pos_embed with image_size= when loading)")
+
+
+def _head(m: Layers, spec: Spec, pooled: jax.Array) -> jax.Array:
+    return m("head")(m("head_drop")(pooled)) if spec.num_classes else pooled
+
+
+def vit(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False) -> tuple[Any, dict[str, jax.Array]]:
+    """timm ``VisionTransformer`` / ``VisionTransformerDistilled`` on NHWC images.
+
+    Returns ``(output, intermediates)``; ``output`` is the logits, or for a distilled model in
+    training ``(logits, logits_dist)`` as timm returns them.
+    """
+    s: ViTSpec = cfg.spec
+    check_input(s, x)
+    out: dict[str, jax.Array] = {}
+    patches = m("patch_embed")(x)
+    out["patch_embed"] = patches.reshape(patches.shape[0], -1, s.dim)
+    prefix = [m.param(name) for name in s.prefix_tokens]
+    x = ops.embed_tokens(patches, m.param("pos_embed"), prefix, s.grid_size, s.no_embed_class)
+    x = m("pos_drop")(x)
+    if s.pre_norm:
+        x = m("norm_pre")(x)
+    for i in range(s.depth):
+        x = out[f"blocks.{i}"] = m(f"blocks.{i}")(x)
+    if s.has_norm:
+        x = out["norm"] = m("norm")(x)
+    if s.distilled:
+        cls, dist = x[:, 0], x[:, 1]
+        out["pre_logits"] = (cls + dist) / 2
+        if not s.num_classes:
+            return out["pre_logits"], out
+        logits, logits_dist = out["head"], out["head_dist"] = _head(m, s, cls), m("head_dist")(m("head_drop")(dist))
+        return ((logits, logits_dist) if train else (logits + logits_dist) / 2), out
+    if s.pool == "map":
+        pooled = m("attn_pool")(x if s.pool_include_prefix else x[:, s.num_prefix_tokens:])
+    else:
+        pooled = ops.pool_tokens(x, s.pool, s.num_prefix_tokens, s.pool_include_prefix)
+    if s.has_fc_norm:
+        pooled = m("fc_norm")(pooled)
+    out["pre_logits"] = pooled
+    result = _head(m, s, pooled)
+    if s.num_classes:
+        out["head"] = result
+    return result, out
+
+
+def cait(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False) -> tuple[Any, dict[str, jax.Array]]:
+    """timm ``Cait`` on NHWC images: self-attention blocks over the patches, then class-attention
+    blocks that update only the class token, then ``norm(cat(cls, x))``."""
+    s: CaiTSpec = cfg.spec
+    check_input(s, x)
+    out: dict[str, jax.Array] = {}
+    patches = m("patch_embed")(x)
+    x = out["patch_embed"] = patches.reshape(patches.shape[0], -1, s.dim)
+    x = m("pos_drop")(x + m.param("pos_embed"))
+    for i in range(s.depth):
+        x = out[f"blocks.{i}"] = m(f"blocks.{i}")(x)
+    cls = jnp.broadcast_to(m.param("cls_token"), (x.shape[0], 1, s.dim)).astype(x.dtype)
+    for j in range(s.cls_depth):
+        cls = out[f"blocks_token_only.{j}"] = m(f"blocks_token_only.{j}")(x, cls)
+    x = out["norm"] = m("norm")(jnp.concatenate([cls, x], axis=1))
+    pooled = out["pre_logits"] = ops.pool_tokens(x, s.pool, 1)
+    result = _head(m, s, pooled)
+    if s.num_classes:
+        out["head"] = result
+    return result, out
+
+
+FORWARD: dict[str, Callable[..., Any]] = {
+    "ViT": vit, "CaiT": cait, "PatchEmbed": patch_embed, "Block": block, "Attention": attention, "Mlp": mlp,
+    "LayerScale": layer_scale, "AttentionPoolLatent": attention_pool, "LayerScaleBlock": layer_scale_block,
+    "TalkingHeadAttn": talking_head_attention, "LayerScaleBlockClassAttn": class_attention_block,
+    "ClassAttn": class_attention,
+}
+ROOT_KIND = {"vit": "ViT", "cait": "CaiT"}
+
+
+def root(cfg: ModelConfig) -> Node:
+    """The whole model as a node."""
+    return Node(ROOT_KIND[cfg.family], cfg)
