@@ -32,7 +32,7 @@ from rich.table import Table
 import vitport
 
 DEFAULT_MODELS = ("vit_base_patch16_224", "cait_s24_224")
-FRAMEWORKS = ("haiku", "flax")
+from converters import FRAMEWORKS  # every front-end in the registry
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,7 +172,7 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
         console.print(f"[bold]Other processes[/] used [{style}]{share:.1%}[/] of the machine's CPU time during the run"
                       + (" — these timings are contaminated; rerun on a quiet machine" if share > 0.05 else ""))
     console.print(f"[bold]Settings[/]: float32, eval mode, {args.warmup} warm-up + {args.iters} timed rounds "
-                  f"(timm, haiku, flax called in turn), median per call; JAX first call includes trace + compile")
+                  f"(timm and each front-end called in turn), median per call; JAX first call includes trace + compile")
 
     table = Table(title="Inference throughput: timm (PyTorch eager) vs vitport (JAX jit)")
     table.add_column("model")

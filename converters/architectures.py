@@ -113,6 +113,7 @@ OPTION_CATEGORIES = (
      and s.get("init_values") is not None),
     ("`qk_norm`", lambda s: s.get("qk_norm", False)),
     ("`qkv_bias=False`", lambda s: not s["qkv_bias"]),
+    ("`proj_bias=False`", lambda s: not s.get("proj_bias", True)),
     ("`gelu_tanh`", lambda s: s["activation"] == "gelu_tanh"),
     ("`quick_gelu`", lambda s: s["activation"] == "quick_gelu"),
     ("LayerNorm eps 1e-5", lambda s: s["norm_eps"] == 1e-5),

@@ -119,7 +119,6 @@ def test_wrong_params_tree_is_reported(framework):
 @pytest.mark.parametrize("arch,kwargs,named", [
     ("vit_base_patch16_224", dict(global_pool="avgmax"), "avgmax"),
     ("vit_base_patch16_224", dict(scale_attn_norm=True), "scale_attn_norm"),
-    ("vit_base_patch16_224", dict(proj_bias=False), "proj_bias"),
     ("vit_base_patch16_224", dict(norm_layer="rmsnorm"), "RmsNorm"),
     ("vit_base_patch16_224", dict(act_layer="silu"), "SiLU"),
     ("vit_base_patch16_224", dict(pos_embed="none"), "pos_embed='none'"),

@@ -1,4 +1,4 @@
-"""Numeric parity with timm, layer by layer, on bug-sensitive weights (DESIGN.md §5).
+"""Numeric parity with timm, layer by layer, on bug-sensitive weights (docs/design.md, numerics).
 
 Tiers (``vitport.parity.TOLERANCES``): float64 (every layer and the logits within 1e-10,
 relative to the layer's scale) and float32 (within 1e-4), in every front-end of the registry. The measured maxima are attached to
