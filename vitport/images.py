@@ -49,28 +49,31 @@ def eval_transform(jm: "JaxModel") -> EvalTransform:
     return EvalTransform.from_pretrained_cfg(jm.pretrained_cfg, jm.spec.image_size)
 
 
-def _pre_logits_fn(jm: "JaxModel"):
-    """A jitted ``(params, x) -> pre_logits``; XLA drops the other intermediates. Cached on the
-    instance like ``JaxModel.apply_fn``."""
-    fn = jm.__dict__.get("_vitport_pre_logits")
+def _forward_fn(jm: "JaxModel"):
+    """A jitted ``(params, x) -> (logits, pre_logits)``: predict and embed share one compile
+    per batch shape, and XLA drops the other intermediates. Cached on the instance, like
+    ``JaxModel.apply_fn``."""
+    fn = jm.__dict__.get("_vitport_forward")
     if fn is None:
         import jax
 
         apply = jm.apply_fn
-        fn = jax.jit(lambda params, x: apply(params, x, return_intermediates=True)[1]["pre_logits"])
-        jm.__dict__["_vitport_pre_logits"] = fn
+
+        def forward(params, x):
+            logits, acts = apply(params, x, return_intermediates=True)
+            return logits, acts["pre_logits"]
+
+        fn = jm.__dict__["_vitport_forward"] = jax.jit(forward)
     return fn
 
 
 def _run(jm: "JaxModel", x: np.ndarray, what: str):
-    """The model on a float32 NHWC batch (cast to the params' dtype); returns a device array
-    without waiting for it (JAX dispatches asynchronously)."""
+    """Logits or pre-logits of a float32 NHWC batch (cast to the params' dtype), as a device
+    array that is not waited for (JAX dispatches asynchronously)."""
     import jax.numpy as jnp
 
-    xj = jnp.asarray(x, dtype=jm.dtype)
-    if what == "logits":
-        return jm.apply_fn(jm.params, xj)
-    return _pre_logits_fn(jm)(jm.params, xj)
+    logits, pre_logits = _forward_fn(jm)(jm.params, jnp.asarray(x, dtype=jm.dtype))
+    return logits if what == "logits" else pre_logits
 
 
 def _batches(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
@@ -162,12 +165,9 @@ def collect_images(sources: Sequence[str | os.PathLike]) -> list[tuple[Path, str
         if not root.is_dir():
             found.append((root, os.fspath(source)))
             continue
-        for folder, dirs, files in os.walk(root):
-            dirs.sort()
-            for f in sorted(files):
-                path = Path(folder, f)
-                rel = path.relative_to(root).as_posix()
-                found.append((path, rel if single_folder else (Path(source) / rel).as_posix()))
+        under = sorted((Path(folder, f).relative_to(root) for folder, _, files in os.walk(root) for f in files),
+                       key=lambda rel: rel.parts)  # a/b/x before a/y before z, as a file browser lists them
+        found += [(root / rel, rel.as_posix() if single_folder else (Path(source) / rel).as_posix()) for rel in under]
     if not found:
         raise ImageError(f"no files found in {', '.join(map(os.fspath, sources))}")
     return found
@@ -211,8 +211,8 @@ def write_embeddings(jm: "JaxModel", sources: Sequence[str | os.PathLike], out: 
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
     size = min(batch_size, len(files))
-    shape = jax.eval_shape(_pre_logits_fn(jm), jm.params,
-                           jax.ShapeDtypeStruct((size, *transform.input_size, 3), jm.dtype)).shape
+    shape = jax.eval_shape(_forward_fn(jm), jm.params,
+                           jax.ShapeDtypeStruct((size, *transform.input_size, 3), jm.dtype))[1].shape
     dim = int(np.prod(shape[1:]))
     dtype = np.float64 if np.dtype(jm.dtype) == np.float64 else np.float32  # bf16/f16 stored as float32
     skipped: list[tuple[str, str]] = []

@@ -63,7 +63,7 @@ def image_name(source: Any) -> str:
     """How an input is named in messages and outputs: its path, or a PIL image's file name."""
     if isinstance(source, Image.Image):
         return getattr(source, "filename", "") or f"<PIL image {source.mode} {source.width}x{source.height}>"
-    return os.fspath(source)
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else repr(source)
 
 
 def load_image(source: ImageSource) -> Image.Image:
