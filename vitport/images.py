@@ -8,11 +8,13 @@ however many images a folder holds.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -173,8 +175,21 @@ def collect_images(sources: Sequence[str | os.PathLike]) -> list[tuple[Path, str
     return found
 
 
-def _store(features: np.ndarray, result: Any, row: int, n: int, dim: int) -> None:
-    features[row:row + n] = np.asarray(result)[:n].reshape(n, dim)
+def _append(rows: BinaryIO, result: Any, n: int, dim: int, dtype: Any) -> None:
+    rows.write(np.ascontiguousarray(np.asarray(result)[:n].reshape(n, dim), dtype=dtype).tobytes())
+
+
+def write_npz(path: str | os.PathLike, paths: np.ndarray, rows: BinaryIO, shape: tuple[int, int],
+              dtype: Any) -> None:
+    """The .npz ``np.savez`` would write for ``paths`` and ``features``, with the features'
+    C-order bytes copied from the file ``rows`` in chunks rather than from an array in memory."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("paths.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, paths, allow_pickle=False)
+        with zf.open("features.npy", "w", force_zip64=True) as f:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(f, header)
+            shutil.copyfileobj(rows, f, 16 << 20)
 
 
 @dataclass
@@ -196,10 +211,10 @@ def write_embeddings(jm: "JaxModel", sources: Sequence[str | os.PathLike], out: 
     """Embed every image under ``sources`` into ``out`` (.npz with ``paths`` and ``features``).
 
     Files that are not readable images are skipped (``on_skip(name, reason)``) and listed in
-    the result. Features stream into a temporary ``.npy`` next to ``out`` as batches finish,
-    and are copied into the ``.npz`` in chunks at the end: memory holds one batch of images,
-    however many there are. ``out`` appears only complete (written to a temporary file, then
-    renamed); on any error or Ctrl-C nothing is left behind.
+    the result. Features stream into a temporary file next to ``out`` as batches finish, and
+    are copied into the ``.npz`` in chunks at the end: memory holds one batch of images and
+    features, however many there are. ``out`` appears only complete (written to a temporary
+    file, then renamed); on any error or Ctrl-C nothing is left behind.
     """
     import jax
 
@@ -219,13 +234,10 @@ def write_embeddings(jm: "JaxModel", sources: Sequence[str | os.PathLike], out: 
     names: list[str] = []
     start = time.perf_counter()
 
-    fd, buffer_name = tempfile.mkstemp(prefix=f".{out.name}.features-", suffix=".npy", dir=out.parent)
-    os.close(fd)
-    features = None
-    try:
-        # One row per candidate file; rows of skipped files stay unused at the end.
-        features = np.lib.format.open_memmap(buffer_name, mode="w+", dtype=dtype, shape=(len(files), dim))
-        pending = None  # (device array, first row, rows) of the batch in flight
+    # Rows are appended to a raw temporary file as batches finish (written, not mapped, so
+    # they do not stay resident), then copied into the .npz's features.npy in chunks.
+    with tempfile.TemporaryFile(dir=out.parent, prefix=f".{out.name}.features-") as rows:
+        pending = None  # (device array, rows) of the batch in flight
         done = 0
         for batch in _batches(files, size):
             pixels, batch_names = [], []
@@ -238,23 +250,19 @@ def write_embeddings(jm: "JaxModel", sources: Sequence[str | os.PathLike], out: 
                     on_skip and on_skip(name, str(e))
             result = _run(jm, _padded(np.stack(pixels), size), "pre_logits") if pixels else None
             if pending is not None:  # store the previous batch while this one runs
-                _store(features, *pending, dim)
+                _append(rows, *pending, dim, dtype)
                 pending = None
             if result is not None:
-                pending = (result, len(names), len(batch_names))
+                pending = (result, len(batch_names))
                 names.extend(batch_names)
             done += len(batch)
             progress and progress(done, len(files))
         if pending is not None:
-            _store(features, *pending, dim)
+            _append(rows, *pending, dim, dtype)
         if not names:
             raise ImageError(f"none of the {len(files)} files in {', '.join(map(os.fspath, sources))} "
                              "is an image Pillow can read")
-        features.flush()
+        rows.seek(0)
         with atomic_file(out, force) as tmp:
-            with open(tmp, "wb") as f:  # np.savez copies the memmap in 16 MiB chunks
-                np.savez(f, paths=np.array(names, dtype=str), features=features[:len(names)])
-    finally:
-        del features  # close the memmap before deleting its file
-        os.remove(buffer_name)
+            write_npz(tmp, np.array(names, dtype=str), rows, (len(names), dim), dtype)
     return EmbedResult(out, len(names), dim, time.perf_counter() - start, skipped)
