@@ -99,6 +99,7 @@ def _outputs(jm: "JaxModel", images: list[ImageSource], what: str, batch_size: i
     size = min(batch_size, len(images))
     pending = None
     done = 0
+    progress and progress(0, len(images))
     for batch in _batches(images, size):
         x = preprocess(batch, transform)
         result = _run(jm, _padded(x, size), what)
@@ -239,6 +240,7 @@ def write_embeddings(jm: "JaxModel", sources: Sequence[str | os.PathLike], out: 
     with tempfile.TemporaryFile(dir=out.parent, prefix=f".{out.name}.features-") as rows:
         pending = None  # (device array, rows) of the batch in flight
         done = 0
+        progress and progress(0, len(files))
         for batch in _batches(files, size):
             pixels, batch_names = [], []
             for path, name in batch:
