@@ -16,6 +16,7 @@ from converters import (FRAMEWORKS, Spec, canonical_to_framework, canonical_to_t
 from converters.errors import InvalidArgumentError
 from converters.frameworks import layout, pure_tree as _pure
 
+from . import features
 from .config import ModelConfig
 from .frontends import FrontEnd, front_end
 
@@ -70,7 +71,7 @@ class JaxModel:
         ``train=True`` runs dropout and stochastic depth from ``rng``; with every rate at zero
         it is the same function as evaluation.
         """
-        return jax.jit(self.front_end.apply(self.config), static_argnames=("train", "return_intermediates"))
+        return jax.jit(self.front_end.apply(self.config), static_argnames=("train", "return_intermediates", "stage"))
 
     @property
     def module(self) -> Any:
@@ -92,7 +93,16 @@ class JaxModel:
     def dtype(self):
         return jax.tree.leaves(self.params)[0].dtype
 
+    @functools.cached_property
+    def front_end_apply(self):
+        """The un-jitted ``apply`` (stable per model, so callers can cache jitted wrappers)."""
+        return self.front_end.apply(self.config)
+
     def __call__(self, images: Any, return_intermediates: bool = False) -> Any:
+        return self.apply_fn(self.params, self.as_input(images), return_intermediates=return_intermediates)
+
+    def as_input(self, images: Any) -> jax.Array:
+        """Check NHWC float images and cast them to the params' dtype."""
         arr = images if isinstance(images, jax.Array) else np.asarray(images)
         if arr.dtype.kind not in "fc" and arr.dtype.name != "bfloat16":
             raise InvalidArgumentError(
@@ -101,8 +111,27 @@ class JaxModel:
         if arr.ndim != 4 or arr.shape[-1] != self.spec.channels:
             raise InvalidArgumentError(f"expected NHWC images with {self.spec.channels} channels, "
                                        f"got shape {tuple(arr.shape)}")
-        x = jnp.asarray(arr, dtype=self.dtype)
-        return self.apply_fn(self.params, x, return_intermediates=return_intermediates)
+        return jnp.asarray(arr, dtype=self.dtype)
+
+    # timm's feature API (vitport.features)
+    def forward_features(self, images: Any) -> jax.Array:
+        """timm ``forward_features``: tokens after the final norm, (B, tokens, D)."""
+        return features.forward_features(self, images)
+
+    def forward_head(self, features_: Any, pre_logits: bool = False) -> Any:
+        """timm ``forward_head`` on ``forward_features`` output."""
+        return features.forward_head(self, features_, pre_logits)
+
+    def forward_intermediates(self, images: Any, indices: Any = None, norm: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              return_prefix_tokens: bool = False) -> Any:
+        """timm ``forward_intermediates`` (inputs NHWC); see ``vitport.features``."""
+        return features.forward_intermediates(self, images, indices, norm, output_fmt, intermediates_only,
+                                              return_prefix_tokens)
+
+    def attention_maps(self, images: Any) -> dict[str, jax.Array]:
+        """``{timm block name: (B, heads, queries, keys)}`` attention weights."""
+        return features.attention_maps(self, images)
 
     def num_params(self) -> int:
         return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))

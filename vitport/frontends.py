@@ -33,7 +33,7 @@ from . import haiku as vhaiku
 from . import nnx as vnnx
 from .config import ModelConfig
 
-# apply(params, images, *, train=False, rng=None, return_intermediates=False)
+# apply(params, images, *, train=False, rng=None, return_intermediates=False, stage="all")
 ApplyFn = Callable[..., Any]
 
 
@@ -71,8 +71,9 @@ def _example(cfg: ModelConfig) -> jax.Array:
 def _haiku_transformed(cfg: ModelConfig) -> hk.Transformed:
     cls = vhaiku.ViT if cfg.family == "vit" else vhaiku.CaiT
 
-    def forward(x, is_training: bool = False, return_intermediates: bool = False):
-        return cls.from_config(cfg)(x, is_training=is_training, return_intermediates=return_intermediates)
+    def forward(x, is_training: bool = False, return_intermediates: bool = False, stage: str = "all"):
+        return cls.from_config(cfg)(x, is_training=is_training, return_intermediates=return_intermediates,
+                                    stage=stage)
 
     return hk.transform(forward)
 
@@ -80,8 +81,9 @@ def _haiku_transformed(cfg: ModelConfig) -> hk.Transformed:
 def _haiku_apply(cfg: ModelConfig) -> ApplyFn:
     transformed = _haiku_transformed(cfg)
 
-    def apply(params, x, *, train=False, rng=None, return_intermediates=False):
-        return transformed.apply(params, rng, x, is_training=train, return_intermediates=return_intermediates)
+    def apply(params, x, *, train=False, rng=None, return_intermediates=False, stage="all"):
+        return transformed.apply(params, rng, x, is_training=train, return_intermediates=return_intermediates,
+                                 stage=stage)
 
     return apply
 
@@ -101,8 +103,8 @@ def _linen_module(cfg: ModelConfig):
 def _linen_apply(cfg: ModelConfig) -> ApplyFn:
     module = _linen_module(cfg)
 
-    def apply(params, x, *, train=False, rng=None, return_intermediates=False):
-        return module.apply(params, x, train=train, return_intermediates=return_intermediates,
+    def apply(params, x, *, train=False, rng=None, return_intermediates=False, stage="all"):
+        return module.apply(params, x, train=train, return_intermediates=return_intermediates, stage=stage,
                             rngs={} if rng is None else {"dropout": rng})
 
     return apply
@@ -150,12 +152,12 @@ def _nnx_init(cfg: ModelConfig, key: jax.Array) -> Any:
 
 
 def _nnx_apply(cfg: ModelConfig) -> ApplyFn:
-    def apply(params, x, *, train=False, rng=None, return_intermediates=False):
+    def apply(params, x, *, train=False, rng=None, return_intermediates=False, stage="all"):
         model = nnx_module(cfg, params)
         if train:
             model.train()
         rngs = None if rng is None else nnx.Rngs(dropout=rng)
-        return model(x, rngs=rngs, return_intermediates=return_intermediates)
+        return model(x, rngs=rngs, return_intermediates=return_intermediates, stage=stage)
 
     return apply
 

@@ -15,8 +15,10 @@ about it only if it needs a new primitive. ``docs/design.md`` has the checklist.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -226,6 +228,45 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
     raise KeyError(f"unknown module kind {kind!r}")
 
 
+# ------------------------------------------------------------------ attention capture
+#
+# The attention weights (what multiplies the values) are recorded while the forward pass is
+# traced, under the name of the block being run, and returned with the intermediates. A trace
+# is one Python call, so a context variable carries them in every front-end alike.
+
+_CAPTURED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vitport_captured", default=None)
+_BLOCK: contextvars.ContextVar[str] = contextvars.ContextVar("vitport_block", default="")
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[dict[str, jax.Array]]:
+    token = _CAPTURED.set({})
+    try:
+        yield _CAPTURED.get()
+    finally:
+        _CAPTURED.reset(token)
+
+
+@contextlib.contextmanager
+def _in_block(name: str) -> Iterator[None]:
+    token = _BLOCK.set(name)
+    try:
+        yield
+    finally:
+        _BLOCK.reset(token)
+
+
+def _record_attention(weights: jax.Array) -> None:
+    captured = _CAPTURED.get()
+    if captured is not None and _BLOCK.get():
+        captured[f"{_BLOCK.get()}.attn"] = weights
+
+
+def attention_maps(intermediates: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """``{block name: (B, heads, queries, keys)}`` from a forward pass's intermediates."""
+    return {k[: -len(".attn")]: v for k, v in intermediates.items() if k.endswith(".attn")}
+
+
 # ---------------------------------------------------------------------------- forward
 
 
@@ -245,6 +286,7 @@ def attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     if cfg.spec.qk_norm:
         q, k = m("q_norm")(q), m("k_norm")(k)
     weights = m("attn_drop")(jax.nn.softmax(ops.attention_logits(q, k), axis=-1))
+    _record_attention(weights)
     return m("proj_drop")(m("proj")(ops.merge_heads(ops.attend(weights, v))))
 
 
@@ -282,13 +324,16 @@ def talking_head_attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Arr
     logits = m("proj_l")(ops.attention_logits(q, k).transpose(0, 2, 3, 1))
     weights = m("proj_w")(jax.nn.softmax(logits, axis=-2)).transpose(0, 3, 1, 2)
     weights = m("attn_drop")(weights)
+    _record_attention(weights)  # after proj_w, as timm's attn_drop sees them: rows need not sum to 1
     return m("proj_drop")(m("proj")(ops.merge_heads(ops.attend(weights, v))))
 
 
 def class_attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """CaiT class attention: the query is token 0 only; keys and values are all tokens."""
     q, k, v = _heads(cfg.spec, m("q")(x[:, :1]), m("k")(x), m("v")(x))
-    return m("proj")(ops.merge_heads(ops.dot_product_attention(q, k, v)))
+    weights = jax.nn.softmax(ops.attention_logits(q, k), axis=-1)
+    _record_attention(weights)
+    return m("proj")(ops.merge_heads(ops.attend(weights, v)))
 
 
 def layer_scale_block(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -321,15 +366,18 @@ def _head(m: Layers, spec: Spec, pooled: jax.Array) -> jax.Array:
     return m("head")(m("head_drop")(pooled)) if spec.num_classes else pooled
 
 
-def vit(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False) -> tuple[Any, dict[str, jax.Array]]:
-    """timm ``VisionTransformer`` / ``VisionTransformerDistilled`` on NHWC images.
+def _blocks(m: Layers, prefix: str, count: int, x: jax.Array, out: dict, *extra: jax.Array) -> jax.Array:
+    """Run ``prefix.0`` ... ``prefix.{count-1}``, recording each output under its timm name."""
+    for i in range(count):
+        name = f"{prefix}.{i}"
+        with _in_block(name):
+            x = out[name] = m(name)(*extra, x) if extra else m(name)(x)
+    return x
 
-    Returns ``(output, intermediates)``; ``output`` is the logits, or for a distilled model in
-    training ``(logits, logits_dist)`` as timm returns them.
-    """
-    s: ViTSpec = cfg.spec
+
+def _vit_features(m: Layers, s: ViTSpec, x: jax.Array, out: dict) -> jax.Array:
+    """timm ``forward_features``: tokens (B, prefix + patches, D) after the final norm."""
     check_input(s, x)
-    out: dict[str, jax.Array] = {}
     patches = m("patch_embed")(x)
     out["patch_embed"] = patches.reshape(patches.shape[0], -1, s.dim)
     prefix = [m.param(name) for name in s.prefix_tokens]
@@ -337,17 +385,22 @@ def vit(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False) -> tuple
     x = m("pos_drop")(x)
     if s.pre_norm:
         x = m("norm_pre")(x)
-    for i in range(s.depth):
-        x = out[f"blocks.{i}"] = m(f"blocks.{i}")(x)
+    x = _blocks(m, "blocks", s.depth, x, out)
     if s.has_norm:
         x = out["norm"] = m("norm")(x)
+    return x
+
+
+def _vit_head(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool, out: dict) -> Any:
+    """timm ``forward_head`` on features; ``out['pre_logits']`` is its ``pre_logits=True``."""
+    s: ViTSpec = cfg.spec
     if s.distilled:
         cls, dist = x[:, 0], x[:, 1]
         out["pre_logits"] = (cls + dist) / 2
         if not s.num_classes:
-            return out["pre_logits"], out
+            return out["pre_logits"]
         logits, logits_dist = out["head"], out["head_dist"] = _head(m, s, cls), m("head_dist")(m("head_drop")(dist))
-        return ((logits, logits_dist) if train else (logits + logits_dist) / 2), out
+        return (logits, logits_dist) if train else (logits + logits_dist) / 2
     if s.pool == "map":
         pooled = m("attn_pool")(x if s.pool_include_prefix else x[:, s.num_prefix_tokens:])
     else:
@@ -358,29 +411,64 @@ def vit(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False) -> tuple
     result = _head(m, s, pooled)
     if s.num_classes:
         out["head"] = result
-    return result, out
+    return result
 
 
-def cait(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False) -> tuple[Any, dict[str, jax.Array]]:
-    """timm ``Cait`` on NHWC images: self-attention blocks over the patches, then class-attention
-    blocks that update only the class token, then ``norm(cat(cls, x))``."""
-    s: CaiTSpec = cfg.spec
+def _cait_features(m: Layers, s: CaiTSpec, x: jax.Array, out: dict) -> jax.Array:
     check_input(s, x)
-    out: dict[str, jax.Array] = {}
     patches = m("patch_embed")(x)
     x = out["patch_embed"] = patches.reshape(patches.shape[0], -1, s.dim)
     x = m("pos_drop")(x + m.param("pos_embed"))
-    for i in range(s.depth):
-        x = out[f"blocks.{i}"] = m(f"blocks.{i}")(x)
+    x = _blocks(m, "blocks", s.depth, x, out)
     cls = jnp.broadcast_to(m.param("cls_token"), (x.shape[0], 1, s.dim)).astype(x.dtype)
-    for j in range(s.cls_depth):
-        cls = out[f"blocks_token_only.{j}"] = m(f"blocks_token_only.{j}")(x, cls)
+    cls = _blocks(m, "blocks_token_only", s.cls_depth, cls, out, x)
     x = out["norm"] = m("norm")(jnp.concatenate([cls, x], axis=1))
+    return x
+
+
+def _cait_head(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool, out: dict) -> Any:
+    s: CaiTSpec = cfg.spec
     pooled = out["pre_logits"] = ops.pool_tokens(x, s.pool, 1)
     result = _head(m, s, pooled)
     if s.num_classes:
         out["head"] = result
-    return result, out
+    return result
+
+
+STAGES = ("all", "head", "norm")
+
+
+def _root(features: Callable, head: Callable, m: Layers, cfg: ModelConfig, x: jax.Array, train: bool,
+          stage: str) -> tuple[Any, dict[str, jax.Array]]:
+    """``stage``: 'all' (images -> output), 'head' (features -> output, timm's
+    ``forward_head``) or 'norm' (the final norm on any (..., D) tokens; identity where the
+    model has none). Returns ``(output, intermediates)``."""
+    out: dict[str, jax.Array] = {}
+    if stage == "norm":
+        return (m("norm")(x) if getattr(cfg.spec, "has_norm", True) else x), out
+    if stage == "head":
+        return head(m, cfg, x, train, out), out
+    if stage != "all":
+        raise InvalidArgumentError(f"stage must be one of {STAGES}; got {stage!r}")
+    with capturing() as attention:
+        x = out["features"] = features(m, cfg.spec, x, out)
+    out.update(attention)
+    return head(m, cfg, x, train, out), out
+
+
+def vit(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False, stage: str = "all") -> Any:
+    """timm ``VisionTransformer`` / ``VisionTransformerDistilled`` on NHWC images.
+
+    Returns ``(output, intermediates)``; ``output`` is the logits, or for a distilled model in
+    training ``(logits, logits_dist)`` as timm returns them.
+    """
+    return _root(_vit_features, _vit_head, m, cfg, x, train, stage)
+
+
+def cait(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False, stage: str = "all") -> Any:
+    """timm ``Cait`` on NHWC images: self-attention blocks over the patches, then class-attention
+    blocks that update only the class token, then ``norm(cat(cls, x))``."""
+    return _root(_cait_features, _cait_head, m, cfg, x, train, stage)
 
 
 FORWARD: dict[str, Callable[..., Any]] = {

@@ -77,8 +77,10 @@ class Node(nn.Module):
         return structure.FORWARD[self.node.kind](m, self.node.cfg, *inputs)
 
 
-def run_root(module: nn.Module, cfg: ModelConfig, x: jax.Array, train: bool, return_intermediates: bool) -> Any:
+def run_root(module: nn.Module, cfg: ModelConfig, x: jax.Array, train: bool, return_intermediates: bool,
+             stage: str) -> Any:
     """The body of ``ViT.__call__`` / ``CaiT.__call__``: the root's children live directly under it."""
     node = structure.root(cfg)
-    result, out = structure.FORWARD[node.kind](Layers(module, node.children(), cfg, train), cfg, x, train)
+    layers = Layers(module, node.children(), cfg, train)
+    result, out = structure.FORWARD[node.kind](layers, cfg, x, train, stage)
     return (result, out) if return_intermediates else result

@@ -31,13 +31,15 @@ class _Root(nn.Module):
         return cls(**config_kwargs(cfg), **kwargs)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_intermediates: bool = False) -> Any:
+    def __call__(self, x: jax.Array, train: bool = False, return_intermediates: bool = False,
+                 stage: str = "all") -> Any:
         """NHWC images -> logits (B, num_classes), or pooled features when ``num_classes=0``.
 
         ``train`` runs dropout and stochastic depth, drawing from the 'dropout' rng; with
-        ``return_intermediates`` returns ``(output, {timm module name: activation})``.
+        ``return_intermediates`` returns ``(output, {timm module name: activation})``;
+        ``stage`` runs part of the model (see ``vitport.structure.STAGES``).
         """
-        return run_root(self, self.config, x, train, return_intermediates)
+        return run_root(self, self.config, x, train, return_intermediates, stage)
 
 
 class ViT(_Root):

@@ -23,7 +23,8 @@ class _Root(hk.Module):
     def from_config(cls, cfg: ModelConfig, name: str | None = None):
         return cls(**config_kwargs(cfg), name=name)
 
-    def __call__(self, x: jax.Array, is_training: bool = False, return_intermediates: bool = False) -> Any:
+    def __call__(self, x: jax.Array, is_training: bool = False, return_intermediates: bool = False,
+                 stage: str = "all") -> Any:
         """NHWC images -> logits (B, num_classes), or pooled features when ``num_classes=0``.
 
         ``is_training`` runs dropout and stochastic depth (needs an rng in ``apply``); with
@@ -31,7 +32,7 @@ class _Root(hk.Module):
         """
         node = structure.root(self.config)
         m = Layers(node.children(), self.config, is_training)
-        result, out = structure.FORWARD[node.kind](m, self.config, x, is_training)
+        result, out = structure.FORWARD[node.kind](m, self.config, x, is_training, stage)
         return (result, out) if return_intermediates else result
 
 

@@ -34,12 +34,14 @@ class _Root(Node):
     def from_config(cls, cfg: ModelConfig, *, rngs: nnx.Rngs):
         return cls(**config_kwargs(cfg), rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None, return_intermediates: bool = False) -> Any:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None, return_intermediates: bool = False,
+                 stage: str = "all") -> Any:
         """NHWC images -> logits (B, num_classes), or pooled features when ``num_classes=0``.
 
         With ``return_intermediates`` returns ``(output, {timm module name: activation})``.
         """
-        result, out = structure.FORWARD[self.node.kind](Layers(self, rngs), self.config, x, not self.deterministic)
+        train = not self.deterministic
+        result, out = structure.FORWARD[self.node.kind](Layers(self, rngs), self.config, x, train, stage)
         return (result, out) if return_intermediates else result
 
 
