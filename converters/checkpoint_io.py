@@ -168,7 +168,11 @@ def _unpickler_reason(msg: str) -> str:
     for i, ln in enumerate(lines):  # the reason can sit on the line after the marker
         if ln.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
             return lines[i + 1]
-    return lines[0] if lines else "unpickling failed"
+    # torch's boilerplate around the reason (it advises weights_only=False: never repeat that)
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue",
+                   "You can use", "Re-running")
+    reasons = [ln for ln in lines if not ln.startswith(boilerplate) and "weights_only" not in ln]
+    return reasons[0].split(". Please use")[0] if reasons else "unpickling failed"
 
 
 def torch_to_numpy(t) -> np.ndarray:

@@ -300,6 +300,15 @@ def _commit(tmp: Path, target: Path) -> None:
         _remove(aside)
 
 
+def _set_modes(tmp: Path, mask: int) -> None:
+    if tmp.is_dir():
+        os.chmod(tmp, 0o777 & ~mask)
+        for p in tmp.rglob("*"):
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(tmp, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def _staged(target: Path, force: bool, kind: str, reading: Iterable) -> Iterator[Path]:
     target = check_output(target, force, kind=kind, reading=reading)
@@ -318,6 +327,7 @@ def _staged(target: Path, force: bool, kind: str, reading: Iterable) -> Iterator
         raise _write_error(target, e) from None
     try:
         yield tmp
+        _set_modes(tmp, mask)  # writers such as safetensors create their files 0o600
         check_output(target, force, kind=kind, reading=reading)  # nothing appeared meanwhile
         _commit(tmp, target)
     except BaseException as e:  # KeyboardInterrupt and Interrupted too: never leave a partial output

@@ -268,7 +268,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from .hub import CONFIG_NAME, WEIGHTS_NAME, load_resolved, resolve, save, sources_read
 
-    check_output(args.out, args.force)  # refuse before downloading or reading anything
+    check_output(args.out, args.force, reading=sources_read(args.source))  # before downloading or reading
     r = resolve(args.source, arch=args.arch, model_args=_model_args(args.model_args), revision=args.revision)
     check_output(args.out, args.force, reading=sources_read(r))  # never the source itself
     with progress_bars() as bar:

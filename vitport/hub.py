@@ -43,8 +43,12 @@ from .api import JaxModel, check_framework
 from .place import DTYPES, model_from_canonical, resize_canonical  # noqa: F401  (re-exported)
 
 
-def sources_read(r: Resolved) -> list[Path]:
-    """The paths a conversion of ``r`` reads: the output may be none of them."""
+def sources_read(r: Resolved | str | os.PathLike) -> list[Path]:
+    """The local paths a conversion of ``r`` (located, or as given) reads: the output may be
+    none of them."""
+    if not isinstance(r, Resolved):
+        path = Path(r).expanduser()
+        return [path] if os.path.lexists(path) else []
     paths = [r.weights]
     if r.kind in ("hub-dir", "vitport"):
         paths.append(r.weights.parent)
@@ -124,7 +128,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, framework: str = 
     interrupt leaves no partial output.
     """
     check_framework(framework)
-    check_output(out, force)  # refuse before downloading or reading anything
+    check_output(out, force, reading=sources_read(source))  # refuse before downloading or reading anything
     r = resolve(source, arch=arch, model_args=model_args, revision=revision)
     check_output(out, force, reading=sources_read(r))
     jm = load_resolved(r, framework, image_size=image_size, dtype=dtype, progress=progress)
@@ -142,7 +146,7 @@ def export_timm(source: str | os.PathLike, out_file: str | os.PathLike, *, force
     """
     if not str(out_file).endswith(".safetensors"):
         raise InvalidArgumentError(f"--out must name a .safetensors file, got {out_file}")
-    check_output(out_file, force, kind="file")
+    check_output(out_file, force, kind="file", reading=sources_read(source))
     r = resolve(source, arch=arch, model_args=model_args, revision=revision)
     check_output(out_file, force, kind="file", reading=sources_read(r))
     tree = read_canonical(r, progress)
