@@ -30,6 +30,7 @@ import secrets
 import shutil
 import signal
 import stat
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -80,9 +81,17 @@ def signals_raise() -> Iterator[None]:
         return
     _received.clear()
     old = {s: signal.signal(s, _raise) for s in _SIGNALS}
+    old_hook = sys.unraisablehook
+
+    def hook(unraisable):  # raised where Python can only print it (a gc callback): remembered, not printed
+        if not isinstance(unraisable.exc_value, Interrupted):
+            old_hook(unraisable)
+
+    sys.unraisablehook = hook
     try:
         yield
     finally:
+        sys.unraisablehook = old_hook
         for s, handler in old.items():
             signal.signal(s, handler)
 
