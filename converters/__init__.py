@@ -5,7 +5,8 @@ Imports neither jax nor torch at module level (torch is imported lazily, and onl
 """
 
 from .errors import (CheckpointError, ConversionError, HubError, HubUnreachableError, InvalidArgumentError,
-                     MissingFileError, OutputExistsError, UnsupportedArchitectureError, VitportError)
+                     MissingFileError, OutputExistsError, OutputWriteError, UnsupportedArchitectureError,
+                     VitportError)
 from .frameworks import (FRAMEWORKS, canonical_to_framework, flat_keys, framework_path,
                          framework_to_canonical, unflatten_keys)
 from .keymap import Entry, canonical_to_timm, check_finite, key_table, timm_to_canonical
@@ -13,7 +14,7 @@ from .specs import CaiTSpec, Spec, ViTSpec, spec_from_dict, spec_from_timm_model
 
 __all__ = [
     "CaiTSpec", "CheckpointError", "ConversionError", "HubError", "HubUnreachableError", "InvalidArgumentError",
-    "MissingFileError", "OutputExistsError", "VitportError", "Entry", "FRAMEWORKS", "Spec", "UnsupportedArchitectureError",
+    "MissingFileError", "OutputExistsError", "OutputWriteError", "VitportError", "Entry", "FRAMEWORKS", "Spec", "UnsupportedArchitectureError",
     "ViTSpec", "canonical_to_framework", "canonical_to_timm", "check_finite", "flat_keys",
     "framework_path", "framework_to_canonical", "key_table", "spec_from_dict",
     "spec_from_timm_model", "spec_to_dict", "timm_to_canonical", "unflatten_keys",

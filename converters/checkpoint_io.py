@@ -17,27 +17,23 @@ Reading timm's hub layout (``config.json`` + ``model.safetensors`` or ``pytorch_
 factory's defaults, ``model_args`` override them with timm's keyword semantics, and every
 keyword vitport does not implement is refused by name.
 
-Writing is atomic: ``atomic_dir`` and ``atomic_file`` build the output next to its target and
-move it into place with ``os.replace`` only once it is complete, so an error or an interrupt
-(KeyboardInterrupt included) leaves the filesystem as it was.
+Writing is ``converters.writer``'s job (atomic, signal-safe; re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from .architectures import arch_spec, pretrained_tag_cfg, split_name
-from .errors import CheckpointError, MissingFileError, OutputExistsError
+from .errors import CheckpointError, MissingFileError, OutputExistsError  # noqa: F401  (re-exported)
 from .keymap import key_table
 from .specs import Spec, spec_with_timm_kwargs
+from .validate import check_pretrained_cfg, check_timm_kwargs
 
 SAFETENSORS_EXTS = (".safetensors",)
 TORCH_EXTS = (".pth", ".pt", ".bin", ".pth.tar", ".ckpt")
@@ -66,7 +62,7 @@ def read_state_dict(path: str | os.PathLike, *, progress: Progress | None = None
         raise MissingFileError(f"no such checkpoint file: {path}")
     name = path.name.lower()
     if name.endswith(SAFETENSORS_EXTS):
-        return read_safetensors(path, progress=progress)
+        return strip_wrapper_prefixes(read_safetensors(path, progress=progress))
     if name.endswith(TORCH_EXTS):
         return _read_torch(path, progress=progress)
     raise CheckpointError(f"{path}: unknown checkpoint format; vitport reads "
@@ -130,21 +126,29 @@ def _read_torch(path: Path, *, progress: Progress | None = None) -> dict[str, np
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = _unpickler_reason(str(e))
-        if "global" in detail.lower():
+        if "global" in detail.lower():  # the safe unpickler refused a Python object: a safety refusal
             raise CheckpointError(
                 f"refused to read {path}: it holds pickled Python objects, not just tensors "
                 f"({detail}). vitport reads .pth/.bin files only with torch.load(weights_only=True), "
-                "which stopped before running any of it: nothing in the file was executed. If you trust "
-                "the file, extract its state_dict yourself and save it with safetensors.") from None
+                "whose safe unpickler stopped before running any of it: nothing in the file was executed. "
+                "If the file comes from someone you trust, ask them for a .safetensors copy, or extract "
+                "its state_dict in a separate, trusted environment and save it with safetensors.") from None
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({detail}): it is corrupt, truncated, or a "
-            "pickle that torch's safe loader does not accept. Nothing in it was executed.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+            f"{path} is not a readable PyTorch checkpoint: torch's safe unpickler "
+            f"(torch.load(weights_only=True)) stopped at '{detail}'. Either the "
+            "file is not a PyTorch checkpoint (damaged, truncated, or another format) or it uses pickle "
+            "instructions the safe unpickler does not allow; nothing in it was executed. Check the file "
+            "(re-download or re-export it, preferably as .safetensors).") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch's readers raise anything on foreign bytes (KeyError, IndexError...)
         if isinstance(e, FileNotFoundError):
-            raise
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'no detail'}); it is corrupt "
-                              "or truncated. Nothing in it was executed.") from None
+            raise MissingFileError(f"no such checkpoint file: {path}") from None
+        first = str(e).splitlines()[0] if str(e) else "no detail"
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first}): "
+                              "torch.load(weights_only=True) could not parse it, so it is truncated, damaged "
+                              "or not a checkpoint. Nothing in it was executed; re-download or re-export "
+                              "it.") from None
     state_dict, _ = unwrap_state_dict(obj, source=str(path))
     out = {}
     for i, (k, v) in enumerate(state_dict.items()):
@@ -164,7 +168,11 @@ def _unpickler_reason(msg: str) -> str:
     for i, ln in enumerate(lines):  # the reason can sit on the line after the marker
         if ln.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
             return lines[i + 1]
-    return lines[0] if lines else "unpickling failed"
+    # torch's boilerplate around the reason (it advises weights_only=False: never repeat that)
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue",
+                   "You can use", "Re-running")
+    reasons = [ln for ln in lines if not ln.startswith(boilerplate) and "weights_only" not in ln]
+    return reasons[0].split(". Please use")[0] if reasons else "unpickling failed"
 
 
 def torch_to_numpy(t) -> np.ndarray:
@@ -185,7 +193,8 @@ def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> tuple[dict[str
     """A training checkpoint's weights: ``(state_dict, wrapper key or None)``.
 
     Follows timm's ``load_state_dict`` + ``clean_state_dict``: EMA weights first, then
-    ``state_dict``, then ``model``; a leading ``module.`` is dropped from every key.
+    ``state_dict``, then ``model``; the ``module.`` / ``_orig_mod.`` wrapper prefixes are
+    dropped from every key.
     """
     wrapper = None
     if isinstance(obj, Mapping):
@@ -199,8 +208,22 @@ def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> tuple[dict[str
     if non_tensors:
         raise CheckpointError(f"{source}: not a state_dict; these entries are not tensors: "
                               + ", ".join(non_tensors[:20]) + (" ..." if len(non_tensors) > 20 else ""))
-    out = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
-    return out, wrapper
+    return strip_wrapper_prefixes(obj), wrapper
+
+
+# Prefixes of wrapped models, in timm's order (``timm.models._helpers.clean_state_dict``):
+# torch.compile around DDP, DDP, torch.compile.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop DataParallel's ``module.`` and torch.compile's ``_orig_mod.`` from every key, as timm does."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in WRAPPER_PREFIXES:
+            k = k.removeprefix(prefix)
+        out[k] = v
+    return out
 
 
 # ------------------------------------------------------------------- timm hub layout
@@ -220,33 +243,42 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} nests JSON too deeply to be a config file") from None
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise MissingFileError(f"no such file: {path}") from None
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
     return data
 
 
-def read_hub_config(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def read_hub_config(cfg: Mapping[str, Any], where: str = "config.json") -> tuple[str, dict[str, Any], dict[str, Any]]:
     """``(architecture, pretrained_cfg, model_args)`` of a timm hub ``config.json``.
 
     Mirrors ``timm.models._hub._parse_model_cfg`` (legacy single-dict configs included).
     """
     cfg = json.loads(json.dumps(cfg))  # deep copy
+    if not isinstance(cfg.get("architecture", ""), str):
+        raise CheckpointError(f"{where}: 'architecture' must be a timm name, got {cfg['architecture']!r:.60}")
     if "pretrained_cfg" not in cfg:
         pretrained_cfg = cfg
         if "architecture" not in pretrained_cfg:
-            raise CheckpointError("config.json has no 'architecture' entry: not a timm hub config")
+            raise CheckpointError(f"{where} has no 'architecture' entry: not a timm hub config")
         cfg = {"architecture": pretrained_cfg.pop("architecture"), "pretrained_cfg": pretrained_cfg}
         if "labels" in pretrained_cfg:
             pretrained_cfg["label_names"] = pretrained_cfg.pop("labels")
     if "architecture" not in cfg:
-        raise CheckpointError("config.json has no 'architecture' entry: not a timm hub config")
-    pretrained_cfg = dict(cfg["pretrained_cfg"] or {})
+        raise CheckpointError(f"{where} has no 'architecture' entry: not a timm hub config")
+    pretrained_cfg = check_pretrained_cfg(cfg["pretrained_cfg"] or {}, where)
     for key in ("num_classes", "label_names", "label_descriptions"):
         if key in cfg:
             pretrained_cfg[key] = cfg[key]
-    model_args = dict(cfg.get("model_args") or {})
+    check_pretrained_cfg(pretrained_cfg, where)
+    model_args = check_timm_kwargs(cfg.get("model_args") or {}, f"{where} 'model_args'")
     return cfg["architecture"], pretrained_cfg, model_args
 
 
@@ -263,7 +295,7 @@ def spec_from_hub_config(cfg: Mapping[str, Any], *, where: str = "config.json") 
     defaults, then ``num_classes``/``in_chans``/``img_size`` from the pretrained_cfg, then
     ``model_args``.
     """
-    arch, pretrained_cfg, model_args = read_hub_config(cfg)
+    arch, pretrained_cfg, model_args = read_hub_config(cfg, where)
     arch, _ = split_name(arch)
     spec = arch_spec(arch)
     kw: dict[str, Any] = {}
@@ -314,102 +346,33 @@ def check_shapes(shapes: Mapping[str, tuple[int, ...]], spec: Spec) -> dict[str,
 
 # ----------------------------------------------------------------------------- writing
 
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+# Writing lives in converters.writer (the one place that enforces atomicity, --force rules,
+# permissions and signal safety); these names stay importable from here.
+from .writer import (atomic_dir, atomic_file, check_output, write_json, write_safetensors,  # noqa: E402,F401
+                     write_safetensors_atomic)
 
 
-def check_output(path: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse an existing output path unless ``force``; make sure its parent exists."""
-    path = Path(path)
-    if (path.exists() or path.is_symlink()) and not force:
-        raise OutputExistsError(f"{path} already exists; refusing to overwrite it "
-                                "(pass --force / force=True to replace it)")
-    if path.parent and not path.parent.exists():
-        raise MissingFileError(f"the folder {path.parent} does not exist")
-    return path
+# ------------------------------------------------------------------- read stage: file -> tree
 
 
-def _commit(tmp: Path, target: Path, force: bool) -> None:
-    """Move a finished ``tmp`` onto ``target``; an existing target is replaced only if ``force``."""
-    if not (target.exists() or target.is_symlink()):
-        os.replace(tmp, target) if tmp.is_file() else os.rename(tmp, target)
-        return
-    if not force:
-        raise OutputExistsError(f"{target} already exists; refusing to overwrite it "
-                                "(pass --force / force=True to replace it)")
-    if tmp.is_file() and not target.is_dir():
-        os.replace(tmp, target)  # atomic for files
-        return
-    # Directories cannot be replaced in one step: move the old one aside, swap, then delete it.
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    backup.rmdir()
-    os.rename(target, backup)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(backup, target)
-        raise
-    _remove(backup)
+def _reader(progress, description: str) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(description, done, total)
 
 
-@contextlib.contextmanager
-def _staged(tmp: Path, target: Path, force: bool) -> Iterator[Path]:
-    """Yield ``tmp``; commit it to ``target`` on success, delete it on any exception."""
-    try:
-        yield tmp
-        _commit(tmp, target, force)
-    except BaseException:  # KeyboardInterrupt too: never leave a partial output
-        _remove(tmp)
-        raise
+def read_canonical(r, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """A located source's (``converters.locate.Resolved``) canonical tree (numpy), after every
+    check: keys, shapes, finite values. ``progress(description, done, total)``."""
+    from .frameworks import framework_to_canonical, unflatten_keys
+    from .keymap import check_finite, timm_to_canonical
 
-
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``target``; on success it becomes ``target``.
-
-    On any exception (KeyboardInterrupt included) the temporary folder is deleted and
-    ``target`` is left as it was.
-    """
-    target = check_output(target, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent or "."))
-    with _staged(tmp, target, force) as staged:
-        yield staged
-
-
-@contextlib.contextmanager
-def atomic_file(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path next to ``target``; on success it replaces ``target``."""
-    target = check_output(target, force)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent or ".")
-    os.close(fd)
-    with _staged(Path(name), target, force) as staged:
-        yield staged
-
-
-def _contiguous(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
-
-
-def write_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike,
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Write numpy-convertible arrays (bfloat16 included) to a safetensors file (not atomic)."""
-    from safetensors.numpy import save_file
-
-    save_file(_contiguous(tensors), str(path), metadata=dict(metadata) if metadata else None)
-
-
-def write_safetensors_atomic(tensors: Mapping[str, Any], path: str | os.PathLike, *, force: bool = False,
-                             metadata: Mapping[str, str] | None = None) -> Path:
-    """``write_safetensors`` through ``atomic_file``: all or nothing."""
-    with atomic_file(path, force) as tmp:
-        write_safetensors(tensors, tmp, metadata)
-    return Path(path)
-
-
-def write_json(data: Any, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    if r.kind == "vitport":
+        flat = read_safetensors(r.weights, progress=_reader(progress, f"reading {r.weights.name}"))
+        check_finite(flat, str(r.weights))
+        params = unflatten_keys(flat, r.framework)
+        return framework_to_canonical(params, r.spec, r.framework)
+    sd = read_state_dict(r.weights, progress=_reader(progress, f"reading {r.weights.name}"))
+    if progress:
+        progress("checking and converting", 0, 0)
+    return timm_to_canonical(sd, r.spec, source=str(r.weights))

@@ -60,3 +60,7 @@ class HubError(VitportError, OSError):
 
 class HubUnreachableError(VitportError, ConnectionError):
     """The hub was needed, could not be reached, and the files are not in the local cache."""
+
+
+class OutputWriteError(VitportError, OSError):
+    """Writing the output failed (disk full, quota, read-only, permissions); nothing was left."""

@@ -10,8 +10,11 @@ Haiku or Flax params; the table below is the whole layout contract.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 from dataclasses import dataclass
-from typing import Iterator, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 
@@ -200,12 +203,53 @@ def timm_to_canonical(state_dict: Mapping[str, np.ndarray], spec: Spec, *,
     wrong = [f"{k}: {_shape_of(state_dict[k])} in {source}, {expected[k].timm_shape} expected"
              for k in expected if k in state_dict and _shape_of(state_dict[k]) != expected[k].timm_shape]
     if missing or unexpected or wrong:
-        raise ConversionError(
+        fit = fitting_model_args({k: _shape_of(v) for k, v in state_dict.items()}, spec)
+        hint = ""
+        if fit:
+            hint = (f". It fits with other model_args: --model-args '{json.dumps(fit)}' "
+                    f"(model_args={fit!r} in Python)")
+            if "num_classes" in fit:
+                hint += f", or a pretrained tag with {fit['num_classes']} classes (e.g. an in21k tag)"
+        err = ConversionError(
             f"{source} does not match the {spec.family} architecture it is converted for "
-            f"(dim={spec.dim}, depth={spec.depth}, heads={spec.heads}, num_classes={spec.num_classes})",
+            f"(dim={spec.dim}, depth={spec.depth}, heads={spec.heads}, num_classes={spec.num_classes}, "
+            f"image_size={list(spec.image_size)}){hint}",
             {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes": wrong})
+        err.fitting_model_args = fit
+        raise err
     check_finite(state_dict, source)
     return {e.key: e.to_jax(np.asarray(state_dict[e.timm_key])) for e in table}
+
+
+def _mismatches(shapes: Mapping[str, tuple[int, ...]], spec: Spec) -> int:
+    expected = {e.timm_key: e.timm_shape for e in key_table(spec)}
+    return (sum(k not in shapes or tuple(shapes[k]) != s for k, s in expected.items())
+            + sum(k not in expected for k in shapes))
+
+
+def fitting_model_args(shapes: Mapping[str, tuple[int, ...]], spec: Spec) -> dict[str, Any]:
+    """timm ``model_args`` (classes, image size) under which a state_dict's shapes fit ``spec``
+    exactly; ``{}`` when changing them would not make it fit."""
+    args: dict[str, Any] = {}
+    head = shapes.get("head.weight")
+    if head is not None and len(head) == 2 and head[0] != spec.num_classes:
+        args["num_classes"] = int(head[0])
+    elif head is None and "head.bias" not in shapes and spec.num_classes:
+        args["num_classes"] = 0
+    pos = shapes.get("pos_embed")
+    if pos is not None and len(pos) == 3:
+        prefix = 0 if isinstance(spec, CaiTSpec) or spec.no_embed_class else spec.num_prefix_tokens
+        side = math.isqrt(max(pos[1] - prefix, 0))
+        if side and side * side == pos[1] - prefix and (side, side) != tuple(spec.grid_size):
+            args["img_size"] = side * spec.patch_size
+    if not args:
+        return {}
+    try:
+        fitted = dataclasses.replace(spec, num_classes=args.get("num_classes", spec.num_classes),
+                                     image_size=args.get("img_size", spec.image_size))
+    except (TypeError, ValueError):
+        return {}
+    return args if _mismatches(shapes, fitted) == 0 else {}
 
 
 def canonical_to_timm(tree: Mapping[CanonicalKey, np.ndarray], spec: Spec) -> dict[str, np.ndarray]:

@@ -218,13 +218,21 @@ def _ratio_dim(dim: int, ratio: float) -> int:
     return int(dim * ratio + 1e-6)  # timm: int(dim * ratio); the epsilon absorbs ratios derived from ints
 
 
+def _mlp_width(dim: int, ratio: float | None, factory_ratio: float) -> int:
+    """timm's ``int(dim * mlp_ratio)`` exactly for a given ratio; the factory's ratio (derived from
+    two ints here) keeps the epsilon."""
+    return int(dim * ratio) if ratio is not None else _ratio_dim(dim, factory_ratio)
+
+
 def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str = "model_args") -> Spec:
     """Apply timm constructor keyword arguments on top of a spec (the factory's defaults).
 
     This is what ``timm.create_model(arch, **kwargs)`` does to the architecture; a keyword
     vitport does not implement, or does not know, is refused by name (all at once).
     """
-    kw = dict(kwargs)
+    from .validate import check_timm_kwargs
+
+    kw = check_timm_kwargs(kwargs, where)  # types and ranges first: "depth": "12" is refused by name
     bad: list[str] = []
     new: dict[str, Any] = {}
     default_only = _CAIT_DEFAULT_ONLY if isinstance(spec, CaiTSpec) else _VIT_DEFAULT_ONLY
@@ -243,6 +251,8 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
         if k in kw:
             v = kw.pop(k)
             new[field] = pair(v) if k == "img_size" else v
+    if not isinstance(spec, CaiTSpec) and "init_values" in new and not new["init_values"]:
+        new["init_values"] = None  # timm: a falsy init_values means no LayerScale
     if "patch_size" in kw:
         p = kw.pop("patch_size")
         h, w = pair(p)
@@ -251,14 +261,13 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
         new["patch_size"] = h
     dim = kw.pop("embed_dim", spec.dim)
     new["dim"] = dim
-    mlp_ratio = kw.pop("mlp_ratio", spec.mlp_dim / spec.dim)
-    new["mlp_dim"] = _ratio_dim(dim, mlp_ratio)
+    new["mlp_dim"] = _mlp_width(dim, kw.pop("mlp_ratio", None), spec.mlp_dim / spec.dim)
     if "global_pool" in kw:
         new["pool"] = kw.pop("global_pool")
     if isinstance(spec, CaiTSpec):
         if "depth_token_only" in kw:
             new["cls_depth"] = kw.pop("depth_token_only")
-        new["cls_mlp_dim"] = _ratio_dim(dim, kw.pop("mlp_ratio_token_only", spec.cls_mlp_dim / spec.dim))
+        new["cls_mlp_dim"] = _mlp_width(dim, kw.pop("mlp_ratio_token_only", None), spec.cls_mlp_dim / spec.dim)
     else:
         for k in ("class_token", "reg_tokens", "no_embed_class", "final_norm", "pool_include_prefix",
                   "qk_norm", "dynamic_img_size"):
@@ -292,6 +301,17 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
     return dataclasses.replace(spec, **new)
 
 
+def timm_mlp_ratio(dim: int, width: int) -> float:
+    """The smallest float ``r`` with timm's ``int(dim * r) == width`` (``width / dim`` can fall
+    one ulp short, e.g. 15 / 11)."""
+    import math
+
+    r = width / dim
+    while int(dim * r) < width:
+        r = math.nextafter(r, math.inf)
+    return r
+
+
 def timm_model_args(spec: Spec) -> dict[str, Any]:
     """The ``timm.create_model`` keyword arguments that rebuild ``spec`` on top of its factory.
 
@@ -300,10 +320,10 @@ def timm_model_args(spec: Spec) -> dict[str, Any]:
     args: dict[str, Any] = {"img_size": list(spec.image_size), "patch_size": spec.patch_size,
                             "in_chans": spec.channels, "num_classes": spec.num_classes,
                             "embed_dim": spec.dim, "depth": spec.depth, "num_heads": spec.heads,
-                            "mlp_ratio": spec.mlp_dim / spec.dim, "global_pool": spec.pool}
+                            "mlp_ratio": timm_mlp_ratio(spec.dim, spec.mlp_dim), "global_pool": spec.pool}
     if isinstance(spec, CaiTSpec):
         args["depth_token_only"] = spec.cls_depth
-        args["mlp_ratio_token_only"] = spec.cls_mlp_dim / spec.dim
+        args["mlp_ratio_token_only"] = timm_mlp_ratio(spec.dim, spec.cls_mlp_dim)
     return args
 
 

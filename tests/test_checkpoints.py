@@ -239,6 +239,7 @@ def test_connection_failures_without_offline_mode(hub_cache, monkeypatch):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("converters.locate.hub_reachable", lambda: True)  # let huggingface_hub fail
     for error in (LocalEntryNotFoundError("cannot find the requested files in the local cache"),
                   ConnectionError("Name or service not known"), TimeoutError("timed out")):
         def fail(*args, _error=error, **kwargs):
@@ -509,13 +510,13 @@ def test_nan_and_inf_are_reported_by_tensor_name(workdir):
 
 def test_existing_output_is_refused_unless_forced(workdir):
     src, out = workdir
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
+    vitport.convert(src, out, framework="haiku")  # an earlier conversion: what --force may replace
     before = listing(src.parent)
     with pytest.raises(OutputExistsError, match="--force"):
         vitport.convert(src, out)
     assert_untouched(before, src.parent)
     vitport.convert(src, out, force=True)
+    assert vitport.load(out).framework == "flax"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in src.parent.iterdir()) == ["out", "src"]  # no temporary leftovers
 
@@ -527,8 +528,7 @@ def test_interrupted_conversion_leaves_nothing_behind(workdir, monkeypatch, exc,
 
     src, out = workdir
     if existing:
-        out.mkdir()
-        (out / "precious.txt").write_text("keep me")
+        vitport.convert(src, out, framework="haiku")
     before = listing(src.parent)
 
     def interrupt(*args, **kwargs):  # after model.safetensors was written, before config.json
@@ -541,7 +541,7 @@ def test_interrupted_conversion_leaves_nothing_behind(workdir, monkeypatch, exc,
 
 
 def test_interrupted_export_leaves_nothing_behind(workdir, monkeypatch):
-    import converters.checkpoint_io as cio
+    import converters.writer as cio
 
     src, _ = workdir
     target = src.parent / "timm.safetensors"

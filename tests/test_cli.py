@@ -239,10 +239,10 @@ def test_every_bad_input_is_one_error_paragraph_and_changes_nothing(tiny, tmp_pa
 def test_force_replaces_an_existing_output(tiny, tmp_path, capsys):
     _, folder = tiny["vit"]
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    assert run(capsys, "convert", folder, "--out", out, "--framework", "haiku")[0] == 0
     rc, _, _ = run(capsys, "convert", folder, "--out", out, "--force")
     assert rc == 0
+    assert json.loads((out / "config.json").read_text())["framework"] == "flax"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 

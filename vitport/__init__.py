@@ -15,9 +15,20 @@ from converters import FRAMEWORKS, VitportError
 from converters.architectures import arch_spec, list_architectures, pretrained_tag_cfg
 from converters.specs import spec_with_timm_kwargs
 
-from .api import JaxModel, from_state_dict, init_params
-from .config import ModelConfig
-from .hub import convert, export_timm, load, save
+# jax, Haiku and Flax load on first use (PEP 562), so `vitport` the command installs its signal
+# handlers before the heavy imports: a Ctrl-C in the first second is then never swallowed.
+_LAZY = {"JaxModel": "api", "from_state_dict": "api", "init_params": "api", "ModelConfig": "config",
+         "convert": "hub", "export_timm": "hub", "load": "hub", "save": "hub"}
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in FRAMEWORKS:  # the front-end packages: vitport.haiku, vitport.flax, vitport.nnx
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'vitport' has no attribute {name!r}")
 
 
 def from_timm(model, framework: str = "flax") -> JaxModel:
@@ -40,6 +51,9 @@ def create_model(name: str, framework: str = "flax", rng: Any = 0, **timm_kwargs
     exactly as ``load(..., model_args=...)`` does; a keyword vitport does not know or
     implement is an error that names it. Needs no torch.
     """
+    from .api import JaxModel, init_params
+    from .config import ModelConfig
+
     rates = {TIMM_DROP_RATES[k]: timm_kwargs.pop(k) for k in list(timm_kwargs) if k in TIMM_DROP_RATES}
     spec = spec_with_timm_kwargs(arch_spec(name), timm_kwargs, where=f"create_model({name!r}, ...)")
     cfg = ModelConfig(spec, **rates)

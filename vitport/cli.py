@@ -154,6 +154,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _verify_checkpoint(args, frameworks, dtypes)
     if args.arch or args.model_args or args.revision:
         raise InvalidArgumentError("--arch, --model-args and --revision go with --checkpoint")
+    from converters.architectures import arch_spec
+
+    arch_spec(args.name)  # an unknown or refused name fails here, by name, not inside timm
     from .parity import TOLERANCES, verify_architecture
 
     all_ok = True
@@ -213,14 +216,15 @@ def _verify_checkpoint(args: argparse.Namespace, frameworks, dtypes) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from converters.checkpoint_io import check_output
 
-    from .hub import CONFIG_NAME, WEIGHTS_NAME, load_resolved, resolve, save
+    from .hub import CONFIG_NAME, WEIGHTS_NAME, load_resolved, resolve, save, sources_read
 
-    check_output(args.out, args.force)  # refuse before downloading or reading anything
+    check_output(args.out, args.force, reading=sources_read(args.source))  # before downloading or reading
     r = resolve(args.source, arch=args.arch, model_args=_model_args(args.model_args), revision=args.revision)
+    check_output(args.out, args.force, reading=sources_read(r))  # never the source itself
     with progress_bars() as bar:
         jm = load_resolved(r, args.framework, image_size=_image_size(args.img_size), dtype=args.dtype,
                            progress=bar)
-        out = save(jm, args.out, force=args.force, source=r.description, progress=bar)
+        out = save(jm, args.out, force=args.force, source=r.description, progress=bar, reading=sources_read(r))
     size = sum((out / n).stat().st_size for n in (WEIGHTS_NAME, CONFIG_NAME))
     rows = [("source", r.description), ("architecture", jm.architecture), ("framework", jm.framework),
             ("parameters", f"{jm.num_params():,}"), ("dtype", str(jm.dtype)),
@@ -370,15 +374,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except VitportError as e:  # a deliberate error: one paragraph, no traceback; anything else is a bug
-        err_console.print("[bold red]error:[/]", escape(str(e)))
-        return 2
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]: no partial output was left behind")
-        return 130
+    from converters.writer import received_signal, signals_raise
+
+    # SIGINT/SIGTERM/SIGHUP raise (and are remembered), so the writer's cleanup always runs.
+    with signals_raise():
+        try:
+            args = build_parser().parse_args(argv)
+            rc = args.func(args)
+            if received_signal() is None:
+                return rc
+            raise KeyboardInterrupt  # a library swallowed the signal's exception: still a failed run
+        except VitportError as e:  # a deliberate error: one paragraph, no traceback; anything else is a bug
+            err_console.print("[bold red]error:[/]", escape(str(e)))
+            return 2
+        except KeyboardInterrupt:
+            signum = received_signal()
+            err_console.print("[bold red]interrupted[/]: no partial output was left behind")
+            return 128 + signum if signum else 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,169 @@
+"""Values from outside (config.json, --model-args, a converted folder's spec) checked before use.
+
+timm's ``create_model`` would fail on ``"depth": "12"`` or ``"num_heads": 0`` deep inside
+PyTorch, or not at all until a forward pass; vitport checks every value it reads against
+the type and range timm's constructors need, and reports all problems in one error that
+names the file (or flag), the key and the value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from .errors import InvalidArgumentError
+
+# Generous ceilings: real checkpoints are far below them; above them, vitport would spend
+# minutes or gigabytes building tables for a model no file can hold.
+MAX_SIZE = 1 << 16
+MAX_DEPTH = 4096
+MAX_CLASSES = 1 << 24
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _int_in(lo: int, hi: int):
+    def check(v: Any) -> str | None:
+        if not _is_int(v):
+            return f"an integer from {lo} to {hi}"
+        return None if lo <= v <= hi else f"an integer from {lo} to {hi}"
+    return check
+
+
+def _size(v: Any) -> str | None:
+    """An int or an [H, W] pair of ints, each at least 1 (timm's ``to_2tuple``)."""
+    want = f"a positive integer or a [height, width] pair of them (at most {MAX_SIZE})"
+    items = list(v) if isinstance(v, (list, tuple)) else [v]
+    if isinstance(v, (list, tuple)) and len(items) != 2:
+        return want
+    return None if all(_is_int(x) and 1 <= x <= MAX_SIZE for x in items) else want
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) or v in (0, 1) and _is_int(v) else "true or false"
+
+
+def _optional_bool(v: Any) -> str | None:
+    return None if v is None else _bool(v)
+
+
+def _positive_number(v: Any) -> str | None:
+    return None if _is_number(v) and 0 < v <= 64 else "a number greater than 0 (e.g. 4.0)"
+
+
+def _optional_number(v: Any) -> str | None:
+    return None if v is None or _is_number(v) else "a number or null"
+
+
+def _optional_str(v: Any) -> str | None:
+    return None if v is None or isinstance(v, str) else "a string or null"
+
+
+def _str(v: Any) -> str | None:
+    return None if isinstance(v, str) else "a string"
+
+
+# timm constructor keyword -> what its value must be (unknown keywords are specs.py's concern).
+KWARG_CHECKS = {
+    "img_size": _size, "patch_size": _size, "in_chans": _int_in(1, 4096),
+    "num_classes": _int_in(0, MAX_CLASSES), "embed_dim": _int_in(1, MAX_SIZE), "depth": _int_in(1, MAX_DEPTH),
+    "num_heads": _int_in(1, MAX_SIZE), "mlp_ratio": _positive_number, "qkv_bias": _bool, "qk_norm": _bool,
+    "init_values": _optional_number, "class_token": _bool, "reg_tokens": _int_in(0, MAX_SIZE),
+    "no_embed_class": _bool, "pre_norm": _bool, "final_norm": _bool, "fc_norm": _optional_bool,
+    "pool_include_prefix": _bool, "dynamic_img_size": _bool, "global_pool": _str,
+    "act_layer": _optional_str, "norm_layer": _optional_str,
+    "depth_token_only": _int_in(1, MAX_DEPTH), "mlp_ratio_token_only": _positive_number,
+}
+
+
+def check_timm_kwargs(kwargs: Any, where: str = "model_args") -> dict[str, Any]:
+    """``kwargs`` as a dict, after checking each known keyword's type and range (all at once)."""
+    if not isinstance(kwargs, Mapping):
+        raise InvalidArgumentError(f"{where} must be a JSON object of timm create_model arguments, "
+                                   f"e.g. {{\"num_classes\": 10}}; got {type(kwargs).__name__} {kwargs!r:.80}")
+    bad = []
+    for k, v in kwargs.items():
+        if not isinstance(k, str):
+            bad.append(f"{k!r} (keys must be strings)")
+            continue
+        check = KWARG_CHECKS.get(k)
+        want = check(v) if check else None
+        if want:
+            bad.append(f"{k}={_show(v)} (must be {want})")
+    kw = dict(kwargs)
+    sizes = {k: kw[k] for k in ("img_size", "patch_size") if k in kw and _size(kw[k]) is None}
+    if len(sizes) == 2 and any(p > s for p, s in zip(_pair(sizes["patch_size"]), _pair(sizes["img_size"]))):
+        bad.append(f"patch_size={_show(sizes['patch_size'])} is larger than img_size={_show(sizes['img_size'])}")
+    dims = [kw.get("embed_dim"), kw.get("num_heads")]
+    if all(_is_int(x) and x > 0 for x in dims) and dims[0] % dims[1]:
+        bad.append(f"embed_dim={dims[0]} is not divisible by num_heads={dims[1]}")
+    if bad:
+        raise InvalidArgumentError(f"invalid values in {where}: " + "; ".join(bad)
+                                   + ". Fix them (timm's create_model keyword arguments) and run again.")
+    return kw
+
+
+def check_pretrained_cfg(cfg: Any, where: str) -> dict[str, Any]:
+    """The entries of a hub ``pretrained_cfg`` that shape the model: ``num_classes``, ``input_size``."""
+    if not isinstance(cfg, Mapping):
+        raise InvalidArgumentError(f"{where}: 'pretrained_cfg' must be a JSON object, got {_show(cfg)}")
+    bad = []
+    n = cfg.get("num_classes")
+    if n is not None and not (_is_int(n) and n <= MAX_CLASSES):
+        bad.append(f"num_classes={_show(n)} (must be an integer)")
+    size = cfg.get("input_size")
+    if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 3
+                                 and all(_is_int(x) and 1 <= x <= MAX_SIZE for x in size)):
+        bad.append(f"input_size={_show(size)} (must be [channels, height, width], positive integers)")
+    if bad:
+        raise InvalidArgumentError(f"invalid values in {where}: " + "; ".join(bad))
+    return dict(cfg)
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v[0], v[1]) if isinstance(v, (list, tuple)) else (v, v)
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_SPEC_INTS = {"patch_size": (1, MAX_SIZE), "channels": (1, 4096), "num_classes": (0, MAX_CLASSES),
+              "dim": (1, MAX_SIZE), "depth": (1, MAX_DEPTH), "heads": (1, MAX_SIZE), "mlp_dim": (1, 1 << 20),
+              "reg_tokens": (0, MAX_SIZE), "cls_depth": (1, MAX_DEPTH), "cls_mlp_dim": (1, 1 << 20)}
+_SPEC_BOOLS = ("class_token", "distilled", "no_embed_class", "pre_norm", "final_norm", "fc_norm",
+               "pool_include_prefix", "patch_bias", "qkv_bias", "qk_norm", "dynamic_img_size")
+
+
+def check_spec(spec: Any, where: str = "spec") -> None:
+    """A spec read from a file (a converted folder's config.json): every field of the right type."""
+    import dataclasses
+
+    bad = []
+    for f in dataclasses.fields(spec):
+        v = getattr(spec, f.name)
+        if f.name in _SPEC_INTS:
+            lo, hi = _SPEC_INTS[f.name]
+            if not (_is_int(v) and lo <= v <= hi):
+                bad.append(f"{f.name}={_show(v)} (must be an integer from {lo} to {hi})")
+        elif f.name in _SPEC_BOOLS and not isinstance(v, bool):
+            bad.append(f"{f.name}={_show(v)} (must be true or false)")
+        elif f.name == "image_size" and _size(list(v)):
+            bad.append(f"image_size={_show(v)} (must be [height, width], positive integers)")
+        elif f.name == "init_values" and _optional_number(v):
+            bad.append(f"init_values={_show(v)} (must be a number or null)")
+        elif f.name == "norm_eps" and not (_is_number(v) and v > 0):
+            bad.append(f"norm_eps={_show(v)} (must be a positive number)")
+        elif f.name == "activation" and v not in ("gelu", "gelu_tanh", "quick_gelu"):
+            bad.append(f"activation={_show(v)} (must be 'gelu', 'gelu_tanh' or 'quick_gelu')")
+    if not bad and any(spec.patch_size > s for s in spec.image_size):
+        bad.append(f"patch_size={spec.patch_size} is larger than image_size={list(spec.image_size)}")
+    if bad:
+        raise InvalidArgumentError(f"invalid values in {where}: " + "; ".join(bad))

@@ -1,0 +1,70 @@
+"""The place stage: a checked canonical tree -> a JaxModel (resolution change, dtype cast, the
+framework's own param names). Framework layouts themselves are ``converters.frameworks``'."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from converters import CaiTSpec, Spec, canonical_to_framework
+from converters.errors import InvalidArgumentError
+from converters.specs import pair
+
+from .api import JaxModel, check_framework, to_jax_array
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def resize_canonical(tree: dict, spec: Spec, image_size: int | tuple[int, int]) -> tuple[dict, Spec]:
+    """Change the input resolution: resample ``pos_embed`` as timm does (bicubic, antialias, float32)."""
+    from .ops import resample_pos_embed
+
+    new_size = pair(image_size)
+    if new_size == tuple(spec.image_size):
+        return tree, spec
+    if any(s < spec.patch_size for s in new_size):
+        raise InvalidArgumentError(f"image_size={new_size} is smaller than one {spec.patch_size}-pixel patch")
+    new_spec = dataclasses.replace(spec, image_size=new_size)
+    prefix = 0 if isinstance(spec, CaiTSpec) or spec.no_embed_class else spec.num_prefix_tokens
+    key = ("", "pos_embed")
+    pe = np.asarray(tree[key])
+    out = resample_pos_embed(pe, new_spec.grid_size, spec.grid_size, prefix)
+    tree = dict(tree)
+    tree[key] = np.asarray(out).astype(pe.dtype)
+    return tree, new_spec
+
+
+def _cast(tree: dict, dtype: str | None) -> dict:
+    if dtype is None:
+        return tree
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        target = np.dtype(ml_dtypes.bfloat16)
+    else:
+        target = np.dtype(dtype)
+
+    def cast(a):
+        a = np.asarray(a)
+        return a.astype(target) if (a.dtype.kind == "f" or a.dtype.name == "bfloat16") else a
+
+    return {k: cast(v) for k, v in tree.items()}
+
+
+def model_from_canonical(tree: dict, r, framework: str | None = None, *, image_size=None,
+                         dtype: str | None = None) -> JaxModel:
+    """A JaxModel from a checked canonical tree (``read_canonical``): resized, cast, renamed."""
+    framework = check_framework(framework or r.framework or "flax")
+    spec, cfg = r.spec, dict(r.pretrained_cfg)
+    if image_size is not None:
+        tree, spec = resize_canonical(tree, spec, image_size)
+        if spec is not r.spec:
+            cfg["input_size"] = [spec.channels, *spec.image_size]
+    tree = _cast(tree, dtype)
+    params = canonical_to_framework({k: to_jax_array(v) for k, v in tree.items()}, spec, framework)
+    return JaxModel(spec, framework, params, cfg, r.architecture or None)
+
+
