@@ -25,6 +25,7 @@ TINY_CASES = {
     "no_qkv_bias_no_class_token": ("vit_base_patch16_224", dict(TINY, qkv_bias=False, class_token=False,
                                                                 global_pool="avg")),
     "dynamic_img_size": ("vit_base_patch16_224", dict(TINY, dynamic_img_size=True)),
+    "img_size_not_a_patch_multiple": ("vit_base_patch16_224", dict(TINY, img_size=36)),  # timm floors the grid
     "cait": ("cait_s24_224", TINY_CAIT),
 }
 

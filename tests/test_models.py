@@ -199,6 +199,17 @@ def test_wrong_input_size_is_a_clear_error(framework):
         jm(np.ones((1, 32, 32, 3), np.uint8))
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("arch", ["vit_base_patch16_224", "deit_base_distilled_patch16_224", "cait_s24_224"])
+def test_empty_batch_gives_an_empty_result(framework, arch):
+    """timm returns (0, K) for 0 images; so does every front-end, features included."""
+    jm = vitport.create_model(arch, framework, img_size=32, patch_size=8, embed_dim=32, num_heads=2, depth=1,
+                              num_classes=5)
+    empty = np.zeros((0, 32, 32, 3), np.float32)
+    assert jm(empty).shape == (0, 5)
+    assert jm.forward_features(empty).shape[0] == 0
+
+
 # ------------------------------------------------------------------------------- NNX only
 
 

@@ -23,10 +23,11 @@ _LAZY = {"JaxModel": "api", "from_state_dict": "api", "init_params": "api", "Mod
 
 def __getattr__(name: str) -> Any:
     import importlib
+    import importlib.util
 
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    if name in FRAMEWORKS:  # the front-end packages: vitport.haiku, vitport.flax, vitport.nnx
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # submodules: vitport.nnx, vitport.api, ...
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'vitport' has no attribute {name!r}")
 

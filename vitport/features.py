@@ -92,7 +92,7 @@ def forward_intermediates(jm: "JaxModel", images: Any, indices: int | Sequence[i
     taken = [y[:, num_prefix:] for y in taken]
     if output_fmt != "NLC":
         b, h, w = x.shape[0], x.shape[1] // jm.spec.patch_size, x.shape[2] // jm.spec.patch_size
-        taken = [y.reshape(b, h, w, -1) for y in taken]
+        taken = [y.reshape(b, h, w, y.shape[-1]) for y in taken]
         if output_fmt == "NCHW":
             taken = [y.transpose(0, 3, 1, 2) for y in taken]
     if return_prefix_tokens and num_prefix:

@@ -120,6 +120,24 @@ class Layers(Protocol):
         """The free parameter ``name`` (e.g. ``"cls_token"``)."""
 
 
+class LazyLayers:
+    """``Layers`` for front-ends that create submodules inside the parent's call (Haiku, linen):
+    each is built on first use from its declaration, named with list indices joined by an
+    underscore (``blocks_3``), and cached so a second use shares its weights."""
+
+    def __init__(self, declarations: dict[str, Any], cfg: ModelConfig, train: bool):
+        self.declarations, self.cfg, self.train = declarations, cfg, train
+        self.built: dict[str, Callable] = {}
+
+    def __call__(self, name: str) -> Callable:
+        if name not in self.built:
+            self.built[name] = self.build(name.replace(".", "_"), self.declarations[name])
+        return self.built[name]
+
+    def build(self, name: str, decl: Any) -> Callable:
+        raise NotImplementedError
+
+
 # --------------------------------------------------------------------------- children
 
 
@@ -375,11 +393,17 @@ def _blocks(m: Layers, prefix: str, count: int, x: jax.Array, out: dict, *extra:
     return x
 
 
+def _tokens(grid: jax.Array) -> jax.Array:
+    """(B, h, w, D) -> (B, h*w, D), with explicit sizes so an empty batch keeps its shape."""
+    b, h, w, d = grid.shape
+    return grid.reshape(b, h * w, d)
+
+
 def _vit_features(m: Layers, s: ViTSpec, x: jax.Array, out: dict) -> jax.Array:
     """timm ``forward_features``: tokens (B, prefix + patches, D) after the final norm."""
     check_input(s, x)
     patches = m("patch_embed")(x)
-    out["patch_embed"] = patches.reshape(patches.shape[0], -1, s.dim)
+    out["patch_embed"] = _tokens(patches)
     prefix = [m.param(name) for name in s.prefix_tokens]
     x = ops.embed_tokens(patches, m.param("pos_embed"), prefix, s.grid_size, s.no_embed_class)
     x = m("pos_drop")(x)
@@ -417,7 +441,7 @@ def _vit_head(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool, out: dict)
 def _cait_features(m: Layers, s: CaiTSpec, x: jax.Array, out: dict) -> jax.Array:
     check_input(s, x)
     patches = m("patch_embed")(x)
-    x = out["patch_embed"] = patches.reshape(patches.shape[0], -1, s.dim)
+    x = out["patch_embed"] = _tokens(patches)
     x = m("pos_drop")(x + m.param("pos_embed"))
     x = _blocks(m, "blocks", s.depth, x, out)
     cls = jnp.broadcast_to(m.param("cls_token"), (x.shape[0], 1, s.dim)).astype(x.dtype)

@@ -29,24 +29,19 @@ class DropPath(nn.Module):
         return ops.drop_path(x, self.rate, self.make_rng("dropout"))
 
 
-class Layers:
-    """``structure.Layers`` for a linen module inside its compact ``__call__``: submodules are
-    created on first use (linen binds them to the module being called) and cached."""
+class Layers(structure.LazyLayers):
+    """``structure.Layers`` for a linen module inside its compact ``__call__`` (linen binds the
+    submodules built here to the module being called)."""
 
     def __init__(self, module: nn.Module, declarations: dict[str, Any], cfg: ModelConfig, train: bool):
-        self.module, self.declarations, self.cfg, self.train = module, declarations, cfg, train
-        self.built: dict[str, Callable] = {}
-
-    def __call__(self, name: str) -> Callable:
-        if name not in self.built:
-            self.built[name] = self._build(name.replace(".", "_"), self.declarations[name])
-        return self.built[name]
+        super().__init__(declarations, cfg, train)
+        self.module = module
 
     def param(self, name: str) -> jax.Array:
         decl = self.declarations[name]
         return self.module.param(name, structure.initializer(decl), decl.shape, jnp.dtype(self.cfg.param_dtype))
 
-    def _build(self, name: str, decl: Any) -> Callable:
+    def build(self, name: str, decl: Any) -> Callable:
         kw = dict(dtype=self.cfg.dtype, param_dtype=jnp.dtype(self.cfg.param_dtype), name=name)
         if isinstance(decl, structure.Linear):
             return nn.Dense(decl.out_features, use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT, **kw)

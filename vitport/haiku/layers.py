@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from .. import ops, structure
-from ..config import ModelConfig
 
 
 def _haiku_init(init: Callable) -> Callable:
@@ -37,25 +36,16 @@ def _drop_path(rate: float, is_training: bool) -> Callable[[jax.Array], jax.Arra
     return lambda x: ops.drop_path(x, rate, hk.next_rng_key())
 
 
-class Layers:
-    """``structure.Layers`` inside a Haiku module's ``__call__``: submodules are created on
-    first use (Haiku names them under the module being called) and cached."""
-
-    def __init__(self, declarations: dict[str, Any], cfg: ModelConfig, is_training: bool):
-        self.declarations, self.cfg, self.is_training = declarations, cfg, is_training
-        self.built: dict[str, Callable] = {}
-
-    def __call__(self, name: str) -> Callable:
-        if name not in self.built:
-            self.built[name] = self._build(name.replace(".", "_"), self.declarations[name])
-        return self.built[name]
+class Layers(structure.LazyLayers):
+    """``structure.Layers`` inside a Haiku module's ``__call__`` (Haiku names the submodules
+    built here under the module being called); ``train`` is Haiku's ``is_training``."""
 
     def param(self, name: str) -> jax.Array:
         decl = self.declarations[name]
         return hk.get_parameter(name, decl.shape, jnp.dtype(self.cfg.param_dtype),
                                 init=_haiku_init(structure.initializer(decl)))
 
-    def _build(self, name: str, decl: Any) -> Callable:
+    def build(self, name: str, decl: Any) -> Callable:
         if isinstance(decl, structure.Linear):
             return hk.Linear(decl.out_features, with_bias=decl.bias, w_init=WEIGHT_INIT, name=name)
         if isinstance(decl, structure.Norm):
@@ -65,11 +55,11 @@ class Layers:
             return hk.Conv2D(decl.out_channels, decl.patch_size, stride=decl.patch_size, padding="VALID",
                              with_bias=decl.bias, w_init=WEIGHT_INIT, name=name)
         if isinstance(decl, structure.Dropout):
-            return _dropout(decl.rate, self.is_training)
+            return _dropout(decl.rate, self.train)
         if isinstance(decl, structure.DropPath):
-            return _drop_path(decl.rate, self.is_training)
+            return _drop_path(decl.rate, self.train)
         if isinstance(decl, structure.Node):
-            return functools.partial(Node(decl, name=name), is_training=self.is_training)
+            return functools.partial(Node(decl, name=name), is_training=self.train)
         raise TypeError(f"no Haiku layer for {decl!r}")
 
 
