@@ -13,8 +13,8 @@ import vitport
 from converters import FRAMEWORKS
 from converters.errors import InvalidArgumentError, OutputExistsError
 from vitport import cli
-from vitport.attention import (MIN_PANEL_SIDE, OVERLAY_ALPHA, PANEL_GAP, attention_image, colour_map, patch_attention,
-                               write_attention_image)
+from vitport.attention import (MIN_PANEL_SIDE, OVERLAY_ALPHA, PANEL_GAP, AttentionMapError, attention_image,
+                               colour_map, patch_attention, patch_weights, write_attention_image)
 from vitport.preprocess import ImageError
 
 # (timm architecture, kwargs, the query rows the classifier reads, front-end)
@@ -244,3 +244,8 @@ def test_library_errors(folders):
         attention_image(jm, __file__)
     with pytest.raises(OutputExistsError):
         write_attention_image(jm, Image.new("RGB", (40, 40)), __file__)
+    with pytest.raises(AttentionMapError, match="no attention blocks"):
+        patch_weights({}, jm.spec)
+    jm.attention_maps = lambda x: {"blocks.0": np.full((1, 4, 10, 10), 0.1)}  # 9 patch tokens, not 4x4
+    with pytest.raises(AttentionMapError, match="do not form the 4x4 patch grid"):
+        attention_image(jm, Image.new("RGB", (40, 40)))
