@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_images import add_image_commands  # predict, embed
 
     add_image_commands(sub)
+    from .cli_attention import add_attention_command  # attention
+
+    add_attention_command(sub)
     return parser
 
 
