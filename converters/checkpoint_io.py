@@ -39,7 +39,9 @@ SAFETENSORS_EXTS = (".safetensors",)
 TORCH_EXTS = (".pth", ".pt", ".bin", ".pth.tar", ".ckpt")
 CHECKPOINT_EXTS = SAFETENSORS_EXTS + TORCH_EXTS
 # timm's preference order inside a hub-layout folder (safetensors first).
-HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+# Sharded checkpoints name their index (``converters.sharded``) instead of one file.
+HUB_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json", "pytorch_model.pth", "model.pth")
 # Keys of a training checkpoint that hold the weights, in timm's order (EMA first).
 WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation",
@@ -61,6 +63,10 @@ def read_state_dict(path: str | os.PathLike, *, progress: Progress | None = None
     if not path.is_file():
         raise MissingFileError(f"no such checkpoint file: {path}")
     name = path.name.lower()
+    if name.endswith(".index.json"):  # a sharded checkpoint, read shard by shard
+        from .sharded import read_sharded
+
+        return read_sharded(path, progress)
     if name.endswith(SAFETENSORS_EXTS):
         return strip_wrapper_prefixes(read_safetensors(path, progress=progress))
     if name.endswith(TORCH_EXTS):
@@ -368,7 +374,8 @@ def read_canonical(r, progress: Callable[[str, int, int], None] | None = None) -
     from .keymap import check_finite, timm_to_canonical
 
     if r.kind == "vitport":
-        flat = read_safetensors(r.weights, progress=_reader(progress, f"reading {r.weights.name}"))
+        read = read_state_dict if r.weights.name.endswith(".index.json") else read_safetensors
+        flat = read(r.weights, progress=_reader(progress, f"reading {r.weights.name}"))
         check_finite(flat, str(r.weights))
         params = unflatten_keys(flat, r.framework)
         return framework_to_canonical(params, r.spec, r.framework)

@@ -39,6 +39,7 @@ from .checkpoint_io import (find_weights, is_checkpoint_file, preprocessing, rea
 from .errors import (CheckpointError, HubError, HubUnreachableError, InvalidArgumentError, MissingFileError,
                      UnsupportedArchitectureError)
 from .frameworks import FRAMEWORKS
+from .sharded import INDEX_FILES, SAFETENSORS_INDEX, TORCH_INDEX
 from .specs import Spec, spec_from_dict, spec_with_timm_kwargs
 from .validate import check_spec
 
@@ -149,18 +150,26 @@ def hub_download(repo_id: str, revision: str | None = None, *, arch: str | None 
 
     from huggingface_hub import constants
 
-    weight_files = ("model.safetensors", "pytorch_model.bin")
+    weight_files = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", TORCH_INDEX)
     # Unreachable hub: read the cache at once instead of after huggingface_hub's retries.
     cache_only = not constants.HF_HUB_OFFLINE and not hub_reachable()
 
     def get(filename: str) -> Path:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=cache_only))
+        path = Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=cache_only))
+        if filename in INDEX_FILES:  # a sharded checkpoint: its shards land next to the index
+            for shard in _index_shard_names(path):
+                hf_hub_download(repo_id, shard, revision=revision, local_files_only=cache_only)
+        return path
 
     def cached_weights() -> Path:
         """The hub is unreachable: use weights already in the cache (timm caches no config.json)."""
         for filename in weight_files:
             found = try_to_load_from_cache(repo_id, filename, revision=revision)
-            if isinstance(found, str):
+            if isinstance(found, str) and filename in INDEX_FILES:
+                if all(isinstance(try_to_load_from_cache(repo_id, n, revision=revision), str)
+                       for n in _index_shard_names(Path(found))):
+                    return Path(found)
+            elif isinstance(found, str):
                 return Path(found)
         raise _unreachable(repo_id, arch, cache_only)
 
@@ -183,7 +192,8 @@ def hub_download(repo_id: str, revision: str | None = None, *, arch: str | None 
                 return config, cached_weights()
             except EntryNotFoundError:
                 pass
-        raise HubError(f"{repo_id} holds neither model.safetensors nor pytorch_model.bin")
+        raise HubError(f"{repo_id} holds neither model.safetensors nor pytorch_model.bin (nor their sharded "
+                       "index files)")
     except LocalEntryNotFoundError:
         raise _unreachable(repo_id, arch, cache_only) from None
     except RepositoryNotFoundError:
@@ -201,6 +211,12 @@ def hub_download(repo_id: str, revision: str | None = None, *, arch: str | None 
         if type(e).__module__.startswith(("httpx", "httpcore")):  # huggingface_hub's HTTP client
             raise _unreachable(repo_id, arch, cache_only) from None
         raise
+
+
+def _index_shard_names(index: Path) -> list[str]:
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data.get("weight_map"), dict) else {}
+    return list(dict.fromkeys(v for v in weight_map.values() if isinstance(v, str) and Path(v).name == v))
 
 
 # ------------------------------------------------------------------------- resolution
@@ -233,6 +249,8 @@ def _from_vitport_dir(folder: Path, cfg: dict[str, Any], source: str) -> Resolve
         raise CheckpointError(f"{folder}: vitport format version {cfg.get('version')!r} is not "
                               f"supported (this vitport reads version {FORMAT_VERSION})")
     weights = folder / WEIGHTS_NAME
+    if not weights.is_file() and (folder / SAFETENSORS_INDEX).is_file():  # written in shards
+        weights = folder / SAFETENSORS_INDEX
     if not weights.is_file():
         raise MissingFileError(f"{folder} has a vitport {CONFIG_NAME} but no {WEIGHTS_NAME}")
     for key in ("spec", "framework"):
@@ -279,11 +297,11 @@ def resolve(source: str | os.PathLike, *, arch: str | None = None,
         name, spec, cfg = spec_for_arch(arch, model_args)
         return Resolved(text, "hub-dir", find_weights(path), name, spec, cfg)
     if path.is_file():
-        if not is_checkpoint_file(path):
+        if not is_checkpoint_file(path) and path.name not in INDEX_FILES:
             raise CheckpointError(f"{path}: not a checkpoint file (.safetensors, .pth, .bin) nor a folder")
         if arch is None:
             sibling = path.parent / CONFIG_NAME
-            if path.name in ("model.safetensors", "pytorch_model.bin") and sibling.is_file():
+            if path.name in ("model.safetensors", "pytorch_model.bin", *INDEX_FILES) and sibling.is_file():
                 return _from_hub_config(sibling, text, "hub-dir", path, None, model_args)
             raise CheckpointError(f"{path} is a bare weights file: it does not say which architecture it "
                                   "holds. Pass it with --arch NAME (arch= in Python), e.g. --arch "

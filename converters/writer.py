@@ -124,6 +124,9 @@ def is_converted_folder(path: Path) -> bool:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    from .sharded import SAFETENSORS_INDEX, SHARD_NAME  # large folders are written in shards
+
+    names = {n for n in names if not SHARD_NAME.match(n)} - {SAFETENSORS_INDEX}
     return names <= CONVERTED_FILES and isinstance(cfg, dict) and cfg.get("format") == FORMAT
 
 

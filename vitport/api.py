@@ -133,6 +133,14 @@ class JaxModel:
         """``{timm block name: (B, heads, queries, keys)}`` attention weights."""
         return features.attention_maps(self, images)
 
+    def shard(self, mesh: Any = None, *, strategy: str = "dp") -> "JaxModel":
+        """This model with its params placed on a ``jax.sharding.Mesh`` (default: every device
+        on a ``data`` axis) by ``strategy`` ``dp`` / ``fsdp`` / ``tp``; calls split the batch over
+        ``data``. See ``vitport.sharding``."""
+        from .sharding import shard
+
+        return shard(self, mesh, strategy=strategy)
+
     def num_params(self) -> int:
         return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
 

@@ -221,16 +221,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_output(args.out, args.force, reading=sources_read(args.source))  # before downloading or reading
     r = resolve(args.source, arch=args.arch, model_args=_model_args(args.model_args), revision=args.revision)
     check_output(args.out, args.force, reading=sources_read(r))  # never the source itself
+    from .hub import memory_line
+
+    err_console.print(escape(memory_line(r, args.dtype)))
     with progress_bars() as bar:
         jm = load_resolved(r, args.framework, image_size=_image_size(args.img_size), dtype=args.dtype,
                            progress=bar)
-        out = save(jm, args.out, force=args.force, source=r.description, progress=bar, reading=sources_read(r))
-    size = sum((out / n).stat().st_size for n in (WEIGHTS_NAME, CONFIG_NAME))
+        out = save(jm, args.out, force=args.force, source=r.description, progress=bar, reading=sources_read(r),
+                   max_shard_size=args.max_shard_size)
+    files = sorted(p.name for p in out.iterdir())
+    size = sum((out / n).stat().st_size for n in files)
     rows = [("source", r.description), ("architecture", jm.architecture), ("framework", jm.framework),
             ("parameters", f"{jm.num_params():,}"), ("dtype", str(jm.dtype)),
             ("image size", "x".join(map(str, jm.spec.image_size))),
             *_preprocessing_rows(jm.pretrained_cfg),
-            ("output", f"{out}/{{{WEIGHTS_NAME}, {CONFIG_NAME}}} ({_size(size)})")]
+            ("output", f"{out}/{{{', '.join(files) if len(files) <= 3 else f'{len(files)} files'}}} ({_size(size)})")]
     console.print(_kv_table(f"converted {r.description}", rows))
     console.print(f"load it with [bold]vitport.load({str(out)!r})[/] (no torch needed)")
     return 0
@@ -271,6 +276,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("weights", f"{r.weights} ({_size(info['file_size'])})"),
             ("architecture", r.architecture or "-"), ("family", r.spec.family),
             ("tensors", info["num_tensors"]), ("parameters", f"{info['num_params']:,}"),
+            ("memory needed", _size(info["memory"])),
             ("dtypes", ", ".join(f"{d} ({n})" for d, n in info["dtypes"].items()))]
     table = _kv_table(f"{r.description}", rows)
     table.add_row("matches architecture", match)
@@ -322,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
                    help="cast the weights (default: keep the checkpoint's)")
     c.add_argument("--force", action="store_true", help="replace --out if it exists")
+    c.add_argument("--max-shard-size", metavar="SIZE", help="write weights larger than this in shards with an "
+                   "index (bytes or e.g. 500MB; default $VITPORT_MAX_SHARD_SIZE or 2GB)")
     c.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("verify", help="prove numeric parity with timm, layer by layer",

@@ -18,15 +18,16 @@ from rich.table import Table
 
 from converters import FRAMEWORKS
 
-from . import cli
+from . import cli, cli_scale
 
 
 def _load(args: argparse.Namespace):
-    from .hub import load
+    from .hub import load_resolved, memory_line, resolve
 
+    r = resolve(args.source, arch=args.arch, model_args=cli._model_args(args.model_args), revision=args.revision)
+    cli.err_console.print(escape(memory_line(r)))
     with cli.progress_bars() as bar:
-        return load(args.source, args.framework, arch=args.arch, model_args=cli._model_args(args.model_args),
-                    revision=args.revision, progress=bar)
+        return load_resolved(r, args.framework, progress=bar)
 
 
 @contextlib.contextmanager
@@ -58,6 +59,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .images import predict
     from .preprocess import load_image
 
+    if cli_scale.wanted(args):  # --shard / multi-process: one JAX job over every device
+        return cli_scale.cmd_predict(args)
     for image in args.images:  # a missing file or a folder fails before the model loads
         if not Path(image).is_file():
             load_image(image)  # raises the error that names it
@@ -88,6 +91,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from .images import collect_images, write_embeddings
 
+    if cli_scale.wanted(args):
+        return cli_scale.cmd_embed(args)
     check_output(args.out, args.force)  # refuse before loading anything
     collect_images(args.inputs)  # a missing or empty input fails before the model loads
     jm = _load(args)
@@ -124,6 +129,7 @@ def add_image_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--framework", choices=list(FRAMEWORKS),
                    help="default: a converted folder's own framework, else flax")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="default: %(default)s")
+    cli_scale.add_scale_args(p)
     p.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("embed", help="pre-logit features of a folder of images, into one .npz",
@@ -140,4 +146,5 @@ def add_image_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--framework", choices=list(FRAMEWORKS),
                    help="default: a converted folder's own framework, else flax")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
+    cli_scale.add_scale_args(e)
     e.set_defaults(func=cmd_embed)

@@ -35,6 +35,7 @@ from converters.errors import (CheckpointError, HubError, HubUnreachableError,  
 from converters.locate import (CONFIG_NAME, FORMAT, FORMAT_VERSION, HUB_PREFIX,  # noqa: F401  (re-exported)
                                SAFETENSORS_DTYPES, WEIGHTS_NAME, ProgressFn, Resolved, SourceKind,
                                _looks_like_path, hub_download, hub_reachable, resolve)
+from converters.sharded import files_of, header as weights_header, weights_nbytes, write_shards
 from converters.specs import spec_to_dict, timm_model_args
 from converters.writer import (atomic_dir, check_output, write_json, write_safetensors,  # noqa: F401
                                write_safetensors_atomic)
@@ -57,7 +58,8 @@ def sources_read(r: Resolved | str | os.PathLike) -> list[Path]:
 
 def load_resolved(r: Resolved, framework: str | None = None, *, image_size=None, dtype: str | None = None,
                   progress: ProgressFn | None = None) -> JaxModel:
-    return model_from_canonical(read_canonical(r, progress), r, framework, image_size=image_size, dtype=dtype)
+    return model_from_canonical(read_canonical(r, progress), r, framework, image_size=image_size, dtype=dtype,
+                                consume=True)
 
 
 def load(source: str | os.PathLike, framework: str | None = None, *, arch: str | None = None,
@@ -74,6 +76,29 @@ def load(source: str | os.PathLike, framework: str | None = None, *, arch: str |
     """
     r = resolve(source, arch=arch, model_args=model_args, revision=revision)
     return load_resolved(r, framework, image_size=image_size, dtype=dtype, progress=progress)
+
+
+def memory_needed(source: Resolved | str | os.PathLike, *, dtype: str | None = None, **resolve_kw: Any) -> int:
+    """Bytes the weights of ``source`` take in memory once loaded (``dtype``: after a cast), from
+    the safetensors headers where there are any: nothing is read or converted."""
+    r = source if isinstance(source, Resolved) else resolve(source, **resolve_kw)
+    n = weights_nbytes(r.weights)
+    if dtype is not None:
+        header = weights_header(r.weights)
+        if header is not None:
+            item = 2 if dtype in ("bfloat16", "float16") else np.dtype(dtype).itemsize
+            n = sum(int(np.prod(s, dtype=np.int64)) * item for s, _ in header.values())
+    return n
+
+
+def memory_line(r: Resolved, dtype: str | None = None) -> str:
+    """The CLI's line before loading: how much memory the weights need."""
+    from converters.sharded import describe_bytes, shard_files
+
+    n = memory_needed(r, dtype=dtype)
+    shards = f" in {len(shard_files(r.weights))} shards, read one at a time" if r.weights.name.endswith(
+        ".index.json") else ""
+    return f"the weights need {'about ' if weights_header(r.weights) is None else ''}{describe_bytes(n)} of memory ({r.description}{shards})"
 
 
 # ------------------------------------------------------------------------------ output
@@ -104,16 +129,20 @@ def vitport_config(jm: JaxModel, source: str | None = None) -> dict[str, Any]:
 
 
 def save(jm: JaxModel, out: str | os.PathLike, *, force: bool = False, source: str | None = None,
-         progress: ProgressFn | None = None, reading: list[Path] | tuple = ()) -> Path:
+         progress: ProgressFn | None = None, reading: list[Path] | tuple = (),
+         max_shard_size: int | str | None = None) -> Path:
     """Write a converted folder (``model.safetensors`` + ``config.json``), all or nothing.
 
     ``reading``: paths the output must not replace (the source of a conversion).
+    Weights over ``max_shard_size`` (default 2 GB or ``$VITPORT_MAX_SHARD_SIZE``) are written
+    as ``model-0000K-of-0000N.safetensors`` shards with ``model.safetensors.index.json``.
     """
     tensors = {k: np.asarray(v) for k, v in flat_keys(jm.params, jm.framework).items()}
     with atomic_dir(out, force, reading=reading) as tmp:
         if progress:
             progress(f"writing {Path(out).name}", 0, 0)
-        write_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT, "framework": jm.framework})
+        write_shards(tensors, tmp, max_shard_size=max_shard_size, single_name=WEIGHTS_NAME,
+                     metadata={"format": FORMAT, "framework": jm.framework})
         write_json(vitport_config(jm, source), tmp / CONFIG_NAME)
     return Path(out)
 
@@ -121,7 +150,7 @@ def save(jm: JaxModel, out: str | os.PathLike, *, force: bool = False, source: s
 def convert(source: str | os.PathLike, out: str | os.PathLike, framework: str = "flax", *,
             force: bool = False, arch: str | None = None, model_args: Mapping[str, Any] | None = None,
             image_size=None, revision: str | None = None, dtype: str | None = None,
-            progress: ProgressFn | None = None) -> JaxModel:
+            progress: ProgressFn | None = None, max_shard_size: int | str | None = None) -> JaxModel:
     """Convert ``source`` into a folder at ``out``; returns the converted model.
 
     An existing ``out`` is refused before anything is read (unless ``force``); an error or an
@@ -132,7 +161,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, framework: str = 
     r = resolve(source, arch=arch, model_args=model_args, revision=revision)
     check_output(out, force, reading=sources_read(r))
     jm = load_resolved(r, framework, image_size=image_size, dtype=dtype, progress=progress)
-    save(jm, out, force=force, source=r.description, progress=progress, reading=sources_read(r))
+    save(jm, out, force=force, source=r.description, progress=progress, reading=sources_read(r),
+         max_shard_size=max_shard_size)
     return jm
 
 
@@ -180,8 +210,8 @@ def describe(source: str | os.PathLike, *, arch: str | None = None, model_args: 
              revision: str | None = None) -> dict[str, Any]:
     """What a checkpoint holds, read from its header where possible (safetensors data is not read)."""
     r = resolve(source, arch=arch, model_args=model_args, revision=revision)
-    if r.weights.name.endswith(".safetensors"):
-        header, _ = safetensors_header(r.weights)
+    header = weights_header(r.weights)  # safetensors, sharded or not: the data is not read
+    if header is not None:
         shapes = {k: s for k, (s, _) in header.items()}
         dtypes = [SAFETENSORS_DTYPES.get(d, d) for _, d in header.values()]
     else:
@@ -205,6 +235,7 @@ def describe(source: str | os.PathLike, *, arch: str | None = None, model_args: 
         "num_tensors": len(shapes),
         "num_params": int(sum(int(np.prod(s)) for s in shapes.values())),
         "dtypes": counts,
-        "file_size": r.weights.stat().st_size,
+        "file_size": sum(p.stat().st_size for p in files_of(r.weights)),
+        "memory": weights_nbytes(r.weights),
         "problems": problems,
     }

@@ -55,8 +55,11 @@ def _cast(tree: dict, dtype: str | None) -> dict:
 
 
 def model_from_canonical(tree: dict, r, framework: str | None = None, *, image_size=None,
-                         dtype: str | None = None) -> JaxModel:
-    """A JaxModel from a checked canonical tree (``read_canonical``): resized, cast, renamed."""
+                         dtype: str | None = None, consume: bool = False) -> JaxModel:
+    """A JaxModel from a checked canonical tree (``read_canonical``): resized, cast, renamed.
+
+    ``consume``: empty ``tree`` as its arrays move to the device, so the weights are never
+    held twice (host and device copies) for large models."""
     framework = check_framework(framework or r.framework or "flax")
     spec, cfg = r.spec, dict(r.pretrained_cfg)
     if image_size is not None:
@@ -64,7 +67,11 @@ def model_from_canonical(tree: dict, r, framework: str | None = None, *, image_s
         if spec is not r.spec:
             cfg["input_size"] = [spec.channels, *spec.image_size]
     tree = _cast(tree, dtype)
-    params = canonical_to_framework({k: to_jax_array(v) for k, v in tree.items()}, spec, framework)
+    if consume:
+        tree = {k: to_jax_array(tree.pop(k)) for k in list(tree)}
+    else:
+        tree = {k: to_jax_array(v) for k, v in tree.items()}
+    params = canonical_to_framework(tree, spec, framework)
     return JaxModel(spec, framework, params, cfg, r.architecture or None)
 
 
