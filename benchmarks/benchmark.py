@@ -236,10 +236,6 @@ def vitport_variant(jm: Any, mode: str) -> Any:
     bf16 matmuls accumulating in float32."""
     if mode == "float32":
         return jm
-    if not hasattr(jm, "astype"):  # before JaxModel.astype: bf16 weights, jnp's default products
-        if mode == "mixed":
-            raise SystemExit("--modes mixed needs JaxModel.astype(..., matmul_dtype=...)")
-        return jm.with_params(jax.tree.map(lambda a: a.astype(jnp.bfloat16), jm.params))
     if mode == "bfloat16":
         return jm.astype(jnp.bfloat16)
     return jm.astype(jnp.float32, matmul_dtype=jnp.bfloat16)
