@@ -1,11 +1,17 @@
-"""Side-by-side inference throughput: eager timm (PyTorch) vs vitport's Haiku and Flax ports (jitted JAX).
+"""Inference throughput against the machine's own matmul peak: timm (eager, torch.compile, bf16
+autocast) and every vitport front-end (float32, bfloat16, mixed) in one run.
 
-    uv run python benchmarks/benchmark.py                      # both models, batch 1 and 8
+    uv run python benchmarks/benchmark.py                      # both models, batch 1 and 16
     uv run python benchmarks/benchmark.py --models cait_s24_224 --batches 1 --iters 5 --json out.json
+    uv run python benchmarks/benchmark.py --sweep              # batch 1 2 4 8 16 32
 
-Every JAX model is converted from the very timm model it is compared with, and its logits are
-checked against timm's before the numbers are trusted, so a broken port cannot look fast.
-This is a benchmark, not a test: it only fails (exit status 1) when the outputs disagree.
+It first measures the machine's matmul peak (2048^3, XLA and torch, float32 and bfloat16), then
+reports each model's throughput as a fraction of that peak (FLOPs per image counted from the
+spec: see ``model_flops``) beside its ratio to timm measured in the same run, and the time and
+peak memory of ``vitport convert`` of cait_s24_224 from a local safetensors file. Every JAX
+model is converted from the very timm model it is compared with and its logits are checked
+against timm's float32 logits, so a broken port cannot look fast. This is a benchmark, not a
+test: it only fails (exit status 1) when the outputs disagree.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import timm
 import torch
@@ -31,14 +38,27 @@ from rich.table import Table
 
 import vitport
 
-DEFAULT_MODELS = ("vit_base_patch16_224", "cait_s24_224")
 from converters import FRAMEWORKS  # every front-end in the registry
+from converters.specs import CaiTSpec, Spec
+
+DEFAULT_MODELS = ("vit_base_patch16_224", "cait_s24_224")
+MODES = ("float32", "bfloat16", "mixed")
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+             "amx_bf16", "amx_int8")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="timm architecture names")
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="batch sizes")
+    p.add_argument("--sweep", action="store_true", help="batch sizes 1 2 4 8 16 32 (overrides --batches)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                   help="vitport precisions: float32, bfloat16 (weights and compute), mixed (float32 "
+                        "weights, bfloat16 matmuls)")
+    p.add_argument("--no-compile", action="store_true", help="skip the timm + torch.compile row")
+    p.add_argument("--no-convert", action="store_true", help="skip the conversion measurement")
+    p.add_argument("--bf16-rtol", type=float, default=1e-2,
+                   help="as --rtol, for bfloat16 rows (against timm's float32 logits)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per (model, batch, implementation)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first one")
     p.add_argument("--rtol", type=float, default=1e-4,
@@ -48,23 +68,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def cpu_model() -> str:
+def cpu_model() -> tuple[str, list[str]]:
+    """The CPU's model name and flags as ``/proc/cpuinfo`` reports them (Linux)."""
+    name, flags = "", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].split()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return name or platform.processor() or platform.machine(), flags
+
+
+def mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def machine_info() -> dict[str, Any]:
     import flax
     import haiku
 
+    cpu, flags = cpu_model()
     return {
-        "cpu": cpu_model(),
+        "cpu": cpu,
         "cores": os.cpu_count(),
+        "memory_gib": mem_total_gib(),
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+        "cpu_flags_all": flags,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "jax": jax.__version__,
@@ -104,11 +142,119 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, warmup: int)
     return res
 
 
-def bench_model(name: str, batches: list[int], args: argparse.Namespace, console: Console) -> list[dict]:
+# ------------------------------------------------------------------------------ peak
+
+
+def _best_of(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of one n^3 matmul (best of ``repeats``), per library and precision.
+
+    XLA's CPU dot is fast on bfloat16 inputs only when it accumulates into float32
+    (``preferred_element_type``); its plain bfloat16 product (bf16 result) is measured too, to
+    show the difference. torch's bfloat16 matmul accumulates in float32 internally."""
+    flops = 2.0 * n**3
+    rng = np.random.default_rng(0)
+    a32, b32 = (jax.device_put(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
+    a16, b16 = a32.astype(jnp.bfloat16), b32.astype(jnp.bfloat16)
+    dot = jax.jit(jnp.dot)
+    dot_acc32 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    t32, t16 = torch.from_numpy(np.array(a32)), torch.from_numpy(np.array(b32))
+    t32b, t16b = t32.bfloat16(), t16.bfloat16()
+    res = {}
+    with torch.inference_mode():
+        # Without AVX-512 bf16 units torch's bf16 matmul falls back to a scalar loop (~0.5 GFLOP/s
+        # on an AVX2-only EPYC): a 512^3 probe says so in a second instead of a minute per call.
+        p = t32b[:512, :512]
+        t0 = time.perf_counter()
+        torch.mm(p, p)
+        probe = 2.0 * 512**3 / (time.perf_counter() - t0) / 1e9
+    cases = {
+        "xla_float32": lambda: dot(a32, b32).block_until_ready(),
+        "xla_bfloat16_acc_float32": lambda: dot_acc32(a16, b16).block_until_ready(),
+        "xla_bfloat16_bf16_result": lambda: dot(a16, b16).block_until_ready(),
+        "torch_float32": lambda: torch.mm(t32, t16),
+        "torch_bfloat16": lambda: torch.mm(t32b, t16b),
+    }
+    if probe < 20:
+        del cases["torch_bfloat16"]
+        res["torch_bfloat16"] = probe
+        res["torch_bfloat16_note"] = "512^3 probe: scalar fallback, 2048^3 not run"
+    with torch.inference_mode():
+        res.update({name: flops / _best_of(fn, repeats) / 1e9 for name, fn in cases.items()})
+    return res
+
+
+def machine_peak(peaks: dict[str, float]) -> dict[str, float]:
+    """The machine's peak per precision: the best any library reached."""
+    return {"float32": max(peaks["xla_float32"], peaks["torch_float32"]),
+            "bfloat16": max(peaks["xla_bfloat16_acc_float32"], peaks["torch_bfloat16"])}
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def model_flops(spec: Spec) -> float:
+    """FLOPs of one image's forward pass, counted from the spec: every matmul and attention
+    product (2 FLOPs per multiply-add), the patch convolution counted as the matmul it is.
+    Norms, softmax, activations and adds (under 1 % here) are left out."""
+    d, h, n = spec.dim, spec.heads, spec.grid_size[0] * spec.grid_size[1]
+    macs = n * spec.channels * spec.patch_size**2 * d  # patch embedding
+
+    def self_attention(t: int, mlp_dim: int) -> int:
+        return t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * mlp_dim
+
+    if isinstance(spec, CaiTSpec):
+        t = n
+        macs += spec.depth * (self_attention(t, spec.mlp_dim) + 2 * h * h * t * t)  # + talking heads
+        u = t + 1  # class attention: one query over cls + patches
+        macs += spec.cls_depth * (d * d + 2 * u * d * d + 2 * u * d + d * d + 2 * d * spec.cls_mlp_dim)
+    else:
+        t = spec.num_prefix_tokens + n
+        macs += spec.depth * self_attention(t, spec.mlp_dim)
+        if spec.pool == "map":
+            tp = t if spec.pool_include_prefix else n
+            macs += d * d + tp * 2 * d * d + 2 * tp * d + d * d + 2 * d * spec.mlp_dim
+    heads = 2 if getattr(spec, "distilled", False) else 1
+    macs += heads * d * spec.num_classes
+    return 2.0 * macs
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def vitport_variant(jm: Any, mode: str) -> Any:
+    """float32: as converted; bfloat16: weights and compute in bf16; mixed: float32 weights,
+    bf16 matmuls accumulating in float32."""
+    if mode == "float32":
+        return jm
+    if mode == "bfloat16":
+        return jm.astype(jnp.bfloat16)
+    return jm.astype(jnp.float32, matmul_dtype=jnp.bfloat16)
+
+
+def bench_model(name: str, batches: list[int], args: argparse.Namespace, console: Console,
+                peak: dict[str, float], peak_info: dict[str, Any]) -> list[dict]:
     torch.manual_seed(args.seed)
     model = timm.create_model(name, pretrained=False).eval().float()
     h, w = model.pretrained_cfg["input_size"][1:]
-    jax_models = {fw: vitport.from_timm(model, framework=fw) for fw in FRAMEWORKS}
+    converted = {fw: vitport.from_timm(model, framework=fw) for fw in FRAMEWORKS}
+    spec = next(iter(converted.values())).spec
+    flops = model_flops(spec)
+    console.log(f"{name}: {flops / 1e9:.2f} GFLOP per image (matmuls, from the spec)")
+    compiled = None if args.no_compile else torch.compile(model)
+    # bf16 autocast is only timed where torch's bf16 matmul is not a scalar fallback (it would
+    # take minutes per call); the table says when it was skipped.
+    slow_torch_bf16 = "torch_bfloat16_note" in peak_info
+    jax_models = {f"{fw} {mode}": vitport_variant(jm, mode) for fw, jm in converted.items() for mode in args.modes}
 
     rows = []
     for batch in batches:
@@ -116,28 +262,107 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, console
         # Each side gets its input already in its own layout/device, so neither timed loop pays
         # for a transpose or a host->device copy.
         x_torch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-        x_jax = jax.device_put(images)
 
-        def run_timm():
+        def run_timm(m=model):
             with torch.inference_mode():
+                return m(x_torch)
+
+        def run_autocast():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                 return model(x_torch)
 
-        fns = {"timm": run_timm}
-        for fw, jm in jax_models.items():
-            fns[fw] = lambda jm=jm: jm(x_jax).block_until_ready()
+        fns = {"timm eager": run_timm}
+        if compiled is not None:
+            fns["timm compile"] = lambda: run_timm(compiled)
+        if not slow_torch_bf16:
+            fns["timm autocast bf16"] = run_autocast
+        for label, jm in jax_models.items():
+            x = jax.device_put(jm.as_input(images))
+            fns[label] = lambda jm=jm, x=x: jm.apply_fn(jm.params, x).block_until_ready()
 
-        console.log(f"{name} batch {batch}: {', '.join(fns)} ({args.warmup} warm-up, {args.iters} timed rounds)")
+        console.log(f"{name} batch {batch}: {len(fns)} implementations ({args.warmup} warm-up, "
+                    f"{args.iters} timed rounds)")
         res = time_interleaved(fns, args.iters, args.warmup)
-        ref = res["timm"]["output"].numpy()
+        ref = res["timm eager"]["output"].float().numpy()
         scale = float(np.abs(ref).max())
-        timm_ips = batch / res["timm"]["median_s"]
+        timm_ips = {k: batch / res[k]["median_s"] for k in ("timm eager", "timm compile") if k in res}
         for impl, r in res.items():
-            diff = float(np.abs(np.asarray(r.pop("output")) - ref).max())
+            out = r.pop("output")
+            out = out.float().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, dtype=np.float32)
+            diff = float(np.abs(out - ref).max())
+            low = "bf16" in impl or "bfloat16" in impl or "mixed" in impl
+            tol = (args.bf16_rtol if low else args.rtol) * max(scale, 1e-6)
             ips = batch / r["median_s"]
-            rows.append({"model": name, "batch": batch, "impl": impl, **r, "images_per_s": ips,
-                         "speedup_vs_timm": ips / timm_ips, "max_abs_diff": diff, "max_abs_logit": scale,
-                         "outputs_match": diff <= args.rtol * max(scale, 1e-6)})
+            rows.append({"model": name, "batch": batch, "impl": impl, "precision": "bfloat16" if low else "float32",
+                         **r, "images_per_s": ips, "gflop_per_image": flops / 1e9,
+                         "gflop_per_s": ips * flops / 1e9,
+                         "fraction_of_peak": ips * flops / 1e9 / peak["bfloat16" if low else "float32"],
+                         **{f"vs_{k.replace(' ', '_')}": ips / v for k, v in timm_ips.items()},
+                         "max_abs_diff": diff, "max_abs_logit": scale,
+                         # timm's own bf16 row is reported, not judged
+                         "outputs_match": impl.startswith("timm") or diff <= tol})
     return rows
+
+
+# -------------------------------------------------------------------------- conversion
+
+_CONVERT_CHILD = r"""
+import json, os, sys, time
+from pathlib import Path
+
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+import jax, jax.numpy as jnp, numpy as np, safetensors, safetensors.numpy  # imports and the XLA client are not the conversion
+jnp.zeros(1).block_until_ready()
+import vitport.hub as hub
+src, out = sys.argv[1], sys.argv[2]
+base = status("VmRSS")
+try:
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    reset = True
+except OSError:
+    reset = False
+t0 = time.perf_counter()
+hub.convert(src, out, "flax", arch="cait_s24_224", force=True)
+dt = time.perf_counter() - t0
+print(json.dumps({"seconds": dt, "rss_before": base, "peak_rss": status("VmHWM"), "hwm_reset": reset}))
+"""
+
+
+def bench_convert(console: Console, workdir: Path) -> dict[str, Any]:
+    """``vitport.convert`` of cait_s24_224 from a local safetensors file of a random-weight timm
+    model (made here, offline), in a fresh process: the conversion's own wall time (after the
+    imports) and its peak extra memory (peak RSS minus the RSS before it), and the whole
+    ``vitport convert`` command's wall time."""
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = workdir / "cait_s24_224.safetensors"
+    model = timm.create_model("cait_s24_224", pretrained=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+    del model
+    size = src.stat().st_size
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _CONVERT_CHILD, str(src), str(workdir / "out_api")],
+                          capture_output=True, text=True, env=env, check=True)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "vitport.cli", "convert", str(src), "--arch", "cait_s24_224",
+                    "--out", str(workdir / "out_cli"), "--force"], capture_output=True, env=env, check=True)
+    cli_s = time.perf_counter() - t0
+    extra = r["peak_rss"] - r["rss_before"]
+    res = {"checkpoint_bytes": size, "convert_s": r["seconds"], "peak_extra_bytes": extra,
+           "peak_extra_vs_checkpoint": extra / size, "hwm_reset": r["hwm_reset"], "cli_wall_s": cli_s}
+    console.log(f"convert cait_s24_224: {r['seconds']:.2f} s, peak extra memory {extra / 2**20:.0f} MiB = "
+                f"{extra / size:.2f}x the {size / 2**20:.0f} MiB checkpoint; `vitport convert` command "
+                f"{cli_s:.1f} s wall")
+    return res
 
 
 def cpu_snapshot() -> tuple[float, float, float] | None:
@@ -162,59 +387,81 @@ def other_cpu_share(before, after) -> float | None:
 
 
 def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, console: Console) -> None:
-    console.print(f"[bold]Machine[/]: {info['cpu']}, {info['cores']} cores ({info['platform']})")
+    console.print(f"[bold]Machine[/]: {info['cpu']}, {info['cores']} cores, {info['memory_gib'] or 0:.0f} GiB "
+                  f"({info['platform']}); flags: {' '.join(info['cpu_flags']) or 'none of interest'}")
     console.print(f"[bold]Versions[/]: python {info['python']}, jax {info['jax']} (backend {info['jax_backend']}: "
                   f"{', '.join(info['jax_devices'])}), flax {info['flax']}, haiku {info['haiku']}, "
                   f"torch {info['torch']} ({info['torch_threads']} threads), timm {info['timm']}")
+    pk, mp = info["matmul_peak_gflops"], info["machine_peak_gflops"]
+    console.print(f"[bold]Matmul peak[/] 2048^3, GFLOP/s: float32 XLA {pk['xla_float32']:.0f}, torch "
+                  f"{pk['torch_float32']:.0f}; bfloat16 XLA (float32 accumulation) {pk['xla_bfloat16_acc_float32']:.0f}, "
+                  f"XLA (bf16 result) {pk['xla_bfloat16_bf16_result']:.0f}, torch {pk['torch_bfloat16']:.1f}"
+                  f"{' (' + pk['torch_bfloat16_note'] + ')' if 'torch_bfloat16_note' in pk else ''}. "
+                  f"Peak used: float32 {mp['float32']:.0f}, bfloat16 {mp['bfloat16']:.0f} (the best library)")
     share = info["other_processes_cpu_share"]
     if share is not None:
         style = "bold red" if share > 0.05 else "green"
         console.print(f"[bold]Other processes[/] used [{style}]{share:.1%}[/] of the machine's CPU time during the run"
                       + (" — these timings are contaminated; rerun on a quiet machine" if share > 0.05 else ""))
-    console.print(f"[bold]Settings[/]: float32, eval mode, {args.warmup} warm-up + {args.iters} timed rounds "
-                  f"(timm and each front-end called in turn), median per call; JAX first call includes trace + compile")
+    console.print(f"[bold]Settings[/]: eval mode, {args.warmup} warm-up + {args.iters} timed rounds "
+                  f"(every implementation called in turn), median per call; first call includes trace + compile")
 
-    table = Table(title="Inference throughput: timm (PyTorch eager) vs vitport (JAX jit)")
-    table.add_column("model")
-    table.add_column("batch", justify="right")
-    table.add_column("impl")
-    table.add_column("first call (s)", justify="right")
-    table.add_column("median (ms)", justify="right")
-    table.add_column("min-max (ms)", justify="right")
-    table.add_column("images/s", justify="right")
-    table.add_column("vs timm", justify="right")
-    table.add_column("max |Δlogit|", justify="right")
+    table = Table(title="Inference throughput: timm (PyTorch) vs vitport (JAX jit), fraction of the matmul peak")
+    for col, just in (("model", "left"), ("batch", "right"), ("impl", "left"), ("first call (s)", "right"),
+                      ("median (ms)", "right"), ("images/s", "right"), ("GFLOP/s", "right"), ("of peak", "right"),
+                      ("vs eager", "right"), ("vs compile", "right"), ("max |Δlogit|", "right")):
+        table.add_column(col, justify=just)
     prev = None
     for r in rows:
         group = (r["model"], r["batch"])
         if prev is not None and group != prev:
             table.add_section()
         prev = group
-        ok = r["outputs_match"]
-        diff = "ref" if r["impl"] == "timm" else f"{r['max_abs_diff']:.1e}"
+        diff = "ref" if r["impl"] == "timm eager" else f"{r['max_abs_diff']:.1e}"
+        compile_ratio = r.get("vs_timm_compile")
         table.add_row(r["model"], str(r["batch"]), r["impl"], f"{r['first_call_s']:.2f}",
-                      f"{r['median_s'] * 1e3:.1f}", f"{r['min_s'] * 1e3:.0f}-{r['max_s'] * 1e3:.0f}",
-                      f"{r['images_per_s']:.2f}", f"{r['speedup_vs_timm']:.2f}×",
-                      diff if ok else f"[bold red]{diff} MISMATCH[/]")
+                      f"{r['median_s'] * 1e3:.1f}", f"{r['images_per_s']:.2f}", f"{r['gflop_per_s']:.0f}",
+                      f"{r['fraction_of_peak']:.0%}", f"{r['vs_timm_eager']:.2f}×",
+                      "" if compile_ratio is None else f"{compile_ratio:.2f}×",
+                      diff if r["outputs_match"] else f"[bold red]{diff} MISMATCH[/]")
     console.print(table)
-    console.print(f"max |Δlogit| is against timm's logits on the same input; a row fails if it exceeds "
-                  f"{args.rtol:g} × max |timm logit|.")
+    if "torch_bfloat16_note" in pk:
+        console.print("timm autocast bf16 not timed: torch's bf16 matmul on this CPU is a scalar fallback "
+                      f"({pk['torch_bfloat16']:.1f} GFLOP/s).")
+    console.print(f"'of peak': the row's GFLOP/s over the machine's peak for its precision (bfloat16 rows: the "
+                  f"bfloat16 peak). max |Δlogit| is against timm's float32 logits on the same input; a row fails "
+                  f"above {args.rtol:g} (bfloat16 rows {args.bf16_rtol:g}) × max |timm logit|.")
+    conv = info.get("convert")
+    if conv:
+        console.print(f"[bold]convert cait_s24_224[/] from safetensors: {conv['convert_s']:.2f} s, peak extra memory "
+                      f"{conv['peak_extra_vs_checkpoint']:.2f}× the {conv['checkpoint_bytes'] / 2**20:.0f} MiB "
+                      f"checkpoint; `vitport convert` command {conv['cli_wall_s']:.1f} s wall (with imports)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.sweep:
+        args.batches = [1, 2, 4, 8, 16, 32]
     # timm runs on all cores like XLA's CPU backend does by default, so the comparison is fair.
     torch.set_num_threads(os.cpu_count() or 1)
     # Piped output (logs, README) would otherwise be squeezed to 80 columns and wrap the table.
-    console = Console() if sys.stdout.isatty() else Console(width=130)
+    console = Console() if sys.stdout.isatty() else Console(width=150)
     info = machine_info()
 
     # Other processes on a small box skew everything (torch's OpenMP threads worst of all);
     # measure how much CPU they took so a reader can tell a clean run from a contaminated one.
     snap = cpu_snapshot()
+    console.log("matmul peak (2048^3)")
+    info["matmul_peak_gflops"] = matmul_peak()
+    info["machine_peak_gflops"] = peak = machine_peak(info["matmul_peak_gflops"])
     rows = []
     for name in args.models:
-        rows += bench_model(name, args.batches, args, console)
+        rows += bench_model(name, args.batches, args, console, peak, info["matmul_peak_gflops"])
+    if not args.no_convert:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="vitport-bench-") as tmp:
+            info["convert"] = bench_convert(console, Path(tmp))
     info["other_processes_cpu_share"] = other_cpu_share(snap, cpu_snapshot())
 
     render(rows, info, args, console)
@@ -223,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(sys.argv),
+            "flops": "model_flops(spec): 2 x multiply-adds of every matmul, attention product and the patch "
+                     "convolution; norms, softmax, activations and adds left out",
             "machine": info,
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "results": rows,

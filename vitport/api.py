@@ -93,6 +93,21 @@ class JaxModel:
     def dtype(self):
         return jax.tree.leaves(self.params)[0].dtype
 
+    def astype(self, dtype: Any, *, matmul_dtype: Any = None) -> "JaxModel":
+        """The same model with its floating params cast to ``dtype`` (and inputs cast to it when
+        called). ``jm.astype(jnp.bfloat16)``: weights and compute in bf16, every matmul and
+        attention product accumulating in float32 (the fast form of XLA's CPU dot).
+        ``jm.astype(jnp.float32, matmul_dtype=jnp.bfloat16)``: the mixed mode, float32 weights,
+        norms and softmax, bf16 matmuls (``ModelConfig.matmul_dtype``)."""
+        dtype = jnp.dtype(dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise InvalidArgumentError(f"astype takes a floating dtype; got {dtype}")
+        params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                              self.params)
+        md = None if matmul_dtype is None else jnp.dtype(matmul_dtype).name
+        config = dataclasses.replace(self.config, param_dtype=dtype.name, matmul_dtype=md)
+        return dataclasses.replace(self, params=params, config=config)
+
     @functools.cached_property
     def front_end_apply(self):
         """The un-jitted ``apply`` (stable per model, so callers can cache jitted wrappers)."""

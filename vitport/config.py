@@ -18,7 +18,8 @@ from converters.specs import CaiTSpec, Spec, ViTSpec
 POOL_ALIASES = {"cls": "token", "token": "token", "mean": "avg", "avg": "avg", "map": "map", "": "", None: ""}
 
 # Constructor keywords that are run-time settings rather than spec fields.
-RUNTIME_FIELDS = ("dropout", "emb_dropout", "layer_dropout", "attn_dropout", "head_dropout", "dtype", "param_dtype")
+RUNTIME_FIELDS = ("dropout", "emb_dropout", "layer_dropout", "attn_dropout", "head_dropout", "dtype", "param_dtype",
+                  "matmul_dtype")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class ModelConfig:
       head_dropout: timm ``drop_rate``: on the pooled features before the classifier.
       dtype: computation dtype (None: follow the inputs and params).
       param_dtype: dtype of freshly initialised params.
+      matmul_dtype: None, or 'bfloat16' / 'float16': every matmul, attention product and the
+        patch convolution casts its inputs to it and accumulates in float32 (the fast form on
+        CPUs with bf16 dot units), the rest of the model runs in the params' dtype. float32
+        weights with ``matmul_dtype='bfloat16'`` is the mixed mode; bf16 weights take the
+        float32-accumulating products without it (``vitport.ops``).
     """
 
     spec: Spec
@@ -45,6 +51,17 @@ class ModelConfig:
     head_dropout: float = 0.0
     dtype: Any = None
     param_dtype: Any = "float32"
+    matmul_dtype: str | None = None
+
+    def __post_init__(self):
+        if self.matmul_dtype is not None:
+            import numpy as np
+            import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+            name = np.dtype(self.matmul_dtype).name
+            if name not in ("bfloat16", "float16"):
+                raise InvalidArgumentError(f"matmul_dtype must be None, 'bfloat16' or 'float16'; got {name!r}")
+            object.__setattr__(self, "matmul_dtype", name)  # a name: hashable, comparable
 
     @property
     def family(self) -> str:

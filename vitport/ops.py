@@ -6,10 +6,12 @@ resampling); the front-ends only own parameters and module names.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from converters.specs import pair  # noqa: F401  (re-exported for the front-ends)
 
@@ -22,11 +24,80 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 
+# -------------------------------------------------------------------- matmul precision
+#
+# XLA's CPU dot is fast on bfloat16 inputs only when it accumulates into float32
+# (docs/design.md, section 6): ``a @ b`` with a bf16 result runs below the float32 peak,
+# ``preferred_element_type=float32`` on bf16 inputs near twice it. Every matmul, attention
+# product and the patch convolution go through ``dot_general`` / ``conv_general_dilated`` /
+# ``einsum`` below: with 16-bit inputs (bf16 weights, or ``matmul_dtype``) they accumulate in
+# float32 and cast the result back to the dtype the product would have had, so a bf16 model
+# stays bf16 and a mixed one (float32 weights, ``matmul_dtype='bfloat16'``) stays float32.
+
+LOW_PRECISION = ("bfloat16", "float16")
+
+
+def _low_precision_inputs(matmul_dtype: Any, *xs: jax.Array) -> tuple[list[jax.Array], Any]:
+    """``(inputs cast to matmul_dtype, result dtype)``; the result dtype is None when the
+    product needs no float32 accumulation (float32 / float64 inputs, no ``matmul_dtype``)."""
+    out = jnp.result_type(*xs)
+    if matmul_dtype is not None and jnp.issubdtype(out, jnp.floating):
+        xs = tuple(x.astype(matmul_dtype) for x in xs)
+    if all(jnp.dtype(x.dtype).name in LOW_PRECISION for x in xs):
+        return list(xs), out
+    return list(xs), None
+
+
+@functools.lru_cache(maxsize=None)
+def dot_general(matmul_dtype: str | None = None) -> Callable[..., jax.Array]:
+    """``lax.dot_general`` for Linear layers (linen ``Dense(dot_general=...)``, NNX
+    ``Linear(dot_general=...)``, Haiku ``vitport.haiku.layers.Linear``). Cached: one function per
+    dtype, so modules holding it compare equal."""
+
+    def dg(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+        (lhs, rhs), out = _low_precision_inputs(matmul_dtype, lhs, rhs)
+        if out is None:
+            return lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                                   preferred_element_type=preferred_element_type, **kw)
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32,
+                               **kw).astype(out)
+
+    return dg
+
+
+@functools.lru_cache(maxsize=None)
+def conv_general_dilated(matmul_dtype: str | None = None) -> Callable[..., jax.Array]:
+    """``lax.conv_general_dilated`` for the patch convolution, with ``dot_general``'s rule."""
+
+    def conv(lhs, rhs, *args, preferred_element_type=None, **kw):
+        (lhs, rhs), out = _low_precision_inputs(matmul_dtype, lhs, rhs)
+        if out is None:
+            return lax.conv_general_dilated(lhs, rhs, *args, preferred_element_type=preferred_element_type, **kw)
+        return lax.conv_general_dilated(lhs, rhs, *args, preferred_element_type=jnp.float32, **kw).astype(out)
+
+    return conv
+
+
+def einsum(subscripts: str, a: jax.Array, b: jax.Array, matmul_dtype: str | None = None) -> jax.Array:
+    """``jnp.einsum`` of two operands with ``dot_general``'s rule (the attention products)."""
+    (a, b), out = _low_precision_inputs(matmul_dtype, a, b)
+    if out is None:
+        return jnp.einsum(subscripts, a, b)
+    return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32).astype(out)
+
+
+def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``jax.nn.softmax`` computed in at least float32 (bf16 attention keeps its dtype outside)."""
+    return jax.nn.softmax(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=axis).astype(x.dtype)
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """timm's activation ``name``, computed in at least float32 (XLA fuses the casts)."""
     try:
-        return ACTIVATIONS[name]
+        f = ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}") from None
+    return lambda x: f(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
@@ -41,17 +112,17 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.transpose(0, 2, 1, 3).reshape(b, n, h * dh)
 
 
-def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+def attention_logits(q: jax.Array, k: jax.Array, matmul_dtype: str | None = None) -> jax.Array:
     """``(q * Dh**-0.5) @ k^T`` over (B, H, N, Dh) inputs, as timm scales before the product."""
-    return jnp.einsum("bhqd,bhkd->bhqk", q * (q.shape[-1] ** -0.5), k)
+    return einsum("bhqd,bhkd->bhqk", q * (q.shape[-1] ** -0.5), k, matmul_dtype)
 
 
-def attend(weights: jax.Array, v: jax.Array) -> jax.Array:
-    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+def attend(weights: jax.Array, v: jax.Array, matmul_dtype: str | None = None) -> jax.Array:
+    return einsum("bhqk,bhkd->bhqd", weights, v, matmul_dtype)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    return attend(jax.nn.softmax(attention_logits(q, k), axis=-1), v)
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, matmul_dtype: str | None = None) -> jax.Array:
+    return attend(softmax(attention_logits(q, k, matmul_dtype), axis=-1), v, matmul_dtype)
 
 
 def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:

@@ -303,9 +303,10 @@ def attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     q, k, v = _heads(cfg.spec, *jnp.split(m("qkv")(x), 3, axis=-1))
     if cfg.spec.qk_norm:
         q, k = m("q_norm")(q), m("k_norm")(k)
-    weights = m("attn_drop")(jax.nn.softmax(ops.attention_logits(q, k), axis=-1))
+    md = cfg.matmul_dtype
+    weights = m("attn_drop")(ops.softmax(ops.attention_logits(q, k, md), axis=-1))
     _record_attention(weights)
-    return m("proj_drop")(m("proj")(ops.merge_heads(ops.attend(weights, v))))
+    return m("proj_drop")(m("proj")(ops.merge_heads(ops.attend(weights, v, md))))
 
 
 def mlp(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -330,7 +331,7 @@ def attention_pool(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     q = m("q")(jnp.broadcast_to(m.param("latent"), (b, 1, d)).astype(x.dtype))
     k, v = jnp.split(m("kv")(x), 2, axis=-1)
     q, k, v = _heads(cfg.spec, q, k, v)
-    x = m("proj")(ops.merge_heads(ops.dot_product_attention(q, k, v)))
+    x = m("proj")(ops.merge_heads(ops.dot_product_attention(q, k, v, cfg.matmul_dtype)))
     x = x + m("mlp")(m("norm")(x))
     return x[:, 0]
 
@@ -339,19 +340,19 @@ def talking_head_attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Arr
     """CaiT: attention logits (``proj_l``) and weights (``proj_w``) mixed across heads."""
     q, k, v = _heads(cfg.spec, *jnp.split(m("qkv")(x), 3, axis=-1))
     # proj_l / proj_w are Linear layers over the heads axis: move heads last and back.
-    logits = m("proj_l")(ops.attention_logits(q, k).transpose(0, 2, 3, 1))
-    weights = m("proj_w")(jax.nn.softmax(logits, axis=-2)).transpose(0, 3, 1, 2)
+    logits = m("proj_l")(ops.attention_logits(q, k, cfg.matmul_dtype).transpose(0, 2, 3, 1))
+    weights = m("proj_w")(ops.softmax(logits, axis=-2)).transpose(0, 3, 1, 2)
     weights = m("attn_drop")(weights)
     _record_attention(weights)  # after proj_w, as timm's attn_drop sees them: rows need not sum to 1
-    return m("proj_drop")(m("proj")(ops.merge_heads(ops.attend(weights, v))))
+    return m("proj_drop")(m("proj")(ops.merge_heads(ops.attend(weights, v, cfg.matmul_dtype))))
 
 
 def class_attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """CaiT class attention: the query is token 0 only; keys and values are all tokens."""
     q, k, v = _heads(cfg.spec, m("q")(x[:, :1]), m("k")(x), m("v")(x))
-    weights = jax.nn.softmax(ops.attention_logits(q, k), axis=-1)
+    weights = ops.softmax(ops.attention_logits(q, k, cfg.matmul_dtype), axis=-1)
     _record_attention(weights)
-    return m("proj")(ops.merge_heads(ops.attend(weights, v)))
+    return m("proj")(ops.merge_heads(ops.attend(weights, v, cfg.matmul_dtype)))
 
 
 def layer_scale_block(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:

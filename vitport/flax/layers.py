@@ -44,14 +44,16 @@ class Layers(structure.LazyLayers):
     def build(self, name: str, decl: Any) -> Callable:
         kw = dict(dtype=self.cfg.dtype, param_dtype=jnp.dtype(self.cfg.param_dtype), name=name)
         if isinstance(decl, structure.Linear):
-            return nn.Dense(decl.out_features, use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT, **kw)
+            return nn.Dense(decl.out_features, use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT,
+                            dot_general=ops.dot_general(self.cfg.matmul_dtype), **kw)
         if isinstance(decl, structure.Norm):
             # Two-pass variance like torch; flax's default fast variance loses digits in float32.
             return nn.LayerNorm(epsilon=decl.eps, use_fast_variance=False, **kw)
         if isinstance(decl, structure.PatchConv):
             p = decl.patch_size
             return nn.Conv(decl.out_channels, (p, p), strides=(p, p), padding="VALID", use_bias=decl.bias,
-                           kernel_init=structure.WEIGHT_INIT, **kw)
+                           kernel_init=structure.WEIGHT_INIT,
+                           conv_general_dilated=ops.conv_general_dilated(self.cfg.matmul_dtype), **kw)
         if isinstance(decl, structure.Dropout):
             return nn.Dropout(decl.rate, deterministic=not self.train, name=name)
         if isinstance(decl, structure.DropPath):

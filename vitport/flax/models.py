@@ -86,6 +86,7 @@ class ViT(_Root):
     dynamic_img_size: bool = False
     dtype: Dtype = None
     param_dtype: Dtype = "float32"
+    matmul_dtype: str | None = None
 
 
 class CaiT(_Root):
@@ -120,3 +121,4 @@ class CaiT(_Root):
     norm_eps: float = 1e-6
     dtype: Dtype = None
     param_dtype: Dtype = "float32"
+    matmul_dtype: str | None = None

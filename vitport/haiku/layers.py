@@ -36,6 +36,41 @@ def _drop_path(rate: float, is_training: bool) -> Callable[[jax.Array], jax.Arra
     return lambda x: ops.drop_path(x, rate, hk.next_rng_key())
 
 
+class Linear(hk.Module):
+    """``hk.Linear`` (params ``w`` (in, out) and ``b``, created in the inputs' dtype) whose product
+    goes through ``ops.dot_general``: hk.Linear takes only ``precision``, not the float32
+    accumulation that makes bf16 fast on CPU."""
+
+    def __init__(self, output_size: int, with_bias: bool, matmul_dtype: str | None, name: str):
+        super().__init__(name=name)
+        self.output_size, self.with_bias, self.matmul_dtype = output_size, with_bias, matmul_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = hk.get_parameter("w", [x.shape[-1], self.output_size], x.dtype, init=WEIGHT_INIT)
+        y = ops.dot_general(self.matmul_dtype)(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        if self.with_bias:
+            y = y + hk.get_parameter("b", [self.output_size], x.dtype, init=jnp.zeros)
+        return y
+
+
+class PatchConv(hk.Module):
+    """``hk.Conv2D`` with kernel = stride = patch, VALID (params ``w`` HWIO and ``b``), through
+    ``ops.conv_general_dilated``."""
+
+    def __init__(self, decl: structure.PatchConv, matmul_dtype: str | None, name: str):
+        super().__init__(name=name)
+        self.decl, self.matmul_dtype = decl, matmul_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, p = self.decl, self.decl.patch_size
+        w = hk.get_parameter("w", [p, p, x.shape[-1], d.out_channels], x.dtype, init=WEIGHT_INIT)
+        y = ops.conv_general_dilated(self.matmul_dtype)(x, w, (p, p), "VALID",
+                                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if d.bias:
+            y = y + hk.get_parameter("b", [d.out_channels], x.dtype, init=jnp.zeros)
+        return y
+
+
 class Layers(structure.LazyLayers):
     """``structure.Layers`` inside a Haiku module's ``__call__`` (Haiku names the submodules
     built here under the module being called); ``train`` is Haiku's ``is_training``."""
@@ -47,13 +82,14 @@ class Layers(structure.LazyLayers):
 
     def build(self, name: str, decl: Any) -> Callable:
         if isinstance(decl, structure.Linear):
-            return hk.Linear(decl.out_features, with_bias=decl.bias, w_init=WEIGHT_INIT, name=name)
+            return Linear(decl.out_features, decl.bias, self.cfg.matmul_dtype, name=name)
         if isinstance(decl, structure.Norm):
             # Haiku's default eps is 1e-5; timm's models say their own.
-            return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, eps=decl.eps, name=name)
+            norm = hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, eps=decl.eps, name=name)
+            # statistics in float32 for 16-bit inputs, as linen's and NNX's LayerNorm compute them
+            return lambda x: norm(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
         if isinstance(decl, structure.PatchConv):
-            return hk.Conv2D(decl.out_channels, decl.patch_size, stride=decl.patch_size, padding="VALID",
-                             with_bias=decl.bias, w_init=WEIGHT_INIT, name=name)
+            return PatchConv(decl, self.cfg.matmul_dtype, name=name)
         if isinstance(decl, structure.Dropout):
             return _dropout(decl.rate, self.train)
         if isinstance(decl, structure.DropPath):

@@ -45,14 +45,15 @@ def _build(decl: Any, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     kw = dict(dtype=cfg.dtype, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
     if isinstance(decl, structure.Linear):
         return nnx.Linear(decl.in_features, decl.out_features, use_bias=decl.bias,
-                          kernel_init=structure.WEIGHT_INIT, **kw)
+                          kernel_init=structure.WEIGHT_INIT, dot_general=ops.dot_general(cfg.matmul_dtype), **kw)
     if isinstance(decl, structure.Norm):
         # Two-pass variance like torch; the fast variance loses digits in float32.
         return nnx.LayerNorm(decl.features, epsilon=decl.eps, use_fast_variance=False, **kw)
     if isinstance(decl, structure.PatchConv):
         p = decl.patch_size
         return nnx.Conv(decl.in_channels, decl.out_channels, (p, p), strides=(p, p), padding="VALID",
-                        use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT, **kw)
+                        use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT,
+                        conv_general_dilated=ops.conv_general_dilated(cfg.matmul_dtype), **kw)
     if isinstance(decl, structure.Dropout):
         return nnx.Dropout(decl.rate, deterministic=True, rngs=_stream(rngs, decl.rate))
     if isinstance(decl, structure.DropPath):
