@@ -18,7 +18,8 @@ from converters.specs import CaiTSpec, Spec, ViTSpec
 POOL_ALIASES = {"cls": "token", "token": "token", "mean": "avg", "avg": "avg", "map": "map", "": "", None: ""}
 
 # Constructor keywords that are run-time settings rather than spec fields.
-RUNTIME_FIELDS = ("dropout", "emb_dropout", "layer_dropout", "attn_dropout", "head_dropout", "dtype", "param_dtype")
+RUNTIME_FIELDS = ("dropout", "emb_dropout", "layer_dropout", "attn_dropout", "head_dropout", "dtype", "param_dtype",
+                  "distilled_training")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class ModelConfig:
       head_dropout: timm ``drop_rate``: on the pooled features before the classifier.
       dtype: computation dtype (None: follow the inputs and params).
       param_dtype: dtype of freshly initialised params.
+      distilled_training: timm's ``set_distilled_training``: a distilled DeiT in training
+        returns ``(logits, logits_dist)`` instead of their average (other models ignore it).
     """
 
     spec: Spec
@@ -45,6 +48,7 @@ class ModelConfig:
     head_dropout: float = 0.0
     dtype: Any = None
     param_dtype: Any = "float32"
+    distilled_training: bool = False
 
     @property
     def family(self) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from converters.errors import InvalidArgumentError
 from converters.specs import CaiTSpec, Spec, ViTSpec
@@ -317,6 +318,11 @@ def check_input(spec: Spec, x: jax.Array) -> None:
                                    "pos_embed with image_size= when loading)")
 
 
+def _block_output(x: jax.Array) -> jax.Array:
+    """Names a block's output for rematerialisation (``vitport.training``, ``remat=True``)."""
+    return checkpoint_name(x, "vitport_block")
+
+
 def _head(m: Layers, spec: Spec, pooled: jax.Array) -> jax.Array:
     return m("head")(m("head_drop")(pooled)) if spec.num_classes else pooled
 
@@ -325,7 +331,7 @@ def vit(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False) -> tuple
     """timm ``VisionTransformer`` / ``VisionTransformerDistilled`` on NHWC images.
 
     Returns ``(output, intermediates)``; ``output`` is the logits, or for a distilled model in
-    training ``(logits, logits_dist)`` as timm returns them.
+    training with ``cfg.distilled_training`` ``(logits, logits_dist)`` as timm returns them.
     """
     s: ViTSpec = cfg.spec
     check_input(s, x)
@@ -338,7 +344,7 @@ def vit(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False) -> tuple
     if s.pre_norm:
         x = m("norm_pre")(x)
     for i in range(s.depth):
-        x = out[f"blocks.{i}"] = m(f"blocks.{i}")(x)
+        x = out[f"blocks.{i}"] = _block_output(m(f"blocks.{i}")(x))
     if s.has_norm:
         x = out["norm"] = m("norm")(x)
     if s.distilled:
@@ -347,7 +353,9 @@ def vit(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False) -> tuple
         if not s.num_classes:
             return out["pre_logits"], out
         logits, logits_dist = out["head"], out["head_dist"] = _head(m, s, cls), m("head_dist")(m("head_drop")(dist))
-        return ((logits, logits_dist) if train else (logits + logits_dist) / 2), out
+        # timm averages the heads in training too, unless distilled training is switched on.
+        both = train and cfg.distilled_training
+        return ((logits, logits_dist) if both else (logits + logits_dist) / 2), out
     if s.pool == "map":
         pooled = m("attn_pool")(x if s.pool_include_prefix else x[:, s.num_prefix_tokens:])
     else:
@@ -371,10 +379,10 @@ def cait(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False) -> tupl
     x = out["patch_embed"] = patches.reshape(patches.shape[0], -1, s.dim)
     x = m("pos_drop")(x + m.param("pos_embed"))
     for i in range(s.depth):
-        x = out[f"blocks.{i}"] = m(f"blocks.{i}")(x)
+        x = out[f"blocks.{i}"] = _block_output(m(f"blocks.{i}")(x))
     cls = jnp.broadcast_to(m.param("cls_token"), (x.shape[0], 1, s.dim)).astype(x.dtype)
     for j in range(s.cls_depth):
-        cls = out[f"blocks_token_only.{j}"] = m(f"blocks_token_only.{j}")(x, cls)
+        cls = out[f"blocks_token_only.{j}"] = _block_output(m(f"blocks_token_only.{j}")(x, cls))
     x = out["norm"] = m("norm")(jnp.concatenate([cls, x], axis=1))
     pooled = out["pre_logits"] = ops.pool_tokens(x, s.pool, 1)
     result = _head(m, s, pooled)

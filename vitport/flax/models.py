@@ -48,7 +48,7 @@ class ViT(_Root):
     ``converters.specs.ViTSpec`` and ``vitport.config.ModelConfig``). ``pool`` takes 'cls' /
     'token', 'mean' / 'avg', 'map' or ''; ``fc_norm=None`` means "when pooling by average",
     ``patch_bias=None`` means "unless pre_norm". A distilled model in training returns
-    ``(logits, logits_dist)`` as timm does.
+    ``(logits, logits_dist)`` when ``distilled_training=True``, their average otherwise, as timm does.
     """
 
     family = "vit"
@@ -84,6 +84,7 @@ class ViT(_Root):
     dynamic_img_size: bool = False
     dtype: Dtype = None
     param_dtype: Dtype = "float32"
+    distilled_training: bool = False
 
 
 class CaiT(_Root):
@@ -118,3 +119,4 @@ class CaiT(_Root):
     norm_eps: float = 1e-6
     dtype: Dtype = None
     param_dtype: Dtype = "float32"
+    distilled_training: bool = False

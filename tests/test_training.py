@@ -1,0 +1,194 @@
+"""Training: timm's training-mode semantics, gradients equal timm's autograd, the optimizer
+equals timm's AdamW with its param groups, and ``vitport finetune`` end to end.
+
+Gradient tiers: every tensor's gradient within ``GRAD_TOLERANCES[dtype]`` of timm's, relative
+to that tensor's largest gradient, floored at 1e-3 of the model's largest gradient (some
+gradients are analytically zero and hold only rounding noise: softmax ignores the attention
+key bias). Measured maxima go to the test report (``record_property``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import TINY_CASES, images, tiny_timm
+
+import vitport
+from converters import FRAMEWORKS
+from vitport import training
+from vitport.frontends import FRONT_ENDS
+from vitport.parity import compare_gradients
+
+GRAD_TOLERANCES = {"float64": 1e-9, "float32": 1e-4}
+
+
+def labels_for(spec, batch: int) -> np.ndarray:
+    return (np.arange(batch) * 3) % spec.num_classes
+
+
+def relative_errors(rows) -> dict[str, float]:
+    """Per row: max abs error / max(its max |grad|, 1e-3 * the model's max |grad|)."""
+    floor = 1e-3 * max(r.ref_scale for r in rows)
+    return {r.layer: r.max_abs / max(r.ref_scale, floor) for r in rows}
+
+
+# ------------------------------------------------------------------- training semantics
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_train_mode_without_dropout_equals_eval_and_distilled_switch(framework):
+    """With every rate at zero, train=True is evaluation; a distilled DeiT averages its heads
+    in training unless distilled training is on, then returns both (timm's semantics)."""
+    import torch
+
+    arch, kwargs = TINY_CASES["deit_distilled"]
+    model = tiny_timm(arch, "float64", **kwargs)
+    jm = vitport.from_timm(model, framework)
+    x = images(jm.spec)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    key = jax.random.PRNGKey(0)
+    train_out = jm.apply_fn(jm.params, x, train=True, rng=key)
+    np.testing.assert_allclose(train_out, jm(x), rtol=0, atol=1e-13)
+    model.train()
+    with torch.no_grad():
+        np.testing.assert_allclose(train_out, model(xt).numpy(), rtol=0, atol=1e-12)
+        assert jm.set_distilled_training(True) is jm and jm.config.distilled_training
+        model.set_distilled_training(True)
+        logits, logits_dist = jm.apply_fn(jm.params, x, train=True, rng=key)
+        ref, ref_dist = model(xt)
+    np.testing.assert_allclose(logits, ref.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(logits_dist, ref_dist.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose((logits + logits_dist) / 2, jm(x), rtol=0, atol=1e-13)  # eval still averages
+    jm.set_distilled_training(False)
+    assert not isinstance(jm.apply_fn(jm.params, x, train=True, rng=key), tuple)
+    with pytest.raises(vitport.VitportError, match="distilled models"):
+        vitport.from_timm(tiny_timm(*TINY_CASES["vit_token"][:1], **TINY_CASES["vit_token"][1]),
+                          framework).set_distilled_training(True)
+
+
+# ------------------------------------------------------------------------ gradient parity
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_gradients_equal_timm(case, framework, dtype, record_property):
+    arch, kwargs = TINY_CASES[case]
+    model = tiny_timm(arch, dtype, **kwargs)
+    jm = vitport.from_timm(model, framework)
+    x = images(jm.spec, batch=4, dtype=dtype)
+    rows = compare_gradients(jm, model, x, labels_for(jm.spec, 4))
+    assert rows[0].layer == "loss" and len(rows) == len(model.state_dict()) + 1
+    rel = relative_errors(rows)
+    worst = max(rel, key=rel.get)
+    record_property(f"grad_max_abs_{dtype}", max(r.max_abs for r in rows))
+    record_property(f"grad_max_rel_{dtype}", rel[worst])
+    bad = {k: f"{v:.2e}" for k, v in rel.items() if v > GRAD_TOLERANCES[dtype]}
+    assert not bad, f"{case}/{framework}/{dtype}: gradients over {GRAD_TOLERANCES[dtype]:g}: {bad}"
+
+
+def test_distilled_training_gradients_equal_timm():
+    """With distilled training on, both heads' losses (timm returns both) give timm's gradients."""
+    arch, kwargs = TINY_CASES["deit_distilled"]
+    model = tiny_timm(arch, "float64", **kwargs)
+    jm = vitport.from_timm(model, FRAMEWORKS[-1]).set_distilled_training(True)
+    rows = compare_gradients(jm, model, images(jm.spec, batch=4), labels_for(jm.spec, 4))
+    assert max(relative_errors(rows).values()) < GRAD_TOLERANCES["float64"]
+
+
+# ----------------------------------------------------------------- timm's param groups
+
+
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_layer_ids_and_weight_decay_equal_timms_param_groups(case):
+    """Layer ids equal timm's ``group_parameters(model, model.group_matcher(), reverse=True)``;
+    lr scales and weight decay equal ``param_groups_layer_decay`` with ``no_weight_decay()``."""
+    from timm.models import group_parameters
+    from timm.optim import param_groups_layer_decay
+
+    arch, kwargs = TINY_CASES[case]
+    model = tiny_timm(arch, "float32", **kwargs)
+    spec = vitport.from_timm(model, "flax").spec
+    assert training.layer_ids(spec) == group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    groups = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=0.7)
+    names = {id(p): n for n, p in model.named_parameters()}
+    timm_scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    timm_decays = {names[id(p)]: g["weight_decay"] > 0 for g in groups for p in g["params"]}
+    assert training.decays(spec) == timm_decays
+    ours = training.lr_scales(spec, 0.7)
+    assert ours.keys() == timm_scale.keys()
+    for k in ours:
+        assert ours[k] == pytest.approx(timm_scale[k], rel=1e-15), k
+
+
+STEP_CASES = ("cait", "deit_distilled", "reg_tokens_avg_fc_norm")
+
+
+@pytest.mark.parametrize("framework,case", list(zip(FRAMEWORKS, itertools.cycle(STEP_CASES))))
+def test_train_steps_equal_timm_adamw(framework, case):
+    """Three float64 steps of ``Trainer.train_step`` equal timm's recipe: ``create_optimizer_v2(
+    'adamw', layer_decay=...)``, ``LabelSmoothingCrossEntropy``, ``clip_grad_norm_`` and the
+    warm-up + cosine learning rate applied with each group's ``lr_scale``."""
+    import timm.optim
+    import torch
+    from timm.loss import LabelSmoothingCrossEntropy
+
+    arch, kwargs = TINY_CASES[case]
+    model = tiny_timm(arch, "float64", **kwargs)
+    jm = vitport.from_timm(model, framework)
+    cfg = training.TrainConfig(total_steps=5, lr=3e-3, warmup_steps=1, warmup_lr=1e-4, min_lr=1e-5,
+                               weight_decay=0.3, layer_decay=0.6, label_smoothing=0.1, clip_grad=0.5)
+    x, y = images(jm.spec, batch=4), labels_for(jm.spec, 4)
+    trainer = training.Trainer(jm, cfg)
+    state = trainer.init(jm.params)
+
+    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         layer_decay=cfg.layer_decay, eps=cfg.eps, betas=cfg.betas)
+    loss_fn = LabelSmoothingCrossEntropy(cfg.label_smoothing)
+    xt, yt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y)
+    model.train()
+    for step in range(3):
+        state, metrics = trainer.train_step(state, x, y)
+        for group in opt.param_groups:  # what timm's scheduler does each update
+            group["lr"] = float(training.lr_schedule(cfg)(step)) * group["lr_scale"]
+        opt.zero_grad()
+        loss = loss_fn(model(xt), yt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        assert float(metrics["loss"]) == pytest.approx(loss.item(), rel=1e-12, abs=1e-12), step
+    model.eval()
+    ours = jm.with_params(state.params).to_timm_state_dict()
+    worst = {k: float(np.abs(ours[k] - v.detach().numpy()).max()) for k, v in model.state_dict().items()}
+    assert max(worst.values()) < 1e-10, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+
+
+# ----------------------------------------------------------------- bf16 and remat
+
+
+def test_remat_and_bfloat16():
+    """Rematerialisation changes memory, not numbers; bfloat16 compute keeps float32 params
+    and a loss close to float32's."""
+    arch, kwargs = TINY_CASES["vit_token"]
+    model = tiny_timm(arch, "float32", **kwargs)
+    jm = vitport.from_timm(model, FRAMEWORKS[0])
+    args = (jm.params, jnp.asarray(images(jm.spec, batch=8, dtype="float32")), jnp.asarray(labels_for(jm.spec, 8)),
+            jax.random.PRNGKey(0))
+    grads, temp = {}, {}
+    for remat in (False, True):
+        trainer = training.Trainer(jm, training.TrainConfig(total_steps=3, remat=remat))
+        compiled = jax.jit(jax.value_and_grad(trainer.loss)).lower(*args).compile()
+        grads[remat], temp[remat] = compiled(*args), compiled.memory_analysis().temp_size_in_bytes
+    for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert temp[True] <= temp[False], temp
+    bf16 = training.Trainer(jm, training.TrainConfig(total_steps=3, compute_dtype="bfloat16"))
+    state, metrics = bf16.train_step(bf16.init(jm.params), *args[1:3])
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state.params))
+    assert float(metrics["loss"]) == pytest.approx(float(grads[False][0]), rel=0.05)
