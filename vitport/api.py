@@ -130,6 +130,26 @@ class JaxModel:
         params = canonical_to_framework(self.canonical(), self.spec, check_framework(framework))
         return dataclasses.replace(self, framework=framework, params=params)
 
+    # Images in, answers out (vitport/images.py): timm's eval transform, top-k, pre-logits.
+    def preprocess(self, images: Any) -> np.ndarray:
+        """A path, PIL image or list of them -> float32 NHWC batch, as timm's eval transform."""
+        from .images import eval_transform
+        from .preprocess import preprocess
+
+        return preprocess(images, eval_transform(self))
+
+    def predict(self, images: Any, top_k: int = 5, batch_size: int = 32) -> list:
+        """Per image, ``[(class_index, label, probability), ...]`` for the ``top_k`` classes."""
+        from .images import predict
+
+        return predict(self, images, top_k=top_k, batch_size=batch_size)
+
+    def embed(self, images: Any, batch_size: int = 32) -> np.ndarray:
+        """Pre-logit features (timm's ``forward_head(x, pre_logits=True)``), one row per image."""
+        from .images import embed
+
+        return embed(self, images, batch_size=batch_size)
+
 
 def from_state_dict(state_dict: Mapping[str, Any], spec: Spec, framework: Framework = "flax", *,
                     source: str = "checkpoint", **meta: Any) -> JaxModel:

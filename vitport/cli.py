@@ -362,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("pattern", nargs="?", default="*", help="glob, e.g. 'cait_*'")
     ls.add_argument("--all", action="store_true", help="also list refused architectures, with the reason")
     ls.set_defaults(func=cmd_list)
+
+    from .cli_images import add_image_commands  # predict, embed
+
+    add_image_commands(sub)
     return parser
 
 
