@@ -366,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_images import add_image_commands  # predict, embed
 
     add_image_commands(sub)
+
+    from .cli_finetune import add_finetune_command
+
+    add_finetune_command(sub)
     return parser
 
 

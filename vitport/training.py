@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -214,6 +215,17 @@ def classification_loss(output: Any, labels: jax.Array, smoothing: float = 0.0) 
 # --------------------------------------------------------------------------- train step
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_trainer(config: Any, framework: str, cfg: TrainConfig) -> "Trainer":
+    return Trainer(JaxModel(config.spec, framework, None, config=config), cfg)
+
+
+def trainer_for(jm: JaxModel, cfg: TrainConfig) -> "Trainer":
+    """A ``Trainer`` shared by runs with the same model structure and settings, so a second run
+    (a resumed one, say) reuses the compiled steps."""
+    return _cached_trainer(jm.config, jm.framework, cfg)
+
+
 class TrainState(NamedTuple):
     """Everything a run needs to continue exactly: a pytree (orbax saves it as it is)."""
 
@@ -232,14 +244,14 @@ class Trainer:
         trainer = Trainer(jm, TrainConfig(total_steps=1000, lr=1e-4, layer_decay=0.75))
         state = trainer.init(jm.params, seed=0)
         state, metrics = trainer.train_step(state, images, labels)   # metrics: loss, lr, grad_norm
-        correct, loss_sum = trainer.eval_step(state.params, images, labels)
+        correct, losses = trainer.eval_step(state.params, images, labels)   # per example
 
     ``jm`` carries the dropout / stochastic-depth rates (``jm.config``); they run in
     ``train_step`` from the state's rng.
     """
 
     def __init__(self, jm: JaxModel, cfg: TrainConfig):
-        self.jm, self.cfg = jm, cfg
+        self.cfg = cfg  # holds no params: only structure (jm's config and framework) and settings
         self.tx = optimizer(jm, cfg)
         self.schedule = lr_schedule(cfg)
         self.compute_dtype = jnp.dtype(cfg.compute_dtype) if cfg.compute_dtype else None
@@ -277,11 +289,11 @@ class Trainer:
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     def _eval_step(self, params: Any, images: jax.Array, labels: jax.Array):
-        """(number correct, summed unsmoothed loss) on one batch, in evaluation mode."""
+        """Per example, in evaluation mode: (correct, unsmoothed loss)."""
         dtype = self.compute_dtype or jax.tree.leaves(params)[0].dtype
         logits = self._apply(self._cast(params), images.astype(dtype)).astype(jnp.float32)
-        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-        return correct, classification_loss(logits, labels) * labels.shape[0]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.argmax(logits, -1) == labels, losses
 
 
 def with_new_head(jm: JaxModel, num_classes: int, seed: int = 0) -> JaxModel:
@@ -304,5 +316,5 @@ def with_new_head(jm: JaxModel, num_classes: int, seed: int = 0) -> JaxModel:
                                params=canonical_to_framework(tree, spec, jm.framework), pretrained_cfg=cfg)
 
 
-__all__ = ["TrainConfig", "TrainState", "Trainer", "classification_loss", "decays", "layer_ids", "lr_scales",
+__all__ = ["TrainConfig", "TrainState", "Trainer", "trainer_for", "classification_loss", "decays", "layer_ids", "lr_scales",
            "lr_schedule", "optimizer", "timm_keyed_tree", "with_new_head"]
