@@ -327,3 +327,29 @@ def test_finetune_bad_data_is_one_clear_error(finetune_env, tmp_path, capsys):
         assert rc == 2 and message in " ".join(err.split()), (name, err)
         assert "Traceback" not in err
         assert not out.exists() and not (tmp_path / f"{name}-out.partial").exists(), name
+
+
+def test_train_transform_pixels_equal_torchvision():
+    """For the same crop box and flip, the training transform gives torchvision's pixels, and
+    the boxes follow RandomResizedCrop's rules (area and ratio ranges, inside the image)."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    from vitport.finetune import TrainTransform
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (45, 61, 3), dtype=np.uint8))
+    t = TrainTransform((32, 32), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "bicubic")
+    for seed in range(20):
+        left, top, w, h = t.crop_box(img.width, img.height, np.random.default_rng(seed))
+        assert 0 <= left <= img.width - w and 0 <= top <= img.height - h
+        assert 0.08 * 45 * 61 * 0.9 <= w * h and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+        ours = t(img, np.random.default_rng(seed))
+        ref = F.resized_crop(img, top, left, h, w, [32, 32], InterpolationMode.BICUBIC)
+        gen = np.random.default_rng(seed)
+        t.crop_box(img.width, img.height, gen)
+        if gen.random() < 0.5:
+            ref = F.hflip(ref)
+        ref = F.normalize(F.to_tensor(ref), t.mean, t.std).permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)

@@ -161,7 +161,8 @@ class TrainTransform:
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
         left, top, w, h = self.crop_box(img.width, img.height, rng)
         size = (self.input_size[1], self.input_size[0])
-        img = img.resize(size, PIL_FILTERS[self.interpolation], box=(left, top, left + w, top + h))
+        # Crop, then resize, as torchvision's resized_crop (resize(box=...) would filter across the box edge).
+        img = img.crop((left, top, left + w, top + h)).resize(size, PIL_FILTERS[self.interpolation])
         x = np.asarray(img, np.float32) / np.float32(255)
         if rng.random() < 0.5:
             x = x[:, ::-1]
