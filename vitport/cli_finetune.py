@@ -54,7 +54,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          layer_decay=args.layer_decay or None, weight_decay=args.weight_decay,
                          warmup_epochs=args.warmup_epochs, label_smoothing=args.smoothing, clip_grad=args.clip_grad,
                          drop_path_rate=args.drop_path, img_size=_image_size(args.img_size), framework=args.framework,
-                         compute_dtype="bfloat16" if args.bf16 else None, remat=args.remat, seed=args.seed,
+                         compute_dtype="bfloat16" if args.bf16 else None, seed=args.seed,
                          workers=args.workers)
     try:
         with _progress() as update:
@@ -97,7 +97,6 @@ def add_finetune_command(sub: Any) -> None:
     f.add_argument("--img-size", metavar="N|HxW", help="train at this resolution (pos_embed is resampled)")
     f.add_argument("--framework", choices=FRAMEWORKS, help="default: the source's own, else flax")
     f.add_argument("--bf16", action="store_true", help="compute in bfloat16 (params stay float32)")
-    f.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass (less memory)")
     f.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT.partial/")
     f.add_argument("--seed", type=int, default=0, help="data order, augmentation, dropout, new head (default: 0)")
     f.add_argument("--workers", type=int, default=4, help="image loading threads (default: %(default)s)")

@@ -290,7 +290,7 @@ def jax_gradients(jm: JaxModel, images_nhwc: np.ndarray, labels: np.ndarray,
         return classification_loss(jm.apply_fn(params, x, train=True, rng=rng), y)
 
     x, y = jax.numpy.asarray(images_nhwc, jm.dtype), jax.numpy.asarray(labels)
-    loss, grads = jax.value_and_grad(loss_fn)(jm.params)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(jm.params)  # one compile, apply_fn inlined
     return float(loss), jm.with_params(grads).to_timm_state_dict()
 
 
