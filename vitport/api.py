@@ -73,6 +73,17 @@ class JaxModel:
         """
         return jax.jit(self.front_end.apply(self.config), static_argnames=("train", "return_intermediates", "stage"))
 
+    def set_distilled_training(self, enable: bool = True) -> "JaxModel":
+        """timm's ``set_distilled_training``: a distilled DeiT in training returns
+        ``(logits, logits_dist)`` when enabled, their average otherwise (evaluation always
+        averages). Changes this model in place and returns it."""
+        if not getattr(self.spec, "distilled", False):
+            raise InvalidArgumentError("set_distilled_training is for distilled models (two heads); "
+                                       f"this {self.spec.family} model has one")
+        self.config = dataclasses.replace(self.config, distilled_training=enable)
+        self.__dict__.pop("apply_fn", None)  # jitted for the old config
+        return self
+
     @property
     def module(self) -> Any:
         """The framework's own model: Haiku's transformed pair, the linen module, or the NNX

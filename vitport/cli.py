@@ -381,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_attention import add_attention_command  # attention
 
     add_attention_command(sub)
+
+    from .cli_finetune import add_finetune_command
+
+    add_finetune_command(sub)
     return parser
 
 

@@ -19,7 +19,7 @@ POOL_ALIASES = {"cls": "token", "token": "token", "mean": "avg", "avg": "avg", "
 
 # Constructor keywords that are run-time settings rather than spec fields.
 RUNTIME_FIELDS = ("dropout", "emb_dropout", "layer_dropout", "attn_dropout", "head_dropout", "dtype", "param_dtype",
-                  "matmul_dtype")
+                  "matmul_dtype", "distilled_training")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class ModelConfig:
         CPUs with bf16 dot units), the rest of the model runs in the params' dtype. float32
         weights with ``matmul_dtype='bfloat16'`` is the mixed mode; bf16 weights take the
         float32-accumulating products without it (``vitport.ops``).
+      distilled_training: timm's ``set_distilled_training``: a distilled DeiT in training
+        returns ``(logits, logits_dist)`` instead of their average (other models ignore it).
     """
 
     spec: Spec
@@ -52,6 +54,7 @@ class ModelConfig:
     dtype: Any = None
     param_dtype: Any = "float32"
     matmul_dtype: str | None = None
+    distilled_training: bool = False
 
     def __post_init__(self):
         if self.matmul_dtype is not None:

@@ -241,3 +241,71 @@ def timm_model_for(r, tree, model_args: dict[str, Any] | None = None):
         overlay = dict(file=str(r.weights), num_classes=r.spec.num_classes)
         model = timm.create_model(r.architecture, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+def timm_gradients(timm_model, images_nhwc: np.ndarray, labels: np.ndarray, *,
+                   distilled_training: bool = False) -> tuple[float, dict[str, np.ndarray]]:
+    """timm's loss and autograd gradients (by state_dict key) in training mode.
+
+    The loss is ``vitport.training.classification_loss`` written in torch: mean cross-entropy,
+    or for a distilled model in distilled training the mean over its two heads. The model is
+    left in evaluation mode, distilled training off.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dtype = next(timm_model.parameters()).dtype
+    x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))).to(dtype)
+    y = torch.from_numpy(np.asarray(labels, np.int64))
+    if hasattr(timm_model, "set_distilled_training"):
+        timm_model.set_distilled_training(distilled_training)
+    timm_model.train()
+    timm_model.zero_grad(set_to_none=True)
+    try:
+        out = timm_model(x)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum(F.cross_entropy(o, y) for o in outs) / len(outs)
+        loss.backward()
+    finally:
+        timm_model.eval()
+        if hasattr(timm_model, "set_distilled_training"):
+            timm_model.set_distilled_training(False)
+    grads = {k: p.grad.detach().cpu().numpy() for k, p in timm_model.named_parameters() if p.grad is not None}
+    timm_model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+def jax_gradients(jm: JaxModel, images_nhwc: np.ndarray, labels: np.ndarray,
+                  rng=None) -> tuple[float, dict[str, np.ndarray]]:
+    """The same loss through ``jm.apply_fn`` in training mode, and its gradients named by timm
+    key (``jm.with_params(grads).to_timm_state_dict()``)."""
+    import jax
+
+    from .training import classification_loss
+
+    def loss_fn(params):
+        return classification_loss(jm.apply_fn(params, x, train=True, rng=rng), y)
+
+    x, y = jax.numpy.asarray(images_nhwc, jm.dtype), jax.numpy.asarray(labels)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(jm.params)  # one compile, apply_fn inlined
+    return float(loss), jm.with_params(grads).to_timm_state_dict()
+
+
+def compare_gradients(jm: JaxModel, timm_model, images_nhwc: np.ndarray, labels: np.ndarray) -> list[LayerDiff]:
+    """Per-tensor differences of cross-entropy gradients, timm autograd vs ``jax.grad``.
+
+    Both sides run in training mode (with zero dropout rates, the same function as
+    evaluation); a distilled model follows ``jm.config.distilled_training`` on both sides.
+    Rows: 'loss' first, then one per timm key in ``state_dict`` order. A tensor only one side
+    has is an error.
+    """
+    ref_loss, ref = timm_gradients(timm_model, images_nhwc, labels,
+                                   distilled_training=jm.config.distilled_training)
+    loss, ours = jax_gradients(jm, images_nhwc, labels)
+    if set(ours) != set(ref):
+        raise ValueError(f"gradients for different tensors: only JAX {sorted(set(ours) - set(ref))}, "
+                         f"only timm {sorted(set(ref) - set(ours))}")
+    return [diff("loss", np.float64(loss), np.float64(ref_loss))] + [diff(k, ours[k], ref[k]) for k in ref]

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from converters.errors import InvalidArgumentError
 from converters.specs import CaiTSpec, Spec, ViTSpec
@@ -390,7 +391,8 @@ def _blocks(m: Layers, prefix: str, count: int, x: jax.Array, out: dict, *extra:
     for i in range(count):
         name = f"{prefix}.{i}"
         with _in_block(name):
-            x = out[name] = m(name)(*extra, x) if extra else m(name)(x)
+            # Named for rematerialisation (vitport.training, remat=True).
+            x = out[name] = checkpoint_name(m(name)(*extra, x) if extra else m(name)(x), "vitport_block")
     return x
 
 
@@ -425,7 +427,8 @@ def _vit_head(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool, out: dict)
         if not s.num_classes:
             return out["pre_logits"]
         logits, logits_dist = out["head"], out["head_dist"] = _head(m, s, cls), m("head_dist")(m("head_drop")(dist))
-        return (logits, logits_dist) if train else (logits + logits_dist) / 2
+        # timm averages the heads in training too, unless distilled training is switched on.
+        return (logits, logits_dist) if train and cfg.distilled_training else (logits + logits_dist) / 2
     if s.pool == "map":
         pooled = m("attn_pool")(x if s.pool_include_prefix else x[:, s.num_prefix_tokens:])
     else:
@@ -485,7 +488,7 @@ def vit(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False, stage: s
     """timm ``VisionTransformer`` / ``VisionTransformerDistilled`` on NHWC images.
 
     Returns ``(output, intermediates)``; ``output`` is the logits, or for a distilled model in
-    training ``(logits, logits_dist)`` as timm returns them.
+    training with ``cfg.distilled_training`` ``(logits, logits_dist)`` as timm returns them.
     """
     return _root(_vit_features, _vit_head, m, cfg, x, train, stage)
 

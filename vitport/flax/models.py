@@ -50,7 +50,7 @@ class ViT(_Root):
     ``converters.specs.ViTSpec`` and ``vitport.config.ModelConfig``). ``pool`` takes 'cls' /
     'token', 'mean' / 'avg', 'map' or ''; ``fc_norm=None`` means "when pooling by average",
     ``patch_bias=None`` means "unless pre_norm". A distilled model in training returns
-    ``(logits, logits_dist)`` as timm does.
+    ``(logits, logits_dist)`` when ``distilled_training=True``, their average otherwise, as timm does.
     """
 
     family = "vit"
@@ -87,6 +87,7 @@ class ViT(_Root):
     dtype: Dtype = None
     param_dtype: Dtype = "float32"
     matmul_dtype: str | None = None
+    distilled_training: bool = False
 
 
 class CaiT(_Root):
@@ -122,3 +123,4 @@ class CaiT(_Root):
     dtype: Dtype = None
     param_dtype: Dtype = "float32"
     matmul_dtype: str | None = None
+    distilled_training: bool = False
