@@ -112,6 +112,7 @@ OPTION_CATEGORIES = (
     ("LayerScale `init_values` (DeiT-3, DINOv2, ...)", lambda s: s["family"] == "vit"
      and s.get("init_values") is not None),
     ("`qk_norm`", lambda s: s.get("qk_norm", False)),
+    ("SwiGLU / gated MLPs (`SwiGLUPacked`, `SwiGLU`, `GluMlp`)", lambda s: s.get("mlp_layer", "Mlp") != "Mlp"),
     ("`qkv_bias=False`", lambda s: not s["qkv_bias"]),
     ("`proj_bias=False`", lambda s: not s.get("proj_bias", True)),
     ("`gelu_tanh`", lambda s: s["activation"] == "gelu_tanh"),

@@ -82,6 +82,17 @@ def _mlp(m: str, d: int, hidden: int, bias: bool = True) -> Iterator[Entry]:
     yield from _linear(f"{m}.fc2", hidden, d, bias)
 
 
+def _block_mlp(m: str, s: ViTSpec) -> Iterator[Entry]:
+    """timm's block MLP of ``s.mlp_layer``: ``Mlp`` and ``GluMlp`` have fc1 (GluMlp's packs x and
+    gate, ``mlp_dim`` wide) and fc2 (from ``mlp_hidden``); ``SwiGLU`` has fc1_g, fc1_x, fc2."""
+    if s.mlp_layer == "SwiGLU":
+        yield from _linear(f"{m}.fc1_g", s.dim, s.mlp_dim, s.proj_bias)
+        yield from _linear(f"{m}.fc1_x", s.dim, s.mlp_dim, s.proj_bias)
+    else:
+        yield from _linear(f"{m}.fc1", s.dim, s.mlp_dim, s.proj_bias)
+    yield from _linear(f"{m}.fc2", s.mlp_hidden, s.dim, s.proj_bias)
+
+
 def _patch_embed(spec: Spec, bias: bool) -> Iterator[Entry]:
     p = spec.patch_size
     yield Entry("patch_embed.proj.weight", "patch_embed.proj", "kernel", "conv",
@@ -114,7 +125,7 @@ def vit_table(s: ViTSpec) -> list[Entry]:
         if s.has_layer_scale:
             t.append(_param(f"{b}.ls1.gamma", (d,)))
         t += _norm(f"{b}.norm2", d)
-        t += _mlp(f"{b}.mlp", d, s.mlp_dim, s.proj_bias)
+        t += _block_mlp(f"{b}.mlp", s)
         if s.has_layer_scale:
             t.append(_param(f"{b}.ls2.gamma", (d,)))
     if s.has_norm:

@@ -22,7 +22,14 @@ from typing import Any, Literal, Mapping
 
 from .errors import InvalidArgumentError, UnsupportedArchitectureError
 
-Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "silu", "sigmoid"]
+# timm's block MLPs: ``Mlp``; ``GluMlp`` (fc1 packs [x | gate], ``gate_last``; timm's ``SwiGLUPacked``
+# is ``GluMlp`` with ``gate_last=False`` and SiLU); ``SwiGLU`` (separate ``fc1_g`` / ``fc1_x``).
+MlpLayer = Literal["Mlp", "GluMlp", "SwiGLU"]
+MLP_LAYERS = ("Mlp", "GluMlp", "SwiGLU")
+# timm ``act_layer`` names vitport implements, and the spec's name for each.
+ACT_LAYER_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "silu": "silu",
+                   "swish": "silu", "sigmoid": "sigmoid"}
 Pool = Literal["token", "avg", "map", ""]
 
 
@@ -67,6 +74,8 @@ class ViTSpec:
     activation: Activation = "gelu"
     norm_eps: float = 1e-6
     dynamic_img_size: bool = False
+    mlp_layer: MlpLayer = "Mlp"
+    mlp_gate_last: bool = True
 
     family = "vit"
 
@@ -85,6 +94,18 @@ class ViTSpec:
             raise UnsupportedArchitectureError("distilled models with fc_norm are not supported")
         if self.pool == "token" and not self.class_token:
             raise UnsupportedArchitectureError("global_pool='token' needs class_token=True")
+        if self.mlp_layer not in MLP_LAYERS:
+            raise UnsupportedArchitectureError(f"mlp_layer={self.mlp_layer!r} is not supported "
+                                               f"(supported: {', '.join(MLP_LAYERS)})")
+        if self.mlp_layer == "GluMlp" and self.mlp_dim % 2:
+            raise UnsupportedArchitectureError(f"GluMlp needs an even hidden width (fc1 packs x and gate); "
+                                               f"mlp_dim={self.mlp_dim}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Width entering ``fc2``: ``mlp_dim`` (timm's ``hidden_features``, fc1's width), halved by
+        ``GluMlp``'s chunk into x and gate."""
+        return self.mlp_dim // 2 if self.mlp_layer == "GluMlp" else self.mlp_dim
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -284,10 +305,10 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
                 new["fc_norm"] = new["pool"] == "avg"
         if "act_layer" in kw:
             act = kw.pop("act_layer")
-            if act in ("gelu", "gelu_tanh", "quick_gelu"):
-                new["activation"] = act
+            if isinstance(act, str) and act.lower() in ACT_LAYER_NAMES:
+                new["activation"] = ACT_LAYER_NAMES[act.lower()]
             elif act is not None:
-                bad.append(f"act_layer={act!r} (supported: 'gelu', 'gelu_tanh', 'quick_gelu')")
+                bad.append(f"act_layer={act!r} (supported: {', '.join(repr(a) for a in ACT_LAYER_NAMES)})")
         if "norm_layer" in kw:
             norm = kw.pop("norm_layer")
             if norm == "layernorm":
@@ -336,7 +357,7 @@ def spec_from_timm_model(model) -> Spec:
     Every problem found is reported at once.
     """
     import torch.nn as tnn
-    from timm.layers import AttentionPoolLatent, LayerScale, Mlp, PatchEmbed
+    from timm.layers import AttentionPoolLatent, GluMlp, LayerScale, Mlp, PatchEmbed, SwiGLU
     from timm.layers.attention import Attention
     from timm.models.cait import (Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn,
                                   TalkingHeadAttn)
@@ -366,7 +387,11 @@ def spec_from_timm_model(model) -> Spec:
             return "gelu_tanh"
         if name == "GELU" and getattr(act, "approximate", "none") == "none":
             return "gelu"
-        problems.append(f"{where}: activation {name} (supported: GELU, GELUTanh, QuickGELU)")
+        if isinstance(act, tnn.SiLU) or name in ("SiLU", "Swish"):
+            return "silu"
+        if isinstance(act, tnn.Sigmoid) or name == "Sigmoid":
+            return "sigmoid"
+        problems.append(f"{where}: activation {name} (supported: GELU, GELUTanh, QuickGELU, SiLU, Sigmoid)")
         return None
 
     def check_patch_embed(pe):
@@ -379,14 +404,26 @@ def spec_from_timm_model(model) -> Spec:
         need(pe.proj.kernel_size[0] == pe.proj.kernel_size[1], "patch_embed: non-square patches")
         return pe.proj.kernel_size[0]
 
-    def check_mlp(mlp, where: str, dim: int):
-        need(type(mlp) is Mlp, f"{where}: {type(mlp).__name__} (SwiGLU / gated MLPs are not supported)")
-        if type(mlp) is not Mlp:
-            return None, None
+    def check_mlp(mlp, where: str, dim: int, kinds=(Mlp, GluMlp, SwiGLU)):
+        """(hidden width, activation, MLP kind, gate_last) of a timm block MLP."""
+        if type(mlp) not in kinds:
+            names = ", ".join(k.__name__ for k in kinds)
+            problems.append(f"{where}: {type(mlp).__name__} (supported here: {names})")
+            return None, None, None, True
         need(ident(mlp.norm), f"{where}.norm (scale_mlp_norm is not supported)")
-        need((mlp.fc1.bias is None) == (mlp.fc2.bias is None), f"{where}: fc1 and fc2 disagree on bias")
+        fc1 = mlp.fc1_x if type(mlp) is SwiGLU else mlp.fc1
+        need(isinstance(fc1, tnn.Linear), f"{where}: convolutional MLP (use_conv=True) is not supported")
+        need((fc1.bias is None) == (mlp.fc2.bias is None), f"{where}: fc1 and fc2 disagree on bias")
         need(mlp.fc2.out_features == dim, f"{where}: MLP output width differs from dim")
-        return mlp.fc1.out_features, activation(mlp.act, f"{where}.act")
+        gate_last = True
+        if type(mlp) is GluMlp:
+            gate_last = bool(mlp.gate_last)
+            need(mlp.chunk_dim == -1, f"{where}: convolutional GluMlp is not supported")
+            need(mlp.fc2.in_features * 2 == fc1.out_features, f"{where}: fc2 width is not half of fc1's")
+        if type(mlp) is SwiGLU:
+            need(mlp.fc1_g.out_features == fc1.out_features and (mlp.fc1_g.bias is None) == (fc1.bias is None),
+                 f"{where}: fc1_g and fc1_x differ")
+        return fc1.out_features, activation(mlp.act, f"{where}.act"), type(mlp).__name__, gate_last
 
     if type(model) is Cait:
         patch = check_patch_embed(model.patch_embed)
@@ -398,8 +435,8 @@ def spec_from_timm_model(model) -> Spec:
              "blocks: only LayerScaleBlock with TalkingHeadAttn is supported")
         need(all(type(b) is LayerScaleBlockClassAttn and type(b.attn) is ClassAttn for b in model.blocks_token_only),
              "blocks_token_only: only LayerScaleBlockClassAttn with ClassAttn is supported")
-        mlp_dim, act = check_mlp(b0.mlp, "blocks.0.mlp", dim)
-        cls_mlp_dim, _ = check_mlp(c0.mlp, "blocks_token_only.0.mlp", dim) if c0 is not None else (None, None)
+        mlp_dim, act, _, _ = check_mlp(b0.mlp, "blocks.0.mlp", dim, (Mlp,))
+        cls_mlp_dim = check_mlp(c0.mlp, "blocks_token_only.0.mlp", dim, (Mlp,))[0] if c0 is not None else None
         layer_norm_eps(b0.norm1, "blocks.0.norm1")
         qkv_bias = b0.attn.qkv.bias is not None
         if c0 is not None:
@@ -434,6 +471,7 @@ def spec_from_timm_model(model) -> Spec:
                           "parallel, res-post and differential blocks are not)")
     b0 = model.blocks[0]
     mlp_dim = act = eps = None
+    mlp_layer, gate_last = "Mlp", True
     qkv_bias = qk_norm = False
     proj_bias = True
     init_values = None
@@ -443,14 +481,14 @@ def spec_from_timm_model(model) -> Spec:
             need(ident(b0.attn.norm), "blocks.0.attn.norm (scale_attn_norm is not supported)")
             need(getattr(b0.attn, "gate", None) is None, "gated attention is not supported")
             proj_bias = b0.attn.proj.bias is not None
-            need(type(b0.mlp) is not Mlp or (b0.mlp.fc1.bias is not None) == proj_bias,
+            need(getattr(b0.mlp, "fc2", None) is None or (b0.mlp.fc2.bias is not None) == proj_bias,
                  "attention and MLP projections disagree on bias")
             need(b0.attn.head_dim * b0.attn.num_heads == dim, "attn_head_dim != dim // num_heads")
             qkv_bias = b0.attn.qkv.bias is not None
             qk_norm = not ident(b0.attn.q_norm)
             if qk_norm:
                 layer_norm_eps(b0.attn.q_norm, "blocks.0.attn.q_norm")
-        mlp_dim, act = check_mlp(b0.mlp, "blocks.0.mlp", dim)
+        mlp_dim, act, mlp_layer, gate_last = check_mlp(b0.mlp, "blocks.0.mlp", dim)
         eps = layer_norm_eps(b0.norm1, "blocks.0.norm1")
         if isinstance(b0.ls1, LayerScale):
             init_values = float(b0.ls1.init_values)
@@ -467,7 +505,7 @@ def spec_from_timm_model(model) -> Spec:
             need(ap.pos_embed is None, "attn_pool: pos_embed is not supported")
             need(isinstance(ap.q, tnn.Linear), "attn_pool: q_proj=False is not supported")
             need(ident(ap.q_norm), "attn_pool: qk_norm is not supported")
-            need(ap.mlp is not None and ap.mlp.fc1.out_features == mlp_dim,
+            need(type(ap.mlp) is Mlp and ap.mlp.fc1.out_features == mlp_dim,
                  "attn_pool: MLP width differs from the blocks'")
             need(isinstance(ap.q, tnn.Linear) and ap.q.bias is not None, "attn_pool: qkv_bias=False")
     elif pool != "" and getattr(model, "attn_pool", None) is not None:
@@ -492,5 +530,5 @@ def spec_from_timm_model(model) -> Spec:
         pool_include_prefix=model.pool_include_prefix,
         patch_bias=model.patch_embed.proj.bias is not None,
         qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias, init_values=init_values, activation=act,
-        norm_eps=eps, dynamic_img_size=model.dynamic_img_size,
+        norm_eps=eps, dynamic_img_size=model.dynamic_img_size, mlp_layer=mlp_layer, mlp_gate_last=gate_last,
     )

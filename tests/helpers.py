@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+from timm.layers import GluMlp, SwiGLU
 
 # Small enough to run in well under a second, big enough that every path is exercised
 # (several heads, >1 block, a non-trivial patch grid, a classifier).
@@ -26,7 +27,16 @@ TINY_CASES = {
                                                                 global_pool="avg")),
     "dynamic_img_size": ("vit_base_patch16_224", dict(TINY, dynamic_img_size=True)),
     "cait": ("cait_s24_224", TINY_CAIT),
+    # SwiGLUPacked (GluMlp, gate first, SiLU), LayerScale; fc1 170 wide from mlp_ratio 2.66667 * 2.
+    "swiglu_packed_dinov2_giant": ("vit_giant_patch14_dinov2", TINY),
+    "swiglu": ("vit_base_patch16_224", dict(TINY, mlp_layer=SwiGLU, act_layer="silu", proj_bias=False)),
+    "glu_mlp_gate_last_sigmoid": ("vit_base_patch16_224", dict(TINY, mlp_layer=GluMlp, act_layer="sigmoid")),
 }
+
+# Cases timm's own hub writer (``save_for_hf``) can write: a class-valued kwarg (``mlp_layer``)
+# is not JSON and timm refuses it.
+HUB_WRITABLE_CASES = sorted(c for c, (_, kw) in TINY_CASES.items()
+                            if all(isinstance(v, (bool, int, float, str, type(None))) for v in kw.values()))
 
 
 def tiny_timm(arch: str, dtype: str = "float64", seed: int = 0, **kwargs):

@@ -123,8 +123,16 @@ class Layers(Protocol):
 # --------------------------------------------------------------------------- children
 
 
-def _mlp(cfg: ModelConfig, hidden: int, drop: float) -> Node:
-    return Node("Mlp", cfg, (hidden, drop))
+def _mlp(cfg: ModelConfig, hidden: int, drop: float, bias: bool = True) -> Node:
+    return Node("Mlp", cfg, (hidden, drop, bias))
+
+
+def _block_mlp(cfg: ModelConfig) -> Node:
+    """A ``Block``'s MLP, of the spec's ``mlp_layer`` (timm's ``mlp_layer``)."""
+    s = cfg.spec
+    if getattr(s, "mlp_layer", "Mlp") == "Mlp":
+        return _mlp(cfg, s.mlp_dim, cfg.dropout, s.proj_bias)
+    return Node(s.mlp_layer, cfg, (cfg.dropout,))
 
 
 def _vit_children(cfg: ModelConfig) -> dict[str, Any]:
@@ -188,7 +196,7 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
             c["ls1"] = Node("LayerScale", cfg)
         c["drop_path1"] = DropPath(drop_path)
         c["norm2"] = Norm(d, s.norm_eps)
-        c["mlp"] = _mlp(cfg, s.mlp_dim, cfg.dropout)
+        c["mlp"] = _block_mlp(cfg)
         if s.has_layer_scale:
             c["ls2"] = Node("LayerScale", cfg)
         c["drop_path2"] = DropPath(drop_path)
@@ -201,9 +209,17 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
         return {**c, "attn_drop": Dropout(cfg.attn_dropout), "proj": Linear(d, d, s.proj_bias),
                 "proj_drop": Dropout(cfg.dropout)}
     if kind == "Mlp":
-        hidden, drop = args
-        return {"fc1": Linear(d, hidden, s.proj_bias), "drop1": Dropout(drop),
-                "fc2": Linear(hidden, d, s.proj_bias), "drop2": Dropout(drop)}
+        hidden, drop, bias = args
+        return {"fc1": Linear(d, hidden, bias), "drop1": Dropout(drop),
+                "fc2": Linear(hidden, d, bias), "drop2": Dropout(drop)}
+    if kind == "GluMlp":  # fc1 packs [x | gate] (gate_last) or [gate | x] (timm's SwiGLUPacked)
+        (drop,) = args
+        return {"fc1": Linear(d, s.mlp_dim, s.proj_bias), "drop1": Dropout(drop),
+                "fc2": Linear(s.mlp_hidden, d, s.proj_bias), "drop2": Dropout(drop)}
+    if kind == "SwiGLU":
+        (drop,) = args
+        return {"fc1_g": Linear(d, s.mlp_dim, s.proj_bias), "fc1_x": Linear(d, s.mlp_dim, s.proj_bias),
+                "drop1": Dropout(drop), "fc2": Linear(s.mlp_dim, d, s.proj_bias), "drop2": Dropout(drop)}
     if kind == "LayerScale":
         return {"gamma": Param((d,), "constant", s.init_values)}
     if kind == "AttentionPoolLatent":
@@ -293,6 +309,21 @@ def attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
 def mlp(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     x = m("drop1")(ops.activation(cfg.spec.activation)(m("fc1")(x)))
     return m("drop2")(m("fc2")(x))
+
+
+def glu_mlp(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``GluMlp``: ``x1, x2 = fc1(x).chunk(2)``; ``x1 * act(x2)`` when ``gate_last``, else
+    ``act(x1) * x2`` (``SwiGLUPacked``)."""
+    act = ops.activation(cfg.spec.activation)
+    x1, x2 = jnp.split(m("fc1")(x), 2, axis=-1)
+    x = x1 * act(x2) if cfg.spec.mlp_gate_last else act(x1) * x2
+    return m("drop2")(m("fc2")(m("drop1")(x)))
+
+
+def swiglu(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``SwiGLU``: ``fc2(act(fc1_g(x)) * fc1_x(x))``."""
+    x = ops.activation(cfg.spec.activation)(m("fc1_g")(x)) * m("fc1_x")(x)
+    return m("drop2")(m("fc2")(m("drop1")(x)))
 
 
 def layer_scale(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -473,6 +504,7 @@ def cait(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False, stage: 
 
 FORWARD: dict[str, Callable[..., Any]] = {
     "ViT": vit, "CaiT": cait, "PatchEmbed": patch_embed, "Block": block, "Attention": attention, "Mlp": mlp,
+    "GluMlp": glu_mlp, "SwiGLU": swiglu,
     "LayerScale": layer_scale, "AttentionPoolLatent": attention_pool, "LayerScaleBlock": layer_scale_block,
     "TalkingHeadAttn": talking_head_attention, "LayerScaleBlockClassAttn": class_attention_block,
     "ClassAttn": class_attention,

@@ -84,6 +84,8 @@ class ViT(_Root):
     activation: str = "gelu"
     norm_eps: float = 1e-6
     dynamic_img_size: bool = False
+    mlp_layer: str = "Mlp"
+    mlp_gate_last: bool = True
     dtype: Dtype = None
     param_dtype: Dtype = "float32"
 
