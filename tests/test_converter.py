@@ -127,7 +127,10 @@ def test_wrong_params_tree_is_reported(framework):
     ("vit_base_patch16_xp_224", {}, "ParallelScalingBlock"),
     ("vit_giant_patch14_dinov2", dict(scale_mlp_norm=True), "scale_mlp_norm"),
     ("vit_relpos_base_patch16_224", {}, "VisionTransformerRelPos"),
-    ("vit_base_patch16_rope_224", {}, "Eva"),
+    ("vit_base_patch16_rope_mixed_224", {}, "rope_type='mixed'"),
+    ("vit_base_patch16_sapiens2", {}, "RmsNorm"),
+    ("vit_large_patch16_sapiens2", {}, "num_kv_heads"),
+    ("vit_base_patch16_rope_224", dict(use_post_norm=True), "EvaBlockPostNorm"),
 ])
 def test_unsupported_timm_options_are_refused_by_name(arch, kwargs, named):
     import timm

@@ -50,6 +50,9 @@ class Layers:
             self.built[name] = self._build(name.replace(".", "_"), self.declarations[name])
         return self.built[name]
 
+    def has(self, name: str) -> bool:
+        return name in self.declarations
+
     def param(self, name: str) -> jax.Array:
         decl = self.declarations[name]
         return hk.get_parameter(name, decl.shape, jnp.dtype(self.cfg.param_dtype),
