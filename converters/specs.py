@@ -275,10 +275,12 @@ class EvaSpec:
             raise UnsupportedArchitectureError(f"mlp_layer={self.mlp_layer!r} is not supported")
         if self.mlp_layer == "GluMlp" and self.mlp_dim % 2:
             raise UnsupportedArchitectureError(f"GluMlp needs an even fc1 width; mlp_dim={self.mlp_dim}")
-        if not self.attn_pool_heads:
-            object.__setattr__(self, "attn_pool_heads", self.heads)
-        if not self.attn_pool_mlp_dim:
-            object.__setattr__(self, "attn_pool_mlp_dim", self.mlp_dim)
+        if self.pool != "map":  # only the 'map' head has these; 0 keeps specs comparable
+            object.__setattr__(self, "attn_pool_heads", 0)
+            object.__setattr__(self, "attn_pool_mlp_dim", 0)
+        else:
+            object.__setattr__(self, "attn_pool_heads", self.attn_pool_heads or self.heads)
+            object.__setattr__(self, "attn_pool_mlp_dim", self.attn_pool_mlp_dim or self.mlp_hidden)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -336,7 +338,7 @@ def _square_patch(p) -> int:
 
 def spec_to_dict(spec: Spec) -> dict[str, Any]:
     d = dataclasses.asdict(spec)
-    d["image_size"] = list(d["image_size"])
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # JSON's form (image_size, ...)
     return {"family": spec.family, **d}
 
 
