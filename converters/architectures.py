@@ -88,34 +88,40 @@ def arch_spec(name: str, **overrides: Any) -> Spec:
 
 # Refusal reasons, most specific first: the first that matches names the category.
 REFUSAL_CATEGORIES = (
-    ("Eva is not supported", "`Eva` models (RoPE ViTs, DINOv3, PE, Sapiens2, ...)"),
+    ("rope_type='mixed'", "`Eva` with mixed (learned) RoPE, `RotaryEmbeddingMixed`"),
+    ("num_kv_heads", "`Eva` with grouped-query attention (Sapiens2)"),
     ("VisionTransformerRelPos", "relative-position ViTs (`VisionTransformerRelPos`)"),
     ("HybridEmbed", "hybrid CNN stems (`HybridEmbed`: R50, R26, ResNet-D, MCi)"),
     ("DiffAttention", "differential attention"),
     ("Block is supported", "parallel, res-post and differential blocks"),
     ("GluMlp", "SwiGLU / gated MLPs (DINOv2 giant, TIPSv2)"),
-    ("RmsNorm", "RMSNorm instead of LayerNorm"),
+    ("RmsNorm", "RMSNorm instead of LayerNorm (Sapiens2)"),
+    ("rope coordinate augmentation", "`Eva` RoPE coordinate augmentation"),
 )
 
 # Options of supported architectures, as (label, predicate on the spec dict).
 OPTION_CATEGORIES = (
     ("ViT (class token, token pool)", lambda s: s["family"] == "vit" and s["pool"] == "token"
      and not s["distilled"]),
+    ("`Eva` (`EvaBlock`: EVA-02 attention, RoPE ViTs, DINOv3, PE)", lambda s: s["family"] == "eva"),
+    ("rotary position embeddings `cat` (RoPE ViTs, PE)", lambda s: s.get("rope_type") == "cat"),
+    ("rotary position embeddings `dinov3`", lambda s: s.get("rope_type") == "dinov3"),
     ("DeiT distilled (`dist_token`, `head_dist`)", lambda s: s.get("distilled", False)),
     ("CaiT (talking heads, class attention)", lambda s: s["family"] == "cait"),
-    ("global average pool + `fc_norm`", lambda s: s["family"] == "vit" and s["pool"] == "avg"),
+    ("global average pool + `fc_norm`", lambda s: s["family"] in ("vit", "eva") and s["pool"] == "avg"),
     ("attention pool `map` (SigLIP)", lambda s: s["pool"] == "map"),
     ("no pooling / no class token", lambda s: s["pool"] == "" or not s.get("class_token", True)),
     ("register tokens", lambda s: s.get("reg_tokens", 0) > 0),
     ("`no_embed_class`", lambda s: s.get("no_embed_class", False)),
     ("`pre_norm`, patch embed without bias (CLIP)", lambda s: s.get("pre_norm", False)),
-    ("LayerScale `init_values` (DeiT-3, DINOv2, ...)", lambda s: s["family"] == "vit"
+    ("LayerScale `init_values` (DeiT-3, DINOv2, ...)", lambda s: s["family"] in ("vit", "eva")
      and s.get("init_values") is not None),
     ("`qk_norm`", lambda s: s.get("qk_norm", False)),
+    ("SwiGLU / gated MLPs (`SwiGLUPacked`, `SwiGLU`, `GluMlp`)", lambda s: s.get("mlp_layer", "Mlp") != "Mlp"),
     ("`qkv_bias=False`", lambda s: not s["qkv_bias"]),
     ("`proj_bias=False`", lambda s: not s.get("proj_bias", True)),
-    ("`gelu_tanh`", lambda s: s["activation"] == "gelu_tanh"),
-    ("`quick_gelu`", lambda s: s["activation"] == "quick_gelu"),
+    ("`gelu_tanh`", lambda s: s.get("activation") == "gelu_tanh"),
+    ("`quick_gelu`", lambda s: s.get("activation") == "quick_gelu"),
     ("LayerNorm eps 1e-5", lambda s: s["norm_eps"] == 1e-5),
     ("`dynamic_img_size`", lambda s: s.get("dynamic_img_size", False)),
 )

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal, Mapping
 import numpy as np
 
 from .errors import ConversionError
-from .specs import CaiTSpec, Spec, ViTSpec
+from .specs import CaiTSpec, EvaSpec, Spec, ViTSpec
 
 Kind = Literal["linear", "conv", "norm", "param"]
 CanonicalKey = tuple[str, str]
@@ -82,6 +82,30 @@ def _mlp(m: str, d: int, hidden: int, bias: bool = True) -> Iterator[Entry]:
     yield from _linear(f"{m}.fc2", hidden, d, bias)
 
 
+def _block_mlp(m: str, s: ViTSpec | EvaSpec) -> Iterator[Entry]:
+    """timm's block MLP of ``s.mlp_layer``: ``Mlp`` and ``GluMlp`` have fc1 (GluMlp's packs x and
+    gate, ``mlp_dim`` wide) and fc2 (from ``mlp_hidden``); ``SwiGLU`` has fc1_g, fc1_x, fc2;
+    Eva's ``scale_mlp`` puts a LayerNorm over the hidden width before fc2."""
+    if s.mlp_layer == "SwiGLU":
+        yield from _linear(f"{m}.fc1_g", s.dim, s.mlp_dim, s.proj_bias)
+        yield from _linear(f"{m}.fc1_x", s.dim, s.mlp_dim, s.proj_bias)
+    else:
+        yield from _linear(f"{m}.fc1", s.dim, s.mlp_dim, s.proj_bias)
+    if getattr(s, "scale_mlp", False):
+        yield from _norm(f"{m}.norm", s.mlp_hidden)
+    yield from _linear(f"{m}.fc2", s.mlp_hidden, s.dim, s.proj_bias)
+
+
+def _attn_pool(s: ViTSpec | EvaSpec, heads_mlp_dim: int) -> Iterator[Entry]:
+    d = s.dim
+    yield _param("attn_pool.latent", (1, 1, d))
+    yield from _linear("attn_pool.q", d, d)
+    yield from _linear("attn_pool.kv", d, 2 * d)
+    yield from _linear("attn_pool.proj", d, d)
+    yield from _norm("attn_pool.norm", d)
+    yield from _mlp("attn_pool.mlp", d, heads_mlp_dim)
+
+
 def _patch_embed(spec: Spec, bias: bool) -> Iterator[Entry]:
     p = spec.patch_size
     yield Entry("patch_embed.proj.weight", "patch_embed.proj", "kernel", "conv",
@@ -114,18 +138,13 @@ def vit_table(s: ViTSpec) -> list[Entry]:
         if s.has_layer_scale:
             t.append(_param(f"{b}.ls1.gamma", (d,)))
         t += _norm(f"{b}.norm2", d)
-        t += _mlp(f"{b}.mlp", d, s.mlp_dim, s.proj_bias)
+        t += _block_mlp(f"{b}.mlp", s)
         if s.has_layer_scale:
             t.append(_param(f"{b}.ls2.gamma", (d,)))
     if s.has_norm:
         t += _norm("norm", d)
     if s.pool == "map":
-        t.append(_param("attn_pool.latent", (1, 1, d)))
-        t += _linear("attn_pool.q", d, d)
-        t += _linear("attn_pool.kv", d, 2 * d)
-        t += _linear("attn_pool.proj", d, d)
-        t += _norm("attn_pool.norm", d)
-        t += _mlp("attn_pool.mlp", d, s.mlp_dim)
+        t += _attn_pool(s, s.mlp_dim)
     if s.has_fc_norm:
         t += _norm("fc_norm", d)
     if s.num_classes:
@@ -164,8 +183,61 @@ def cait_table(s: CaiTSpec) -> list[Entry]:
     return t
 
 
+def eva_table(s: EvaSpec) -> list[Entry]:
+    """timm ``Eva``. The rotary tables (``rope.*``) and ``EvaAttention``'s zero ``k_bias`` are
+    non-persistent buffers that timm computes from the settings: vitport computes them too
+    (``vitport.ops.rope_table``), so no tensor of theirs is read or written."""
+    d, dh = s.dim, s.dim // s.heads
+    t: list[Entry] = []
+    if s.class_token:
+        t.append(_param("cls_token", (1, 1, d)))
+    if s.reg_tokens:
+        t.append(_param("reg_token", (1, s.reg_tokens, d)))
+    if s.abs_pos_embed:
+        t.append(_param("pos_embed", (1, s.num_pos_tokens, d)))
+    t += _patch_embed(s, s.patch_bias)
+    if s.pre_norm:
+        t += _norm("norm_pre", d)
+    for i in range(s.depth):
+        b = f"blocks.{i}"
+        if s.has_layer_scale:
+            t.append(_param(f"{b}.gamma_1", (d,)))
+            if not s.attn_only_layer_scale:
+                t.append(_param(f"{b}.gamma_2", (d,)))
+        t += _norm(f"{b}.norm1", d)
+        a = f"{b}.attn"
+        eva = s.attn_type == "eva"  # EvaAttention: no k bias (a zero buffer when fused)
+        if s.qkv_fused:
+            if eva and s.qkv_bias:
+                t += [_param(f"{a}.q_bias", (d,)), _param(f"{a}.v_bias", (d,))]
+            t += _linear(f"{a}.qkv", d, 3 * d, s.qkv_bias and not eva)
+        else:
+            t += _linear(f"{a}.q_proj", d, d, s.qkv_bias)
+            t += _linear(f"{a}.k_proj", d, d, s.qkv_bias and not eva)
+            t += _linear(f"{a}.v_proj", d, d, s.qkv_bias)
+        if s.qk_norm:
+            t += _norm(f"{a}.q_norm", dh)
+            t += _norm(f"{a}.k_norm", dh)
+        if s.scale_attn_inner:
+            t += _norm(f"{a}.norm", d)
+        t += _linear(f"{a}.proj", d, d)
+        t += _norm(f"{b}.norm2", d)
+        t += _block_mlp(f"{b}.mlp", s)
+    if s.has_norm:
+        t += _norm("norm", d)
+    if s.pool == "map":
+        t += _attn_pool(s, s.attn_pool_mlp_dim)
+    if s.has_fc_norm:
+        t += _norm("fc_norm", d)
+    if s.num_classes:
+        t += _linear("head", d, s.num_classes)
+    return t
+
+
 def key_table(spec: Spec) -> list[Entry]:
     """The full tensor table of an architecture, in timm's state_dict order."""
+    if isinstance(spec, EvaSpec):
+        return eva_table(spec)
     return cait_table(spec) if isinstance(spec, CaiTSpec) else vit_table(spec)
 
 

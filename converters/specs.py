@@ -22,7 +22,14 @@ from typing import Any, Literal, Mapping
 
 from .errors import InvalidArgumentError, UnsupportedArchitectureError
 
-Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "silu", "sigmoid"]
+# timm's block MLPs: ``Mlp``; ``GluMlp`` (fc1 packs [x | gate], ``gate_last``; timm's ``SwiGLUPacked``
+# is ``GluMlp`` with ``gate_last=False`` and SiLU); ``SwiGLU`` (separate ``fc1_g`` / ``fc1_x``).
+MlpLayer = Literal["Mlp", "GluMlp", "SwiGLU"]
+MLP_LAYERS = ("Mlp", "GluMlp", "SwiGLU")
+# timm ``act_layer`` names vitport implements, and the spec's name for each.
+ACT_LAYER_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "silu": "silu",
+                   "swish": "silu", "sigmoid": "sigmoid"}
 Pool = Literal["token", "avg", "map", ""]
 
 
@@ -67,6 +74,8 @@ class ViTSpec:
     activation: Activation = "gelu"
     norm_eps: float = 1e-6
     dynamic_img_size: bool = False
+    mlp_layer: MlpLayer = "Mlp"
+    mlp_gate_last: bool = True
 
     family = "vit"
 
@@ -85,6 +94,18 @@ class ViTSpec:
             raise UnsupportedArchitectureError("distilled models with fc_norm are not supported")
         if self.pool == "token" and not self.class_token:
             raise UnsupportedArchitectureError("global_pool='token' needs class_token=True")
+        if self.mlp_layer not in MLP_LAYERS:
+            raise UnsupportedArchitectureError(f"mlp_layer={self.mlp_layer!r} is not supported "
+                                               f"(supported: {', '.join(MLP_LAYERS)})")
+        if self.mlp_layer == "GluMlp" and self.mlp_dim % 2:
+            raise UnsupportedArchitectureError(f"GluMlp needs an even hidden width (fc1 packs x and gate); "
+                                               f"mlp_dim={self.mlp_dim}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Width entering ``fc2``: ``mlp_dim`` (timm's ``hidden_features``, fc1's width), halved by
+        ``GluMlp``'s chunk into x and gate."""
+        return self.mlp_dim // 2 if self.mlp_layer == "GluMlp" else self.mlp_dim
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -168,8 +189,144 @@ class CaiTSpec:
         return h * w
 
 
-Spec = ViTSpec | CaiTSpec
-SPEC_TYPES = {"vit": ViTSpec, "cait": CaiTSpec}
+RopeType = Literal["", "cat", "dinov3"]
+
+
+@dataclass(frozen=True)
+class EvaSpec:
+    """timm ``Eva`` hyperparameters (``timm/models/eva.py``: EVA-02, RoPE ViTs, DINOv3, PE, ...).
+
+    A family of its own, as timm has a class of its own: its blocks (``EvaBlock``: ``gamma_1`` /
+    ``gamma_2``, ``EvaAttention`` with ``q_bias`` / ``v_bias`` or timm's ``AttentionRope``), its
+    keyword arguments and its state_dict order differ from ``VisionTransformer``'s, while the
+    primitives, MLPs, attention pool and patch embedding are shared (``vitport.structure``).
+    Resolved like ``ViTSpec``: ``final_norm`` / ``fc_norm`` say which of ``norm`` / ``fc_norm``
+    exist, ``mlp_dim`` is fc1's width (``GluMlp``: x and gate packed), ``attn_pool_*`` the
+    ``map`` head's own heads and MLP width. ``rope_*`` are timm's rotary settings
+    (``RotaryEmbeddingCat`` for ``'cat'``, ``RotaryEmbeddingDinoV3`` for ``'dinov3'``).
+    """
+
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    channels: int = 3
+    num_classes: int = 1000
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    pool: Pool = "avg"
+    class_token: bool = True
+    reg_tokens: int = 0
+    no_embed_class: bool = False
+    abs_pos_embed: bool = True
+    pre_norm: bool = False
+    final_norm: bool = False
+    fc_norm: bool = True
+    attn_type: Literal["eva", "rope"] = "eva"
+    qkv_fused: bool = True
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    scale_attn_inner: bool = False
+    mlp_layer: MlpLayer = "Mlp"
+    scale_mlp: bool = False
+    init_values: float | None = None
+    attn_only_layer_scale: bool = False
+    rope_type: RopeType = ""
+    rope_temperature: float = 10000.0
+    rope_grid_offset: float = 0.0
+    rope_grid_indexing: Literal["ij", "xy"] = "ij"
+    rope_rotate_half: bool = False
+    rope_ref_feat_shape: tuple[int, int] | None = None
+    rope_normalize_coords: Literal["separate", "min", "max"] = "separate"
+    attn_pool_heads: int = 0
+    attn_pool_mlp_dim: int = 0
+    norm_eps: float = 1e-6
+    dynamic_img_size: bool = False
+
+    family = "eva"
+    # What timm's Eva fixes: GELU in Mlp and the attention pool, SiLU in the gated MLPs
+    # (SwiGLUPacked: gate first), output projections with bias, timm's pool over all tokens.
+    activation = "gelu"
+    glu_activation = "silu"
+    mlp_gate_last = False
+    proj_bias = True
+    distilled = False
+    pool_include_prefix = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", pair(self.image_size))
+        if self.rope_ref_feat_shape is not None:
+            object.__setattr__(self, "rope_ref_feat_shape", pair(self.rope_ref_feat_shape))
+        if self.pool not in ("token", "avg", "map", ""):
+            raise UnsupportedArchitectureError(f"Eva global_pool={self.pool!r} is not supported "
+                                               "(vitport implements 'token', 'avg', 'map' and '')")
+        if self.pool == "token" and not self.class_token:
+            raise UnsupportedArchitectureError("global_pool='token' needs class_token=True")
+        if self.dim % self.heads:
+            raise UnsupportedArchitectureError(
+                f"dim={self.dim} is not divisible by heads={self.heads} (attn_head_dim is not supported)")
+        if self.rope_type and (self.dim // self.heads) % 4:
+            raise UnsupportedArchitectureError(f"rotary embeddings need a head width divisible by 4; "
+                                               f"got {self.dim // self.heads}")
+        if self.rope_type not in ("", "cat", "dinov3"):
+            raise UnsupportedArchitectureError(f"rope_type={self.rope_type!r} is not supported "
+                                               "(vitport implements 'cat' and 'dinov3')")
+        if self.mlp_layer not in MLP_LAYERS:
+            raise UnsupportedArchitectureError(f"mlp_layer={self.mlp_layer!r} is not supported")
+        if self.mlp_layer == "GluMlp" and self.mlp_dim % 2:
+            raise UnsupportedArchitectureError(f"GluMlp needs an even fc1 width; mlp_dim={self.mlp_dim}")
+        if self.pool != "map":  # only the 'map' head has these; 0 keeps specs comparable
+            object.__setattr__(self, "attn_pool_heads", 0)
+            object.__setattr__(self, "attn_pool_mlp_dim", 0)
+        else:
+            object.__setattr__(self, "attn_pool_heads", self.attn_pool_heads or self.heads)
+            object.__setattr__(self, "attn_pool_mlp_dim", self.attn_pool_mlp_dim or self.mlp_hidden)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def patch_bias(self) -> bool:
+        return not self.pre_norm  # timm: PatchEmbed(bias=not use_pre_transformer_norm)
+
+    @property
+    def prefix_tokens(self) -> tuple[str, ...]:
+        return tuple(name for name, on in (("cls_token", self.class_token), ("reg_token", self.reg_tokens > 0))
+                     if on)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.reg_tokens
+
+    @property
+    def num_pos_prefix_tokens(self) -> int:
+        return 0 if self.no_embed_class else self.num_prefix_tokens
+
+    @property
+    def num_pos_tokens(self) -> int:
+        h, w = self.grid_size
+        return h * w + self.num_pos_prefix_tokens
+
+    @property
+    def has_layer_scale(self) -> bool:
+        return self.init_values is not None
+
+    @property
+    def has_norm(self) -> bool:
+        return self.final_norm
+
+    @property
+    def has_fc_norm(self) -> bool:
+        return self.fc_norm
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_dim // 2 if self.mlp_layer == "GluMlp" else self.mlp_dim
+
+
+Spec = ViTSpec | CaiTSpec | EvaSpec
+SPEC_TYPES = {"vit": ViTSpec, "cait": CaiTSpec, "eva": EvaSpec}
 
 
 def _square_patch(p) -> int:
@@ -181,7 +338,7 @@ def _square_patch(p) -> int:
 
 def spec_to_dict(spec: Spec) -> dict[str, Any]:
     d = dataclasses.asdict(spec)
-    d["image_size"] = list(d["image_size"])
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # JSON's form (image_size, ...)
     return {"family": spec.family, **d}
 
 
@@ -233,6 +390,8 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
     from .validate import check_timm_kwargs
 
     kw = check_timm_kwargs(kwargs, where)  # types and ranges first: "depth": "12" is refused by name
+    if isinstance(spec, EvaSpec):
+        return _eva_with_timm_kwargs(spec, kw, where)
     bad: list[str] = []
     new: dict[str, Any] = {}
     default_only = _CAIT_DEFAULT_ONLY if isinstance(spec, CaiTSpec) else _VIT_DEFAULT_ONLY
@@ -284,10 +443,10 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
                 new["fc_norm"] = new["pool"] == "avg"
         if "act_layer" in kw:
             act = kw.pop("act_layer")
-            if act in ("gelu", "gelu_tanh", "quick_gelu"):
-                new["activation"] = act
+            if isinstance(act, str) and act.lower() in ACT_LAYER_NAMES:
+                new["activation"] = ACT_LAYER_NAMES[act.lower()]
             elif act is not None:
-                bad.append(f"act_layer={act!r} (supported: 'gelu', 'gelu_tanh', 'quick_gelu')")
+                bad.append(f"act_layer={act!r} (supported: {', '.join(repr(a) for a in ACT_LAYER_NAMES)})")
         if "norm_layer" in kw:
             norm = kw.pop("norm_layer")
             if norm == "layernorm":
@@ -295,6 +454,74 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
             elif norm is not None:
                 bad.append(f"norm_layer={norm!r} (only LayerNorm is supported)")
     bad += [f"{k}={v!r}" for k, v in kw.items()]  # anything left is not implemented (or unknown)
+    if bad:
+        raise UnsupportedArchitectureError(
+            f"timm settings in {where} that vitport does not implement: {', '.join(bad)}")
+    return dataclasses.replace(spec, **new)
+
+
+def _eva_with_timm_kwargs(spec: EvaSpec, kw: dict[str, Any], where: str) -> EvaSpec:
+    """``spec_with_timm_kwargs`` for ``Eva``'s keywords (``timm/models/eva.py``); anything else
+    is refused by name."""
+    new: dict[str, Any] = {}
+    for k in list(kw):
+        if k in _INFERENCE_NEUTRAL:
+            kw.pop(k)
+    names = {"img_size": "image_size", "in_chans": "channels", "num_classes": "num_classes", "depth": "depth",
+             "num_heads": "heads", "global_pool": "pool", "dynamic_img_size": "dynamic_img_size",
+             "class_token": "class_token", "num_reg_tokens": "reg_tokens", "no_embed_class": "no_embed_class",
+             "qkv_bias": "qkv_bias", "qkv_fused": "qkv_fused", "qk_norm": "qk_norm", "attn_type": "attn_type",
+             "scale_attn_inner": "scale_attn_inner", "init_values": "init_values",
+             "attn_only_layer_scale": "attn_only_layer_scale", "use_abs_pos_emb": "abs_pos_embed",
+             "use_pre_transformer_norm": "pre_norm", "rope_temperature": "rope_temperature",
+             "rope_grid_offset": "rope_grid_offset", "rope_grid_indexing": "rope_grid_indexing",
+             "rope_rotate_half": "rope_rotate_half", "ref_feat_shape": "rope_ref_feat_shape",
+             "attn_pool_num_heads": "attn_pool_heads"}
+    for k, field in names.items():
+        if k in kw:
+            v = kw.pop(k)
+            new[field] = pair(v) if k in ("img_size", "ref_feat_shape") and v is not None else v
+    bad: list[str] = []
+    if kw.get("dynamic_img_pad", False):
+        bad.append("dynamic_img_pad=True")
+    kw.pop("dynamic_img_pad", None)
+    if "patch_size" in kw:
+        h, w = pair(kw.pop("patch_size"))
+        if h != w:
+            bad.append(f"patch_size={(h, w)!r} (non-square)")
+        new["patch_size"] = h
+    if "use_rot_pos_emb" in kw or "rope_type" in kw:
+        rope_on = kw.pop("use_rot_pos_emb", bool(spec.rope_type))
+        rope_type = kw.pop("rope_type", spec.rope_type or "cat")
+        if rope_on and rope_type not in ("cat", "dinov3"):
+            bad.append(f"rope_type={rope_type!r} (supported: 'cat', 'dinov3')")
+        new["rope_type"] = rope_type if rope_on and rope_type in ("cat", "dinov3") else ""
+    pool = new.get("pool", spec.pool)
+    if "use_fc_norm" in kw:
+        v = kw.pop("use_fc_norm")
+        new["fc_norm"] = pool == "avg" if v is None else bool(v)
+    if "use_post_transformer_norm" in kw:
+        v = kw.pop("use_post_transformer_norm")
+        new["final_norm"] = not new.get("fc_norm", spec.fc_norm) if v is None else bool(v)
+    # The MLP: timm derives its kind from swiglu_mlp / scale_mlp / swiglu_align_to, its width from mlp_ratio.
+    dim = new["dim"] = kw.pop("embed_dim", spec.dim)
+    swiglu = kw.pop("swiglu_mlp", spec.mlp_layer != "Mlp")
+    scale_mlp = new["scale_mlp"] = kw.pop("scale_mlp", spec.scale_mlp)
+    align = kw.pop("swiglu_align_to", None)
+    layer = "Mlp" if not swiglu else (
+        "SwiGLU" if scale_mlp or align or (spec.mlp_layer == "SwiGLU" and align is None) else "GluMlp")
+    new["mlp_layer"] = layer
+    ratio = kw.pop("mlp_ratio", None)
+    hidden = _mlp_width(dim, ratio, spec.mlp_hidden / spec.dim)  # timm's int(dim * mlp_ratio)
+    if ratio is not None or dim != spec.dim or layer != spec.mlp_layer or align:
+        width = hidden + (-hidden % align if layer == "SwiGLU" and align else 0)
+        new["mlp_dim"] = 2 * width if layer == "GluMlp" else width
+    if "attn_pool_mlp_ratio" in kw:
+        r = kw.pop("attn_pool_mlp_ratio")
+        new["attn_pool_mlp_dim"] = int(dim * r) if r else hidden
+    elif dim != spec.dim:
+        new["attn_pool_mlp_dim"] = _ratio_dim(dim, spec.attn_pool_mlp_dim / spec.dim)
+    bad += [f"{k}={v!r}" for k, v in kw.items()]
     if bad:
         raise UnsupportedArchitectureError(
             f"timm settings in {where} that vitport does not implement: {', '.join(bad)}")
@@ -317,10 +544,11 @@ def timm_model_args(spec: Spec) -> dict[str, Any]:
 
     Only what vitport can change is written: size, classes, width, depth, heads, MLP ratio.
     """
+    hidden = spec.mlp_dim // 2 if isinstance(spec, EvaSpec) and spec.mlp_layer == "GluMlp" else spec.mlp_dim
     args: dict[str, Any] = {"img_size": list(spec.image_size), "patch_size": spec.patch_size,
                             "in_chans": spec.channels, "num_classes": spec.num_classes,
                             "embed_dim": spec.dim, "depth": spec.depth, "num_heads": spec.heads,
-                            "mlp_ratio": timm_mlp_ratio(spec.dim, spec.mlp_dim), "global_pool": spec.pool}
+                            "mlp_ratio": timm_mlp_ratio(spec.dim, hidden), "global_pool": spec.pool}
     if isinstance(spec, CaiTSpec):
         args["depth_token_only"] = spec.cls_depth
         args["mlp_ratio_token_only"] = timm_mlp_ratio(spec.dim, spec.cls_mlp_dim)
@@ -336,7 +564,7 @@ def spec_from_timm_model(model) -> Spec:
     Every problem found is reported at once.
     """
     import torch.nn as tnn
-    from timm.layers import AttentionPoolLatent, LayerScale, Mlp, PatchEmbed
+    from timm.layers import AttentionPoolLatent, GluMlp, LayerScale, Mlp, PatchEmbed, SwiGLU
     from timm.layers.attention import Attention
     from timm.models.cait import (Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn,
                                   TalkingHeadAttn)
@@ -366,7 +594,11 @@ def spec_from_timm_model(model) -> Spec:
             return "gelu_tanh"
         if name == "GELU" and getattr(act, "approximate", "none") == "none":
             return "gelu"
-        problems.append(f"{where}: activation {name} (supported: GELU, GELUTanh, QuickGELU)")
+        if isinstance(act, tnn.SiLU) or name in ("SiLU", "Swish"):
+            return "silu"
+        if isinstance(act, tnn.Sigmoid) or name == "Sigmoid":
+            return "sigmoid"
+        problems.append(f"{where}: activation {name} (supported: GELU, GELUTanh, QuickGELU, SiLU, Sigmoid)")
         return None
 
     def check_patch_embed(pe):
@@ -379,14 +611,29 @@ def spec_from_timm_model(model) -> Spec:
         need(pe.proj.kernel_size[0] == pe.proj.kernel_size[1], "patch_embed: non-square patches")
         return pe.proj.kernel_size[0]
 
-    def check_mlp(mlp, where: str, dim: int):
-        need(type(mlp) is Mlp, f"{where}: {type(mlp).__name__} (SwiGLU / gated MLPs are not supported)")
-        if type(mlp) is not Mlp:
-            return None, None
-        need(ident(mlp.norm), f"{where}.norm (scale_mlp_norm is not supported)")
-        need((mlp.fc1.bias is None) == (mlp.fc2.bias is None), f"{where}: fc1 and fc2 disagree on bias")
+    def check_mlp(mlp, where: str, dim: int, kinds=(Mlp, GluMlp, SwiGLU), allow_norm: bool = False):
+        """(hidden width, activation, MLP kind, gate_last) of a timm block MLP."""
+        if type(mlp) not in kinds:
+            names = ", ".join(k.__name__ for k in kinds)
+            problems.append(f"{where}: {type(mlp).__name__} (supported here: {names})")
+            return None, None, None, True
+        if allow_norm and not ident(mlp.norm):
+            layer_norm_eps(mlp.norm, f"{where}.norm")
+        else:
+            need(ident(mlp.norm), f"{where}.norm (scale_mlp_norm is not supported)")
+        fc1 = mlp.fc1_x if type(mlp) is SwiGLU else mlp.fc1
+        need(isinstance(fc1, tnn.Linear), f"{where}: convolutional MLP (use_conv=True) is not supported")
+        need((fc1.bias is None) == (mlp.fc2.bias is None), f"{where}: fc1 and fc2 disagree on bias")
         need(mlp.fc2.out_features == dim, f"{where}: MLP output width differs from dim")
-        return mlp.fc1.out_features, activation(mlp.act, f"{where}.act")
+        gate_last = True
+        if type(mlp) is GluMlp:
+            gate_last = bool(mlp.gate_last)
+            need(mlp.chunk_dim == -1, f"{where}: convolutional GluMlp is not supported")
+            need(mlp.fc2.in_features * 2 == fc1.out_features, f"{where}: fc2 width is not half of fc1's")
+        if type(mlp) is SwiGLU:
+            need(mlp.fc1_g.out_features == fc1.out_features and (mlp.fc1_g.bias is None) == (fc1.bias is None),
+                 f"{where}: fc1_g and fc1_x differ")
+        return fc1.out_features, activation(mlp.act, f"{where}.act"), type(mlp).__name__, gate_last
 
     if type(model) is Cait:
         patch = check_patch_embed(model.patch_embed)
@@ -398,8 +645,8 @@ def spec_from_timm_model(model) -> Spec:
              "blocks: only LayerScaleBlock with TalkingHeadAttn is supported")
         need(all(type(b) is LayerScaleBlockClassAttn and type(b.attn) is ClassAttn for b in model.blocks_token_only),
              "blocks_token_only: only LayerScaleBlockClassAttn with ClassAttn is supported")
-        mlp_dim, act = check_mlp(b0.mlp, "blocks.0.mlp", dim)
-        cls_mlp_dim, _ = check_mlp(c0.mlp, "blocks_token_only.0.mlp", dim) if c0 is not None else (None, None)
+        mlp_dim, act, _, _ = check_mlp(b0.mlp, "blocks.0.mlp", dim, (Mlp,))
+        cls_mlp_dim = check_mlp(c0.mlp, "blocks_token_only.0.mlp", dim, (Mlp,))[0] if c0 is not None else None
         layer_norm_eps(b0.norm1, "blocks.0.norm1")
         qkv_bias = b0.attn.qkv.bias is not None
         if c0 is not None:
@@ -420,10 +667,15 @@ def spec_from_timm_model(model) -> Spec:
             activation=act, norm_eps=eps,
         )
 
+    from timm.models.eva import Eva
+
+    if type(model) is Eva:
+        return _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, check_mlp)
+
     if type(model) not in (VisionTransformer, VisionTransformerDistilled):
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} is not supported: vitport converts timm's VisionTransformer, "
-            "VisionTransformerDistilled and Cait (Eva, relative-position, hybrid and other "
+            "VisionTransformerDistilled, Cait and Eva (relative-position, hybrid and other "
             "ViT variants are out of scope)")
 
     patch = check_patch_embed(model.patch_embed)
@@ -434,6 +686,7 @@ def spec_from_timm_model(model) -> Spec:
                           "parallel, res-post and differential blocks are not)")
     b0 = model.blocks[0]
     mlp_dim = act = eps = None
+    mlp_layer, gate_last = "Mlp", True
     qkv_bias = qk_norm = False
     proj_bias = True
     init_values = None
@@ -443,14 +696,14 @@ def spec_from_timm_model(model) -> Spec:
             need(ident(b0.attn.norm), "blocks.0.attn.norm (scale_attn_norm is not supported)")
             need(getattr(b0.attn, "gate", None) is None, "gated attention is not supported")
             proj_bias = b0.attn.proj.bias is not None
-            need(type(b0.mlp) is not Mlp or (b0.mlp.fc1.bias is not None) == proj_bias,
+            need(getattr(b0.mlp, "fc2", None) is None or (b0.mlp.fc2.bias is not None) == proj_bias,
                  "attention and MLP projections disagree on bias")
             need(b0.attn.head_dim * b0.attn.num_heads == dim, "attn_head_dim != dim // num_heads")
             qkv_bias = b0.attn.qkv.bias is not None
             qk_norm = not ident(b0.attn.q_norm)
             if qk_norm:
                 layer_norm_eps(b0.attn.q_norm, "blocks.0.attn.q_norm")
-        mlp_dim, act = check_mlp(b0.mlp, "blocks.0.mlp", dim)
+        mlp_dim, act, mlp_layer, gate_last = check_mlp(b0.mlp, "blocks.0.mlp", dim)
         eps = layer_norm_eps(b0.norm1, "blocks.0.norm1")
         if isinstance(b0.ls1, LayerScale):
             init_values = float(b0.ls1.init_values)
@@ -467,7 +720,7 @@ def spec_from_timm_model(model) -> Spec:
             need(ap.pos_embed is None, "attn_pool: pos_embed is not supported")
             need(isinstance(ap.q, tnn.Linear), "attn_pool: q_proj=False is not supported")
             need(ident(ap.q_norm), "attn_pool: qk_norm is not supported")
-            need(ap.mlp is not None and ap.mlp.fc1.out_features == mlp_dim,
+            need(type(ap.mlp) is Mlp and ap.mlp.fc1.out_features == mlp_dim,
                  "attn_pool: MLP width differs from the blocks'")
             need(isinstance(ap.q, tnn.Linear) and ap.q.bias is not None, "attn_pool: qkv_bias=False")
     elif pool != "" and getattr(model, "attn_pool", None) is not None:
@@ -492,5 +745,120 @@ def spec_from_timm_model(model) -> Spec:
         pool_include_prefix=model.pool_include_prefix,
         patch_bias=model.patch_embed.proj.bias is not None,
         qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias, init_values=init_values, activation=act,
-        norm_eps=eps, dynamic_img_size=model.dynamic_img_size,
+        norm_eps=eps, dynamic_img_size=model.dynamic_img_size, mlp_layer=mlp_layer, mlp_gate_last=gate_last,
+    )
+
+
+def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, check_mlp) -> EvaSpec:
+    """``spec_from_timm_model`` for timm's ``Eva``: every option read off the modules, the
+    unimplemented ones refused by name."""
+    import torch.nn as tnn
+    from timm.layers import AttentionPoolLatent, AttentionRope
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3
+    from timm.models.eva import EvaAttention, EvaBlock
+
+    patch = check_patch_embed(model.patch_embed)
+    dim = model.embed_dim
+    pre_norm = not ident(model.norm_pre)
+    if pre_norm:
+        layer_norm_eps(model.norm_pre, "norm_pre")
+    need((model.patch_embed.proj.bias is not None) == (not pre_norm), "patch_embed bias with pre-norm")
+    block_types = sorted({type(b).__name__ for b in model.blocks if type(b) is not EvaBlock})
+    if block_types:  # the rest is read off EvaBlock's attributes
+        problems.append(f"blocks: {', '.join(block_types)} (use_post_norm / EvaBlockPostNorm is not supported)")
+        raise UnsupportedArchitectureError("timm Eva options not supported by vitport:\n  " + "\n  ".join(problems))
+    b0 = model.blocks[0]
+    attn = b0.attn
+    heads = attn.num_heads
+    attn_type = {EvaAttention: "eva", AttentionRope: "rope"}.get(type(attn))
+    need(attn_type is not None, f"blocks.0.attn: {type(attn).__name__}")
+    qkv_fused = getattr(attn, "qkv", None) is not None
+    qkv_bias = qk_norm = scale_attn_inner = False
+    if attn_type:
+        need(attn.head_dim * heads == dim, "attn_head_dim != dim // num_heads")
+        need(getattr(attn, "gate", None) is None, "gated_attn=True is not supported")
+        need(all(getattr(b.attn, "num_kv_groups", 1) == 1 for b in model.blocks),
+             "num_kv_heads (grouped-query attention) is not supported")
+        need(attn.proj.bias is not None, "attention projection without bias")
+        need(attn.num_prefix_tokens == model.num_prefix_tokens, "attention num_prefix_tokens differs from the model's")
+        if attn_type == "eva":
+            qkv_bias = attn.q_bias is not None if qkv_fused else attn.q_proj.bias is not None
+        else:
+            qkv_bias = (attn.qkv if qkv_fused else attn.q_proj).bias is not None
+        qk_norm = not ident(attn.q_norm)
+        if qk_norm:
+            layer_norm_eps(attn.q_norm, "blocks.0.attn.q_norm")
+        scale_attn_inner = not ident(attn.norm)
+        if scale_attn_inner:
+            layer_norm_eps(attn.norm, "blocks.0.attn.norm")
+    mlp_dim, act, mlp_layer, _ = check_mlp(b0.mlp, "blocks.0.mlp", dim, allow_norm=True)
+    scale_mlp = hasattr(b0.mlp, "norm") and not ident(b0.mlp.norm)
+    if mlp_layer == "Mlp":
+        need(act == "gelu", f"blocks.0.mlp.act: {act} (timm's Eva uses GELU)")
+    elif mlp_layer is not None:
+        need(act == "silu", f"blocks.0.mlp.act: {act} (timm's Eva gated MLPs use SiLU)")
+        need(mlp_layer != "GluMlp" or not b0.mlp.gate_last, "GluMlp with gate_last=True in Eva")
+    eps = layer_norm_eps(b0.norm1, "blocks.0.norm1")
+    init_values = None
+    attn_only_layer_scale = False
+    if b0.gamma_1 is not None:
+        init_values = float(b0.init_values)
+        attn_only_layer_scale = b0.gamma_2 is None
+    rope, rope_kw = model.rope, {}
+    rotate_half = bool(getattr(attn, "rotate_half", False))
+    if rope is None:
+        rope_type = ""
+    elif type(rope) is RotaryEmbeddingCat:
+        rope_type = "cat"
+        need(not rope.in_pixels and rope.grid_type == "index",
+             "rope: pixel-frequency bands (in_pixels=True) are not supported")
+        rope_kw = dict(rope_ref_feat_shape=tuple(rope.ref_feat_shape) if rope.ref_feat_shape is not None else None)
+    elif type(rope) is RotaryEmbeddingDinoV3:
+        rope_type = "dinov3"
+        need(rope.temperature is not None and rope.min_period is None and rope.max_period is None,
+             "rope: DINOv3 min_period / max_period are not supported (temperature only)")
+        rope_kw = dict(rope_normalize_coords=rope.normalize_coords)
+    else:
+        rope_type = ""
+        name = {"RotaryEmbeddingMixed": "rope_type='mixed'", "RotaryEmbeddingMRope": "rope_type='mrope'"}
+        problems.append(f"rope: {name.get(type(rope).__name__, type(rope).__name__)} is not supported "
+                        "(vitport implements rope_type 'cat' and 'dinov3')")
+    if rope_type:
+        need(not rope.aug_active, "rope coordinate augmentation (shift / jitter / rescale coords) is not supported")
+        need(bool(rope.rotate_half) == rotate_half, "rope and attention disagree on rotate_half")
+        need((rope.feat_shape is None) == bool(model.dynamic_img_size), "rope feat_shape and dynamic_img_size disagree")
+        rope_kw.update(rope_temperature=float(rope.temperature), rope_grid_offset=float(rope.grid_offset),
+                       rope_grid_indexing=rope.grid_indexing, rope_rotate_half=rotate_half)
+    pool = model.global_pool
+    need(pool in ("token", "avg", "map", ""), f"global_pool={pool!r} (supported: 'token', 'avg', 'map', '')")
+    ap_heads = ap_mlp = 0
+    if pool == "map":
+        ap = model.attn_pool
+        need(type(ap) is AttentionPoolLatent, f"attn_pool: {type(ap).__name__}")
+        if type(ap) is AttentionPoolLatent:
+            need(ap.latent_len == 1 and ap.pool == "token", "attn_pool: latent_len != 1 or pool != 'token'")
+            need(ap.pos_embed is None, "attn_pool: pos_embed is not supported")
+            need(isinstance(ap.q, tnn.Linear) and ap.q.bias is not None, "attn_pool: q_proj=False or qkv_bias=False")
+            need(ident(ap.q_norm), "attn_pool: qk_norm is not supported")
+            need(ap.mlp is not None and isinstance(ap.mlp.act, tnn.GELU), "attn_pool: MLP with a non-GELU activation")
+            layer_norm_eps(ap.norm, "attn_pool.norm")
+            ap_heads, ap_mlp = ap.num_heads, ap.mlp.fc1.out_features if ap.mlp is not None else 0
+    if not ident(model.norm):
+        layer_norm_eps(model.norm, "norm")
+    if not ident(model.fc_norm):
+        layer_norm_eps(model.fc_norm, "fc_norm")
+    if problems:
+        raise UnsupportedArchitectureError("timm Eva options not supported by vitport:\n  " + "\n  ".join(problems))
+    return EvaSpec(
+        image_size=tuple(model.patch_embed.img_size), patch_size=patch, channels=model.patch_embed.proj.in_channels,
+        num_classes=model.head.out_features if isinstance(model.head, tnn.Linear) else 0,
+        dim=dim, depth=len(model.blocks), heads=heads, mlp_dim=mlp_dim, pool=pool,
+        class_token=model.cls_token is not None,
+        reg_tokens=model.reg_token.shape[1] if model.reg_token is not None else 0,
+        no_embed_class=model.no_embed_class, abs_pos_embed=model.pos_embed is not None, pre_norm=pre_norm,
+        final_norm=not ident(model.norm), fc_norm=not ident(model.fc_norm), attn_type=attn_type,
+        qkv_fused=qkv_fused, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_attn_inner=scale_attn_inner,
+        mlp_layer=mlp_layer, scale_mlp=scale_mlp, init_values=init_values,
+        attn_only_layer_scale=attn_only_layer_scale, rope_type=rope_type, **rope_kw,
+        attn_pool_heads=ap_heads, attn_pool_mlp_dim=ap_mlp, norm_eps=eps, dynamic_img_size=model.dynamic_img_size,
     )

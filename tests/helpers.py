@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+from timm.layers import GluMlp, SwiGLU
 
 # Small enough to run in well under a second, big enough that every path is exercised
 # (several heads, >1 block, a non-trivial patch grid, a classifier).
@@ -27,7 +28,25 @@ TINY_CASES = {
     "dynamic_img_size": ("vit_base_patch16_224", dict(TINY, dynamic_img_size=True)),
     "img_size_not_a_patch_multiple": ("vit_base_patch16_224", dict(TINY, img_size=36)),  # timm floors the grid
     "cait": ("cait_s24_224", TINY_CAIT),
+    # SwiGLUPacked (GluMlp, gate first, SiLU), LayerScale; fc1 170 wide from mlp_ratio 2.66667 * 2.
+    "swiglu_packed_dinov2_giant": ("vit_giant_patch14_dinov2", TINY),
+    "swiglu": ("vit_base_patch16_224", dict(TINY, mlp_layer=SwiGLU, act_layer="silu", proj_bias=False)),
+    "glu_mlp_gate_last_sigmoid": ("vit_base_patch16_224", dict(TINY, mlp_layer=GluMlp, act_layer="sigmoid")),
+    # timm Eva. dynamic_img_size: timm then builds its rotary tables per call at the model's
+    # dtype, so float64 parity is exact (a fixed grid's table is built once in float32: test_parity).
+    "eva_rope_cat_ape_xy": ("vit_small_patch16_rope_ape_224", dict(TINY, dynamic_img_size=True)),
+    "eva_pe_core_map_pre_norm": ("vit_pe_core_tiny_patch16_384", dict(TINY, dynamic_img_size=True)),
+    "eva_dinov3_swiglu_reg": ("vit_small_plus_patch16_dinov3", TINY),
+    "eva_attn_bias_qk_norm_scale_norms": ("vit_medium_patch16_rope_reg1_gap_256", dict(
+        TINY, dynamic_img_size=True, qk_norm=True, scale_attn_inner=True, swiglu_mlp=True, scale_mlp=True)),
+    "eva_unfused_swiglu_packed_attn_only_ls": ("vit_base_patch16_rope_224", dict(
+        TINY, dynamic_img_size=True, qkv_fused=False, swiglu_mlp=True, attn_only_layer_scale=True)),
 }
+
+# Cases timm's own hub writer (``save_for_hf``) can write: a class-valued kwarg (``mlp_layer``)
+# is not JSON and timm refuses it.
+HUB_WRITABLE_CASES = sorted(c for c, (_, kw) in TINY_CASES.items()
+                            if all(isinstance(v, (bool, int, float, str, type(None))) for v in kw.values()))
 
 
 def tiny_timm(arch: str, dtype: str = "float64", seed: int = 0, **kwargs):

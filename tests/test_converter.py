@@ -120,14 +120,17 @@ def test_wrong_params_tree_is_reported(framework):
     ("vit_base_patch16_224", dict(global_pool="avgmax"), "avgmax"),
     ("vit_base_patch16_224", dict(scale_attn_norm=True), "scale_attn_norm"),
     ("vit_base_patch16_224", dict(norm_layer="rmsnorm"), "RmsNorm"),
-    ("vit_base_patch16_224", dict(act_layer="silu"), "SiLU"),
+    ("vit_base_patch16_224", dict(act_layer="relu"), "ReLU"),
     ("vit_base_patch16_224", dict(pos_embed="none"), "pos_embed='none'"),
     ("vit_base_patch16_224", dict(dynamic_img_pad=True), "dynamic_img_pad"),
     ("vit_base_r50_s16_224", {}, "hybrid CNN stems"),
     ("vit_base_patch16_xp_224", {}, "ParallelScalingBlock"),
-    ("vit_giant_patch14_dinov2", {}, "SwiGLU"),
+    ("vit_giant_patch14_dinov2", dict(scale_mlp_norm=True), "scale_mlp_norm"),
     ("vit_relpos_base_patch16_224", {}, "VisionTransformerRelPos"),
-    ("vit_base_patch16_rope_224", {}, "Eva"),
+    ("vit_base_patch16_rope_mixed_224", {}, "rope_type='mixed'"),
+    ("vit_base_patch16_sapiens2", {}, "RmsNorm"),
+    ("vit_large_patch16_sapiens2", {}, "num_kv_heads"),
+    ("vit_base_patch16_rope_224", dict(use_post_norm=True), "EvaBlockPostNorm"),
 ])
 def test_unsupported_timm_options_are_refused_by_name(arch, kwargs, named):
     import timm

@@ -16,7 +16,8 @@ from flax import nnx
 from helpers import run_without_torch
 
 import vitport
-from converters import FRAMEWORKS, ViTSpec, flat_keys, framework_path, key_table
+from converters import (FRAMEWORKS, ViTSpec, canonical_to_timm, flat_keys, framework_path, framework_to_canonical,
+                        key_table)
 from converters.errors import InvalidArgumentError
 from vitport import ops
 from vitport.config import ModelConfig, config_from_kwargs
@@ -97,6 +98,31 @@ def test_every_front_end_takes_every_constructor_option():
             "/".join(map(str, framework_path(e, cfg.spec, framework))) for e in key_table(cfg.spec)}
     with pytest.raises(InvalidArgumentError, match="unknown vit argument.*qkv_norm"):
         vitport.nnx.ViT(**SMALL_VIT, qkv_norm=True, rngs=nnx.Rngs(0))
+
+
+def test_eva_front_ends_build_from_the_spec():
+    """``Eva`` in every front-end: the linen module's fields are EvaSpec's; each front-end
+    creates exactly the key table's params, and they compute the same function."""
+    from converters import EvaSpec
+    from vitport.flax import Eva as FlaxEva
+
+    assert {f.name for f in dataclasses.fields(EvaSpec)} <= {f.name for f in dataclasses.fields(FlaxEva)}
+    spec = EvaSpec(image_size=32, patch_size=8, dim=32, depth=2, heads=4, mlp_dim=64, num_classes=10,
+                   reg_tokens=2, attn_type="eva", qk_norm=True, scale_attn_inner=True, mlp_layer="SwiGLU",
+                   scale_mlp=True, init_values=0.1, rope_type="cat", rope_grid_indexing="xy", pool="map")
+    cfg = ModelConfig(spec)
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    state_dict = None
+    outputs = []
+    for framework in FRAMEWORKS:
+        params = front_end(framework).init(cfg, jax.random.PRNGKey(0))
+        assert set(flat_keys(params, framework)) == {
+            "/".join(map(str, framework_path(e, spec, framework))) for e in key_table(spec)}
+        if state_dict is None:
+            state_dict = canonical_to_timm(framework_to_canonical(params, spec, framework), spec)
+        outputs.append(np.asarray(vitport.from_state_dict(state_dict, spec, framework)(x)))
+    for out in outputs[1:]:
+        np.testing.assert_allclose(out, outputs[0], rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------- every front-end, through the registry

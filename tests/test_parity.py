@@ -59,6 +59,33 @@ def test_dynamic_img_size_other_resolution():
             assert rows[-1].max_abs < 1e-4, (framework, size, rows[-1])
 
 
+def test_eva_rope_fixed_grid_and_other_sizes():
+    """timm's rotary tables for another image size (``ref_feat_shape`` rescaling, grid offset,
+    'xy' indexing) and at run time (``dynamic_img_size``). A fixed-size model's table is built
+    by timm once, in float32, with torch's float32 sin/cos, which differ from numpy's in the last
+    bit: that bounds float64 agreement there near 1e-7; float32 is within its tier."""
+    from vitport.parity import compare
+
+    for arch, kwargs in [("vit_pe_core_tiny_patch16_384", dict(TINY_CASES["vit_token"][1], img_size=48)),
+                         ("vit_small_patch16_rope_224", dict(TINY_CASES["vit_token"][1], img_size=40))]:
+        for dtype, tol in (("float32", 1e-4), ("float64", 1e-6)):
+            model = tiny_timm(arch, dtype, **kwargs)
+            for framework in FRAMEWORKS:
+                jm = vitport.from_timm(model, framework)
+                rows = compare(jm, model, images(jm.spec, dtype=dtype))
+                assert_within(rows, tol, f"{arch}/{framework}/{dtype}")
+    # At run time, without an absolute pos_embed (whose resampling timm does in float32):
+    # 'cat' rescaled to ref_feat_shape, and DINOv3's normalised coordinates, exact in float64.
+    for case in ("eva_attn_bias_qk_norm_scale_norms", "eva_dinov3_swiglu_reg"):
+        arch, kwargs = TINY_CASES[case]
+        model = tiny_timm(arch, "float64", **kwargs)
+        for framework in FRAMEWORKS:
+            jm = vitport.from_timm(model, framework)
+            for size in ((48, 48), (24, 40)):
+                rows = compare(jm, model, images(jm.spec, dtype="float64", size=size))
+                assert_within(rows, TOLERANCES["float64"], f"{case}/{framework} {size}")
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("case", ["vit_token", "deit_distilled", "cait"])
 def test_front_ends_agree(case, framework):

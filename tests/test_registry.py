@@ -83,9 +83,10 @@ def test_tiny_twin_converts_with_parity(name):
     model = timm.create_model(name, pretrained=False, **tiny_twin_kwargs(spec))
     tiny = spec_from_timm_model(model)
     perturb_weights(model).float().eval()
+    extra = {"cait": lambda: {"cls_mlp_dim": tiny.cls_mlp_dim},
+             "eva": lambda: {"attn_pool_mlp_dim": tiny.attn_pool_mlp_dim}}.get(spec.family, dict)()
     shrunk = dataclasses.replace(spec, image_size=tiny.image_size, dim=32, heads=2, depth=2,
-                                 mlp_dim=tiny.mlp_dim, num_classes=tiny.num_classes,
-                                 **({"cls_mlp_dim": tiny.cls_mlp_dim} if spec.family == "cait" else {}))
+                                 mlp_dim=tiny.mlp_dim, num_classes=tiny.num_classes, **extra)
     assert tiny == shrunk, "the tiny twin must keep every option of the architecture"
     _tiny_models.setdefault(tiny, model)
     for framework, (logits_err, bad_layers) in float32_parity(tiny).items():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from converters.errors import InvalidArgumentError
-from converters.specs import CaiTSpec, Spec, ViTSpec
+from converters.specs import SPEC_TYPES, CaiTSpec, Spec
 
 # The seed's pool names ('cls', 'mean') next to timm's ('token', 'avg').
 POOL_ALIASES = {"cls": "token", "token": "token", "mean": "avg", "avg": "avg", "map": "map", "": "", None: ""}
@@ -27,7 +27,7 @@ class ModelConfig:
     """A spec and how to run it.
 
     Attributes:
-      spec: the architecture (``ViTSpec`` or ``CaiTSpec``).
+      spec: the architecture (``ViTSpec``, ``CaiTSpec`` or ``EvaSpec``).
       dropout: timm ``proj_drop_rate``: after the attention projection and in the MLP.
       emb_dropout: timm ``pos_drop_rate``: on the embedded tokens.
       layer_dropout: timm ``drop_path_rate`` (stochastic depth): ViT decays it linearly over
@@ -98,7 +98,7 @@ def config_from_kwargs(family: str, kwargs: Mapping[str, Any]) -> ModelConfig:
 
     Unknown keywords are an error that names them.
     """
-    spec_cls = ViTSpec if family == "vit" else CaiTSpec
+    spec_cls = SPEC_TYPES[family]
     kw = {k: v for k, v in kwargs.items()}
     runtime = {k: kw.pop(k) for k in RUNTIME_FIELDS if k in kw}
     spec_fields = {f.name for f in dataclasses.fields(spec_cls)}
@@ -106,7 +106,7 @@ def config_from_kwargs(family: str, kwargs: Mapping[str, Any]) -> ModelConfig:
         kw["pool"] = POOL_ALIASES.get(kw.get("pool", "token"), kw.get("pool"))
         if kw.get("cls_mlp_dim") is None:
             kw["cls_mlp_dim"] = kw.get("mlp_dim", CaiTSpec.mlp_dim)
-    else:
+    elif family == "vit":
         kw = _resolve_vit_options(kw)
     unknown = sorted(set(kw) - spec_fields)
     if unknown:

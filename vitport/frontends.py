@@ -53,7 +53,7 @@ class FrontEnd:
     module: Callable[[ModelConfig, Any], Any]
 
     def model_class(self, cfg: ModelConfig) -> type:
-        return {"vit": self.package.ViT, "cait": self.package.CaiT}[cfg.family]
+        return {"vit": self.package.ViT, "cait": self.package.CaiT, "eva": self.package.Eva}[cfg.family]
 
     @property
     def layout(self):
@@ -67,9 +67,12 @@ def _example(cfg: ModelConfig) -> jax.Array:
 # ------------------------------------------------------------------------------ Haiku
 
 
+HAIKU_CLASSES = {"vit": vhaiku.ViT, "cait": vhaiku.CaiT, "eva": vhaiku.Eva}
+
+
 @functools.lru_cache(maxsize=64)
 def _haiku_transformed(cfg: ModelConfig) -> hk.Transformed:
-    cls = vhaiku.ViT if cfg.family == "vit" else vhaiku.CaiT
+    cls = HAIKU_CLASSES[cfg.family]
 
     def forward(x, is_training: bool = False, return_intermediates: bool = False, stage: str = "all"):
         return cls.from_config(cfg)(x, is_training=is_training, return_intermediates=return_intermediates,
@@ -97,7 +100,7 @@ HAIKU = FrontEnd("haiku", vhaiku, "is_training=True in apply",
 
 
 def _linen_module(cfg: ModelConfig):
-    return (vflax.ViT if cfg.family == "vit" else vflax.CaiT).from_config(cfg)
+    return {"vit": vflax.ViT, "cait": vflax.CaiT, "eva": vflax.Eva}[cfg.family].from_config(cfg)
 
 
 def _linen_apply(cfg: ModelConfig) -> ApplyFn:
@@ -119,7 +122,7 @@ FLAX = FrontEnd("flax", vflax, "train=True in apply",
 
 
 def _nnx_build(cfg: ModelConfig, key: jax.Array):
-    return (vnnx.ViT if cfg.family == "vit" else vnnx.CaiT).from_config(cfg, rngs=nnx.Rngs(key))
+    return {"vit": vnnx.ViT, "cait": vnnx.CaiT, "eva": vnnx.Eva}[cfg.family].from_config(cfg, rngs=nnx.Rngs(key))
 
 
 def _concrete(state: Any) -> Any:

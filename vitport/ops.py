@@ -20,6 +20,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "silu": jax.nn.silu,
+    "sigmoid": jax.nn.sigmoid,
 }
 
 
@@ -176,3 +178,85 @@ def pool_tokens(x: jax.Array, pool: str, num_prefix_tokens: int, include_prefix:
         return (x if include_prefix else x[:, num_prefix_tokens:]).mean(axis=1)
     return x
 
+
+
+# --------------------------------------------------------------------- rotary embeddings
+#
+# timm computes its rotary tables (``timm/layers/pos_embed_sincos.py``) from the settings, as
+# non-persistent buffers; they are rebuilt here with timm's dtype chain, in numpy, at trace time
+# (the grid is static). 'cat' (``RotaryEmbeddingCat`` with ``in_pixels=False``): float32 bands
+# ``1 / T ** (arange(n) / n)``, an index grid (+ offset, rescaled to ``ref_feat_shape``), angles
+# in the bands' dtype, sin/cos cast to float32. 'dinov3' (``RotaryEmbeddingDinoV3``): float32
+# periods ``T ** (2 arange(n) / (dh / 2))``, 0.5-centred coordinates normalised to [-1, 1],
+# angles ``2 pi coords / periods`` kept in the periods' dtype. timm's float64 model holds float64
+# bands / periods (copies of the float32 values), so ``dtype`` float64 reproduces its float64
+# run exactly; its cached table for a fixed grid is computed once in float32 (torch's float32
+# sin, which may differ from numpy's in the last bit).
+
+
+def _rope_grid(shape: tuple[int, int], indexing: str, offset: float, ref: tuple[int, int] | None,
+               centered: bool, normalize: str = "separate"):
+    import numpy as np
+
+    shape = list(shape)
+    if ref is not None:
+        ref = list(ref)
+    if indexing == "xy":
+        shape = shape[::-1]
+        ref = ref[::-1] if ref is not None else None
+    if centered:
+        denom = {"max": [float(max(shape))] * 2, "min": [float(min(shape))] * 2}.get(normalize, [float(s) for s in shape])
+        t = [((np.arange(0.5, s, dtype=np.float32) + np.float32(offset)) / np.float32(dn)).astype(np.float32)
+             for s, dn in zip(shape, denom)]
+    else:
+        t = [np.arange(s).astype(np.float32) + np.float32(offset) for s in shape]
+    if ref is not None:
+        t = [(x / np.float32(f) * np.float32(r)).astype(np.float32) for x, f, r in zip(t, shape, ref)]
+    grid = np.stack(np.meshgrid(*t, indexing=indexing), axis=-1).astype(np.float32)
+    if centered:
+        grid = (np.float32(2.0) * grid - np.float32(1.0)).astype(np.float32)
+    return grid
+
+
+def rope_table(spec, grid: tuple[int, int], dtype, cached: bool) -> jax.Array:
+    """timm's concatenated ``[sin | cos]`` table (H*W, 2 * head_dim) for a patch grid.
+
+    ``cached``: timm's table for the model's own grid, built at init in float32 (fixed-size
+    models); otherwise built per call at the bands' dtype (``dtype``: float64 for a float64
+    model), as timm's ``get_embed(shape)`` does with ``dynamic_img_size``."""
+    import numpy as np
+
+    dh = spec.dim // spec.heads
+    n = dh // 4
+    work = np.float32 if cached or np.dtype(dtype) != np.float64 else np.float64
+    if spec.rope_type == "dinov3":
+        exponents = (np.float32(2.0) * np.arange(n, dtype=np.float32) / np.float32(dh // 2)).astype(np.float32)
+        periods = (np.float32(spec.rope_temperature) ** exponents).astype(np.float32).astype(work)
+        coords = _rope_grid(grid, spec.rope_grid_indexing, spec.rope_grid_offset, None, True,
+                            spec.rope_normalize_coords).reshape(-1, 2, 1).astype(work)
+        angles = (work(2 * np.pi) * coords / periods).reshape(coords.shape[0], -1)
+        sin, cos = np.sin(angles), np.cos(angles)
+    else:
+        exp = (np.arange(n).astype(np.float32) / np.float32(n)).astype(np.float32)
+        bands = (np.float32(1.0) / (np.float32(spec.rope_temperature) ** exp)).astype(np.float32).astype(work)
+        g = _rope_grid(grid, spec.rope_grid_indexing, spec.rope_grid_offset, spec.rope_ref_feat_shape, False)
+        pos = g[..., None].astype(work) * bands
+        sin = np.sin(pos).astype(np.float32).reshape(g.shape[0] * g.shape[1], -1)
+        cos = np.cos(pos).astype(np.float32).reshape(g.shape[0] * g.shape[1], -1)
+    if spec.rope_rotate_half:
+        sin, cos = np.concatenate([sin, sin], -1), np.concatenate([cos, cos], -1)
+    else:
+        sin, cos = np.repeat(sin, 2, -1), np.repeat(cos, 2, -1)
+    return jnp.asarray(np.concatenate([sin, cos], -1))
+
+
+def apply_rope(x: jax.Array, table: jax.Array, rotate_half: bool) -> jax.Array:
+    """timm's ``apply_rot_embed_cat`` on (B, H, N, Dh): ``x * cos + rot(x) * sin`` in the
+    promoted dtype, cast back to ``x``'s."""
+    sin, cos = jnp.split(table, 2, axis=-1)
+    if rotate_half:
+        x1, x2 = jnp.split(x, 2, axis=-1)
+        rotated = jnp.concatenate([-x2, x1], axis=-1)
+    else:
+        rotated = jnp.stack([-x[..., 1::2], x[..., ::2]], axis=-1).reshape(x.shape)
+    return (x * cos + rotated * sin).astype(x.dtype)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from converters.errors import InvalidArgumentError
-from converters.specs import CaiTSpec, Spec, ViTSpec
+from converters.specs import CaiTSpec, EvaSpec, Spec, ViTSpec
 
 from . import ops
 from .config import ModelConfig
@@ -120,6 +120,9 @@ class Layers(Protocol):
     def param(self, name: str) -> jax.Array:
         """The free parameter ``name`` (e.g. ``"cls_token"``)."""
 
+    def has(self, name: str) -> bool:
+        """Whether the module declares ``name`` (an optional submodule, e.g. ``Mlp.norm``)."""
+
 
 class LazyLayers:
     """``Layers`` for front-ends that create submodules inside the parent's call (Haiku, linen):
@@ -142,8 +145,18 @@ class LazyLayers:
 # --------------------------------------------------------------------------- children
 
 
-def _mlp(cfg: ModelConfig, hidden: int, drop: float) -> Node:
-    return Node("Mlp", cfg, (hidden, drop))
+def _mlp(cfg: ModelConfig, hidden: int, drop: float, bias: bool = True, norm: bool = False) -> Node:
+    return Node("Mlp", cfg, (hidden, drop, bias, norm))
+
+
+def _block_mlp(cfg: ModelConfig) -> Node:
+    """A block's MLP, of the spec's ``mlp_layer`` (timm's ``mlp_layer``); Eva's ``scale_mlp``
+    adds a LayerNorm over the hidden width."""
+    s = cfg.spec
+    norm = getattr(s, "scale_mlp", False)
+    if getattr(s, "mlp_layer", "Mlp") == "Mlp":
+        return _mlp(cfg, s.mlp_dim, cfg.dropout, s.proj_bias, norm)
+    return Node(s.mlp_layer, cfg, (cfg.dropout, norm))
 
 
 def _vit_children(cfg: ModelConfig) -> dict[str, Any]:
@@ -174,6 +187,31 @@ def _vit_children(cfg: ModelConfig) -> dict[str, Any]:
     return c
 
 
+def _eva_children(cfg: ModelConfig) -> dict[str, Any]:
+    s: EvaSpec = cfg.spec
+    d = s.dim
+    c: dict[str, Any] = {"patch_embed": Node("PatchEmbed", cfg)}
+    for name in s.prefix_tokens:
+        c[name] = Param((1, 1 if name == "cls_token" else s.reg_tokens, d))
+    if s.abs_pos_embed:
+        c["pos_embed"] = Param((1, s.num_pos_tokens, d))
+    c["pos_drop"] = Dropout(cfg.emb_dropout)
+    if s.pre_norm:
+        c["norm_pre"] = Norm(d, s.norm_eps)
+    for i in range(s.depth):
+        c[f"blocks.{i}"] = Node("EvaBlock", cfg, (cfg.drop_path_rate(i),))
+    if s.has_norm:
+        c["norm"] = Norm(d, s.norm_eps)
+    if s.pool == "map":
+        c["attn_pool"] = Node("AttentionPoolLatent", cfg)
+    if s.has_fc_norm:
+        c["fc_norm"] = Norm(d, s.norm_eps)
+    c["head_drop"] = Dropout(cfg.head_dropout)
+    if s.num_classes:
+        c["head"] = Linear(d, s.num_classes)
+    return c
+
+
 def _cait_children(cfg: ModelConfig) -> dict[str, Any]:
     s: CaiTSpec = cfg.spec
     d = s.dim
@@ -198,6 +236,8 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
         return _vit_children(cfg)
     if kind == "CaiT":
         return _cait_children(cfg)
+    if kind == "Eva":
+        return _eva_children(cfg)
     if kind == "PatchEmbed":
         return {"proj": PatchConv(s.channels, d, s.patch_size, s.patch_bias)}
     if kind == "Block":  # timm vision_transformer.Block
@@ -207,7 +247,7 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
             c["ls1"] = Node("LayerScale", cfg)
         c["drop_path1"] = DropPath(drop_path)
         c["norm2"] = Norm(d, s.norm_eps)
-        c["mlp"] = _mlp(cfg, s.mlp_dim, cfg.dropout)
+        c["mlp"] = _block_mlp(cfg)
         if s.has_layer_scale:
             c["ls2"] = Node("LayerScale", cfg)
         c["drop_path2"] = DropPath(drop_path)
@@ -220,14 +260,54 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
         return {**c, "attn_drop": Dropout(cfg.attn_dropout), "proj": Linear(d, d, s.proj_bias),
                 "proj_drop": Dropout(cfg.dropout)}
     if kind == "Mlp":
-        hidden, drop = args
-        return {"fc1": Linear(d, hidden, s.proj_bias), "drop1": Dropout(drop),
-                "fc2": Linear(hidden, d, s.proj_bias), "drop2": Dropout(drop)}
+        hidden, drop, bias, norm = args
+        return {"fc1": Linear(d, hidden, bias), "drop1": Dropout(drop),
+                **({"norm": Norm(hidden, s.norm_eps)} if norm else {}),
+                "fc2": Linear(hidden, d, bias), "drop2": Dropout(drop)}
+    if kind == "GluMlp":  # fc1 packs [x | gate] (gate_last) or [gate | x] (timm's SwiGLUPacked)
+        drop, norm = args
+        return {"fc1": Linear(d, s.mlp_dim, s.proj_bias), "drop1": Dropout(drop),
+                **({"norm": Norm(s.mlp_hidden, s.norm_eps)} if norm else {}),
+                "fc2": Linear(s.mlp_hidden, d, s.proj_bias), "drop2": Dropout(drop)}
+    if kind == "SwiGLU":
+        drop, norm = args
+        return {"fc1_g": Linear(d, s.mlp_dim, s.proj_bias), "fc1_x": Linear(d, s.mlp_dim, s.proj_bias),
+                "drop1": Dropout(drop), **({"norm": Norm(s.mlp_dim, s.norm_eps)} if norm else {}),
+                "fc2": Linear(s.mlp_dim, d, s.proj_bias), "drop2": Dropout(drop)}
+    if kind == "EvaBlock":
+        (drop_path,) = args
+        c = {}
+        if s.has_layer_scale:
+            c["gamma_1"] = Param((d,), "constant", s.init_values)
+            if not s.attn_only_layer_scale:
+                c["gamma_2"] = Param((d,), "constant", s.init_values)
+        return {**c, "norm1": Norm(d, s.norm_eps),
+                "attn": Node("EvaAttention" if s.attn_type == "eva" else "AttentionRope", cfg),
+                "drop_path1": DropPath(drop_path), "norm2": Norm(d, s.norm_eps), "mlp": _block_mlp(cfg),
+                "drop_path2": DropPath(drop_path)}
+    if kind in ("EvaAttention", "AttentionRope"):
+        eva = kind == "EvaAttention"  # EvaAttention has no k bias
+        c = {}
+        if s.qkv_fused:
+            if eva and s.qkv_bias:
+                c["q_bias"] = Param((d,), "constant", 0.0)
+                c["v_bias"] = Param((d,), "constant", 0.0)
+            c["qkv"] = Linear(d, 3 * d, s.qkv_bias and not eva)
+        else:
+            c.update(q_proj=Linear(d, d, s.qkv_bias), k_proj=Linear(d, d, s.qkv_bias and not eva),
+                     v_proj=Linear(d, d, s.qkv_bias))
+        if s.qk_norm:
+            c["q_norm"] = Norm(d // s.heads, s.norm_eps)
+            c["k_norm"] = Norm(d // s.heads, s.norm_eps)
+        c["attn_drop"] = Dropout(cfg.attn_dropout)
+        if s.scale_attn_inner:
+            c["norm"] = Norm(d, s.norm_eps)
+        return {**c, "proj": Linear(d, d), "proj_drop": Dropout(cfg.dropout)}
     if kind == "LayerScale":
         return {"gamma": Param((d,), "constant", s.init_values)}
     if kind == "AttentionPoolLatent":
         return {"latent": Param((1, 1, d)), "q": Linear(d, d), "kv": Linear(d, 2 * d), "proj": Linear(d, d),
-                "norm": Norm(d, s.norm_eps), "mlp": _mlp(cfg, s.mlp_dim, 0.0)}
+                "norm": Norm(d, s.norm_eps), "mlp": _mlp(cfg, getattr(s, "attn_pool_mlp_dim", s.mlp_dim), 0.0)}
     if kind == "LayerScaleBlock":  # CaiT self-attention block, talking heads
         (drop_path,) = args
         return {"gamma_1": Param((d,), "constant", s.init_values), "gamma_2": Param((d,), "constant", s.init_values),
@@ -310,9 +390,74 @@ def attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return m("proj_drop")(m("proj")(ops.merge_heads(ops.attend(weights, v, md))))
 
 
+def _mlp_norm(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm's ``Mlp.norm`` (Eva's ``scale_mlp``; identity when the MLP declares none)."""
+    return m("norm")(x) if m.has("norm") else x
+
+
 def mlp(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     x = m("drop1")(ops.activation(cfg.spec.activation)(m("fc1")(x)))
-    return m("drop2")(m("fc2")(x))
+    return m("drop2")(m("fc2")(_mlp_norm(m, cfg, x)))
+
+
+def _glu_activation(spec: Spec) -> Callable[[jax.Array], jax.Array]:
+    return ops.activation(getattr(spec, "glu_activation", spec.activation))
+
+
+def eva_attention(m: Layers, cfg: ModelConfig, rope: jax.Array | None, x: jax.Array) -> jax.Array:
+    """timm ``EvaAttention`` / ``AttentionRope``: q, k, v (fused or not; EvaAttention's fused
+    bias is ``[q_bias | 0 | v_bias]``), per-head q/k norm, rotary embedding on the patch tokens
+    (the prefix tokens are left as they are), softmax attention, ``norm`` (scale_attn_inner), proj."""
+    s: EvaSpec = cfg.spec
+    if s.qkv_fused:
+        qkv = m("qkv")(x)
+        if s.attn_type == "eva" and s.qkv_bias:
+            q_bias = m.param("q_bias")
+            qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), m.param("v_bias")]).astype(qkv.dtype)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+    else:
+        q, k, v = m("q_proj")(x), m("k_proj")(x), m("v_proj")(x)
+    q, k, v = _heads(s, q, k, v)
+    if s.qk_norm:
+        q, k = m("q_norm")(q), m("k_norm")(k)
+    if rope is not None:
+        n = s.num_prefix_tokens
+        q, k = [jnp.concatenate([t[:, :, :n], ops.apply_rope(t[:, :, n:], rope, s.rope_rotate_half)], axis=2)
+                .astype(v.dtype) for t in (q, k)]
+    weights = m("attn_drop")(ops.softmax(ops.attention_logits(q, k, cfg.matmul_dtype), axis=-1))
+    _record_attention(weights)
+    x = ops.merge_heads(ops.attend(weights, v, cfg.matmul_dtype))
+    if s.scale_attn_inner:
+        x = m("norm")(x)
+    return m("proj_drop")(m("proj")(x))
+
+
+def eva_block(m: Layers, cfg: ModelConfig, rope: jax.Array | None, x: jax.Array) -> jax.Array:
+    """timm ``EvaBlock``: ``x + gamma_1 * attn(norm1(x), rope)``, ``x + gamma_2 * mlp(norm2(x))``."""
+    s: EvaSpec = cfg.spec
+    y = m("attn")(rope, m("norm1")(x))
+    if s.has_layer_scale:
+        y = m.param("gamma_1") * y
+    x = x + m("drop_path1")(y)
+    y = m("mlp")(m("norm2")(x))
+    if s.has_layer_scale and not s.attn_only_layer_scale:
+        y = m.param("gamma_2") * y
+    return x + m("drop_path2")(y)
+
+
+def glu_mlp(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``GluMlp``: ``x1, x2 = fc1(x).chunk(2)``; ``x1 * act(x2)`` when ``gate_last``, else
+    ``act(x1) * x2`` (``SwiGLUPacked``)."""
+    act = _glu_activation(cfg.spec)
+    x1, x2 = jnp.split(m("fc1")(x), 2, axis=-1)
+    x = x1 * act(x2) if cfg.spec.mlp_gate_last else act(x1) * x2
+    return m("drop2")(m("fc2")(_mlp_norm(m, cfg, m("drop1")(x))))
+
+
+def swiglu(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``SwiGLU``: ``fc2(act(fc1_g(x)) * fc1_x(x))``."""
+    x = _glu_activation(cfg.spec)(m("fc1_g")(x)) * m("fc1_x")(x)
+    return m("drop2")(m("fc2")(_mlp_norm(m, cfg, m("drop1")(x))))
 
 
 def layer_scale(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -331,7 +476,8 @@ def attention_pool(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     b, _, d = x.shape
     q = m("q")(jnp.broadcast_to(m.param("latent"), (b, 1, d)).astype(x.dtype))
     k, v = jnp.split(m("kv")(x), 2, axis=-1)
-    q, k, v = _heads(cfg.spec, q, k, v)
+    heads = getattr(cfg.spec, "attn_pool_heads", cfg.spec.heads)
+    q, k, v = [ops.split_heads(t, heads) for t in (q, k, v)]
     x = m("proj")(ops.merge_heads(ops.dot_product_attention(q, k, v, cfg.matmul_dtype)))
     x = x + m("mlp")(m("norm")(x))
     return x[:, 0]
@@ -442,6 +588,44 @@ def _vit_head(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool, out: dict)
     return result
 
 
+def _eva_features(m: Layers, s: EvaSpec, x: jax.Array, out: dict) -> jax.Array:
+    """timm ``Eva.forward_features``: tokens, absolute and rotary position embeddings, blocks, norm."""
+    check_input(s, x)
+    patches = m("patch_embed")(x)
+    b, h, w, d = patches.shape
+    out["patch_embed"] = patches.reshape(b, -1, d)
+    prefix = [m.param(name) for name in s.prefix_tokens]
+    if s.abs_pos_embed:
+        x = ops.embed_tokens(patches, m.param("pos_embed"), prefix, s.grid_size, s.no_embed_class)
+    else:
+        x = jnp.concatenate([jnp.broadcast_to(t, (b, *t.shape[1:])).astype(patches.dtype) for t in prefix]
+                            + [patches.reshape(b, h * w, d)], axis=1)
+    x = m("pos_drop")(x)
+    rope = None
+    if s.rope_type:
+        rope = ops.rope_table(s, (h, w), x.dtype, cached=not s.dynamic_img_size).astype(
+            jnp.promote_types(x.dtype, jnp.float32))
+    if s.pre_norm:
+        x = m("norm_pre")(x)
+    x = _blocks(m, "blocks", s.depth, x, out, rope)  # rope None: a block without rotary embeddings
+    if s.has_norm:
+        x = out["norm"] = m("norm")(x)
+    return x
+
+
+def _eva_head(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool, out: dict) -> Any:
+    """timm ``Eva.forward_head``: the attention pool over every token, or ``global_pool_nlc``."""
+    s: EvaSpec = cfg.spec
+    pooled = m("attn_pool")(x) if s.pool == "map" else ops.pool_tokens(x, s.pool, s.num_prefix_tokens)
+    if s.has_fc_norm:
+        pooled = m("fc_norm")(pooled)
+    out["pre_logits"] = pooled
+    result = _head(m, s, pooled)
+    if s.num_classes:
+        out["head"] = result
+    return result
+
+
 def _cait_features(m: Layers, s: CaiTSpec, x: jax.Array, out: dict) -> jax.Array:
     check_input(s, x)
     patches = m("patch_embed")(x)
@@ -493,6 +677,11 @@ def vit(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False, stage: s
     return _root(_vit_features, _vit_head, m, cfg, x, train, stage)
 
 
+def eva(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False, stage: str = "all") -> Any:
+    """timm ``Eva`` (EVA-02, RoPE ViTs, DINOv3, Perception Encoder) on NHWC images."""
+    return _root(_eva_features, _eva_head, m, cfg, x, train, stage)
+
+
 def cait(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False, stage: str = "all") -> Any:
     """timm ``Cait`` on NHWC images: self-attention blocks over the patches, then class-attention
     blocks that update only the class token, then ``norm(cat(cls, x))``."""
@@ -501,11 +690,13 @@ def cait(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False, stage: 
 
 FORWARD: dict[str, Callable[..., Any]] = {
     "ViT": vit, "CaiT": cait, "PatchEmbed": patch_embed, "Block": block, "Attention": attention, "Mlp": mlp,
+    "GluMlp": glu_mlp, "SwiGLU": swiglu, "Eva": eva, "EvaBlock": eva_block, "EvaAttention": eva_attention,
+    "AttentionRope": eva_attention,
     "LayerScale": layer_scale, "AttentionPoolLatent": attention_pool, "LayerScaleBlock": layer_scale_block,
     "TalkingHeadAttn": talking_head_attention, "LayerScaleBlockClassAttn": class_attention_block,
     "ClassAttn": class_attention,
 }
-ROOT_KIND = {"vit": "ViT", "cait": "CaiT"}
+ROOT_KIND = {"vit": "ViT", "cait": "CaiT", "eva": "Eva"}
 
 
 def root(cfg: ModelConfig) -> Node:

@@ -1,5 +1,5 @@
-"""Flax linen front-end: ``ViT`` and ``CaiT`` (``train`` is a call argument)."""
+"""Flax linen front-end: ``ViT``, ``CaiT`` and ``Eva`` (``train`` is a call argument)."""
 
-from .models import CaiT, ViT
+from .models import CaiT, Eva, ViT
 
-__all__ = ["CaiT", "ViT"]
+__all__ = ["CaiT", "Eva", "ViT"]

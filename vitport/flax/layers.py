@@ -37,6 +37,9 @@ class Layers(structure.LazyLayers):
         super().__init__(declarations, cfg, train)
         self.module = module
 
+    def has(self, name: str) -> bool:
+        return name in self.declarations
+
     def param(self, name: str) -> jax.Array:
         decl = self.declarations[name]
         return self.module.param(name, structure.initializer(decl), decl.shape, jnp.dtype(self.cfg.param_dtype))

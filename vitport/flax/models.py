@@ -8,7 +8,9 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 
-from ..config import ModelConfig, config_from_kwargs, config_kwargs
+from converters.specs import EvaSpec
+
+from ..config import RUNTIME_FIELDS, ModelConfig, config_from_kwargs, config_kwargs
 from .layers import run_root
 
 Dtype = Any
@@ -84,6 +86,8 @@ class ViT(_Root):
     activation: str = "gelu"
     norm_eps: float = 1e-6
     dynamic_img_size: bool = False
+    mlp_layer: str = "Mlp"
+    mlp_gate_last: bool = True
     dtype: Dtype = None
     param_dtype: Dtype = "float32"
     matmul_dtype: str | None = None
@@ -124,3 +128,15 @@ class CaiT(_Root):
     param_dtype: Dtype = "float32"
     matmul_dtype: str | None = None
     distilled_training: bool = False
+
+
+def _eva_namespace() -> dict[str, Any]:
+    """``Eva``'s linen fields: every ``EvaSpec`` field and run-time setting, with its default."""
+    runtime = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in RUNTIME_FIELDS}
+    fields = {f.name: f.default for f in dataclasses.fields(EvaSpec)} | runtime
+    return {"__annotations__": {k: Any for k in fields}, **fields, "family": "eva", "__module__": __name__,
+            "__doc__": "timm's ``Eva`` (EVA-02, RoPE ViTs, DINOv3, Perception Encoder) as a linen module; "
+                       "fields: ``converters.specs.EvaSpec`` and ``vitport.config.ModelConfig``."}
+
+
+Eva = type("Eva", (_Root,), _eva_namespace())

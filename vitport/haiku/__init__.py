@@ -1,5 +1,5 @@
-"""Haiku front-end: ``ViT`` and ``CaiT`` (``is_training`` is a call argument)."""
+"""Haiku front-end: ``ViT``, ``CaiT`` and ``Eva`` (``is_training`` is a call argument)."""
 
-from .models import CaiT, ViT
+from .models import CaiT, Eva, ViT
 
-__all__ = ["CaiT", "ViT"]
+__all__ = ["CaiT", "Eva", "ViT"]

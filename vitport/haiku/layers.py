@@ -75,6 +75,9 @@ class Layers(structure.LazyLayers):
     """``structure.Layers`` inside a Haiku module's ``__call__`` (Haiku names the submodules
     built here under the module being called); ``train`` is Haiku's ``is_training``."""
 
+    def has(self, name: str) -> bool:
+        return name in self.declarations
+
     def param(self, name: str) -> jax.Array:
         decl = self.declarations[name]
         return hk.get_parameter(name, decl.shape, jnp.dtype(self.cfg.param_dtype),

@@ -74,3 +74,13 @@ class CaiT(_Root):
                                               heads=heads, mlp_dim=mlp_dim, dropout=dropout, emb_dropout=emb_dropout,
                                               layer_dropout=layer_dropout, **options))
         super().__init__(cfg, name)
+
+
+class Eva(_Root):
+    """timm's ``Eva`` (EVA-02, RoPE ViTs, DINOv3, Perception Encoder); use inside ``hk.transform``.
+    Keywords: the fields of ``converters.specs.EvaSpec`` and ``vitport.config.ModelConfig``."""
+
+    family = "eva"
+
+    def __init__(self, *, name: str | None = None, **options: Any):
+        super().__init__(config_from_kwargs("eva", options), name)

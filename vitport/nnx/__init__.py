@@ -1,5 +1,5 @@
-"""Flax NNX front-end: ``ViT`` and ``CaiT`` (``model.train()`` / ``model.eval()``)."""
+"""Flax NNX front-end: ``ViT``, ``CaiT`` and ``Eva`` (``model.train()`` / ``model.eval()``)."""
 
-from .models import CaiT, ViT
+from .models import CaiT, Eva, ViT
 
-__all__ = ["CaiT", "ViT"]
+__all__ = ["CaiT", "Eva", "ViT"]

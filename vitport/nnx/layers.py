@@ -79,6 +79,9 @@ class Layers:
             return functools.partial(layer, rngs=self.rngs)
         return layer
 
+    def has(self, name: str) -> bool:
+        return hasattr(self.module, name.partition(".")[0])
+
     def param(self, name: str) -> jax.Array:
         return getattr(self.module, name)[...]
 

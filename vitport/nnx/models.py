@@ -81,3 +81,13 @@ class CaiT(_Root):
                                               heads=heads, mlp_dim=mlp_dim, dropout=dropout, emb_dropout=emb_dropout,
                                               layer_dropout=layer_dropout, **options))
         super().__init__(cfg, rngs=rngs)
+
+
+class Eva(_Root):
+    """timm's ``Eva`` (EVA-02, RoPE ViTs, DINOv3, Perception Encoder): keywords are the fields of
+    ``converters.specs.EvaSpec`` and ``vitport.config.ModelConfig``, plus ``rngs=nnx.Rngs(...)``."""
+
+    family = "eva"
+
+    def __init__(self, *, rngs: nnx.Rngs, **options: Any):
+        super().__init__(config_from_kwargs("eva", options), rngs=rngs)
