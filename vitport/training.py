@@ -92,12 +92,14 @@ class TrainConfig:
 # ------------------------------------------------------------------ timm's param groups
 
 # timm's ``no_weight_decay()`` per model class.
-NO_WEIGHT_DECAY = {"vit": ("pos_embed", "cls_token", "reg_token", "dist_token"), "cait": ("pos_embed", "cls_token")}
+NO_WEIGHT_DECAY = {"vit": ("pos_embed", "cls_token", "reg_token", "dist_token"), "cait": ("pos_embed", "cls_token"),
+                   "eva": ("pos_embed", "cls_token", "reg_token", "rope.*")}
 
 # timm's MATCH_PREV_GROUP: an ordinal ending in it joins the group before (ViT's final norm).
 MATCH_PREV_GROUP = 99999.0
 
-# ``group_matcher()`` of VisionTransformer and VisionTransformerDistilled, regex for regex.
+# ``group_matcher()`` of VisionTransformer, VisionTransformerDistilled and Eva (the same as
+# VisionTransformer's), regex for regex.
 _VIT_STEM = re.compile(r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre")
 _DEIT_STEM = re.compile(r"^cls_token|pos_embed|patch_embed|dist_token")
 _BLOCK = re.compile(r"^blocks\.(\d+)")
@@ -105,7 +107,7 @@ _FINAL_NORM = re.compile(r"^norm")
 
 
 def _vit_ordinal(spec: Spec, name: str) -> tuple[float, ...]:
-    if (_DEIT_STEM if spec.distilled else _VIT_STEM).match(name):
+    if (_DEIT_STEM if getattr(spec, "distilled", False) else _VIT_STEM).match(name):
         return (0.0,)
     if m := _BLOCK.match(name):
         return (1.0, float(m.group(1)))
