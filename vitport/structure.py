@@ -173,6 +173,15 @@ def _vit_children(cfg: ModelConfig) -> dict[str, Any]:
         c["norm_pre"] = Norm(d, s.norm_eps)
     for i in range(s.depth):
         c[f"blocks.{i}"] = Node("Block", cfg, (cfg.drop_path_rate(i),))
+    return {**c, **_final_norm_and_head(cfg)}
+
+
+def _final_norm_and_head(cfg: ModelConfig) -> dict[str, Any]:
+    """What follows the blocks in timm's VisionTransformer and Eva: final norm, pooling head,
+    fc_norm, head dropout and classifier (plus DeiT's distillation head)."""
+    s = cfg.spec
+    d = s.dim
+    c: dict[str, Any] = {}
     if s.has_norm:
         c["norm"] = Norm(d, s.norm_eps)
     if s.pool == "map":
@@ -182,7 +191,7 @@ def _vit_children(cfg: ModelConfig) -> dict[str, Any]:
     c["head_drop"] = Dropout(cfg.head_dropout)
     if s.num_classes:
         c["head"] = Linear(d, s.num_classes)
-        if s.distilled:
+        if getattr(s, "distilled", False):
             c["head_dist"] = Linear(d, s.num_classes)
     return c
 
@@ -200,16 +209,7 @@ def _eva_children(cfg: ModelConfig) -> dict[str, Any]:
         c["norm_pre"] = Norm(d, s.norm_eps)
     for i in range(s.depth):
         c[f"blocks.{i}"] = Node("EvaBlock", cfg, (cfg.drop_path_rate(i),))
-    if s.has_norm:
-        c["norm"] = Norm(d, s.norm_eps)
-    if s.pool == "map":
-        c["attn_pool"] = Node("AttentionPoolLatent", cfg)
-    if s.has_fc_norm:
-        c["fc_norm"] = Norm(d, s.norm_eps)
-    c["head_drop"] = Dropout(cfg.head_dropout)
-    if s.num_classes:
-        c["head"] = Linear(d, s.num_classes)
-    return c
+    return {**c, **_final_norm_and_head(cfg)}
 
 
 def _cait_children(cfg: ModelConfig) -> dict[str, Any]:
