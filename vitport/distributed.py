@@ -27,9 +27,8 @@ import numpy as np
 
 from converters.errors import InvalidArgumentError, MissingFileError
 
-from .images import (DEFAULT_BATCH_SIZE, EmbedResult, OnSkip, Prediction, Progress, _append, collect_images,
+from .images import (DEFAULT_BATCH_SIZE, prediction_setup, EmbedResult, OnSkip, Prediction, Progress, _append, collect_images,
                      eval_transform, softmax, write_npz)
-from .labels import class_labels
 from .preprocess import ImageError, load_image
 
 if TYPE_CHECKING:
@@ -152,15 +151,7 @@ def predict(jm: "ShardedModel", images: Sequence[Any], top_k: int = 5, batch_siz
     process 0, None on the others."""
     from .preprocess import image_name
 
-    if not images:
-        raise InvalidArgumentError("predict needs at least one image")
-    num_classes = jm.spec.num_classes
-    if num_classes < 1:
-        raise InvalidArgumentError("this model has no classifier head (num_classes=0); use embed for features")
-    if top_k < 1:
-        raise InvalidArgumentError(f"top_k must be at least 1, got {top_k}")
-    labels = class_labels(jm.pretrained_cfg, num_classes)
-    k = min(top_k, num_classes)
+    labels, k = prediction_setup(jm, images, top_k)
     results: list[list[Prediction]] = []
     skipped: list[str] = []
 

@@ -119,11 +119,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def predict(jm: "JaxModel", images: ImageSource | Iterable[ImageSource], top_k: int = 5,
-            batch_size: int = DEFAULT_BATCH_SIZE, progress: Progress | None = None) -> list[list[Prediction]]:
-    """For each image (a path or PIL image; one or a list), its ``top_k`` classes as
-    ``Prediction(index, label, probability)`` sorted by probability (softmax of the logits)."""
-    items = as_list(images)
+def prediction_setup(jm: "JaxModel", items: Sequence[Any], top_k: int) -> tuple[list[str], int]:
+    """Check a predict call (images given, a classifier head, top_k >= 1); return the class
+    labels and how many classes to report."""
     if not items:
         raise InvalidArgumentError("predict needs at least one image")
     num_classes = jm.spec.num_classes
@@ -131,8 +129,15 @@ def predict(jm: "JaxModel", images: ImageSource | Iterable[ImageSource], top_k: 
         raise InvalidArgumentError("this model has no classifier head (num_classes=0); use embed for features")
     if top_k < 1:
         raise InvalidArgumentError(f"top_k must be at least 1, got {top_k}")
-    labels = class_labels(jm.pretrained_cfg, num_classes)
-    k = min(top_k, num_classes)
+    return class_labels(jm.pretrained_cfg, num_classes), min(top_k, num_classes)
+
+
+def predict(jm: "JaxModel", images: ImageSource | Iterable[ImageSource], top_k: int = 5,
+            batch_size: int = DEFAULT_BATCH_SIZE, progress: Progress | None = None) -> list[list[Prediction]]:
+    """For each image (a path or PIL image; one or a list), its ``top_k`` classes as
+    ``Prediction(index, label, probability)`` sorted by probability (softmax of the logits)."""
+    items = as_list(images)
+    labels, k = prediction_setup(jm, items, top_k)
     results = []
     for logits in _outputs(jm, items, "logits", batch_size, progress):
         for p in softmax(logits):
