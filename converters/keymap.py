@@ -114,6 +114,21 @@ def _patch_embed(spec: Spec, bias: bool) -> Iterator[Entry]:
         yield Entry("patch_embed.proj.bias", "patch_embed.proj", "bias", "conv", (spec.dim,))
 
 
+def _final_norm_and_head(s: Spec, attn_pool_mlp_dim: int) -> Iterator[Entry]:
+    """The tensors after the blocks of timm's VisionTransformer and Eva, in state_dict order."""
+    d = s.dim
+    if s.has_norm:
+        yield from _norm("norm", d)
+    if s.pool == "map":
+        yield from _attn_pool(s, attn_pool_mlp_dim)
+    if s.has_fc_norm:
+        yield from _norm("fc_norm", d)
+    if s.num_classes:
+        yield from _linear("head", d, s.num_classes)
+        if getattr(s, "distilled", False):
+            yield from _linear("head_dist", d, s.num_classes)
+
+
 def vit_table(s: ViTSpec) -> list[Entry]:
     d, dh = s.dim, s.dim // s.heads
     t: list[Entry] = []
@@ -141,17 +156,7 @@ def vit_table(s: ViTSpec) -> list[Entry]:
         t += _block_mlp(f"{b}.mlp", s)
         if s.has_layer_scale:
             t.append(_param(f"{b}.ls2.gamma", (d,)))
-    if s.has_norm:
-        t += _norm("norm", d)
-    if s.pool == "map":
-        t += _attn_pool(s, s.mlp_dim)
-    if s.has_fc_norm:
-        t += _norm("fc_norm", d)
-    if s.num_classes:
-        t += _linear("head", d, s.num_classes)
-        if s.distilled:
-            t += _linear("head_dist", d, s.num_classes)
-    return t
+    return t + list(_final_norm_and_head(s, s.mlp_dim))
 
 
 def cait_table(s: CaiTSpec) -> list[Entry]:
@@ -223,15 +228,7 @@ def eva_table(s: EvaSpec) -> list[Entry]:
         t += _linear(f"{a}.proj", d, d)
         t += _norm(f"{b}.norm2", d)
         t += _block_mlp(f"{b}.mlp", s)
-    if s.has_norm:
-        t += _norm("norm", d)
-    if s.pool == "map":
-        t += _attn_pool(s, s.attn_pool_mlp_dim)
-    if s.has_fc_norm:
-        t += _norm("fc_norm", d)
-    if s.num_classes:
-        t += _linear("head", d, s.num_classes)
-    return t
+    return t + list(_final_norm_and_head(s, s.attn_pool_mlp_dim))
 
 
 def key_table(spec: Spec) -> list[Entry]:
