@@ -169,7 +169,7 @@ def check_output(path: str | os.PathLike, force: bool = False, *, kind: str = "d
                                 "`vitport convert`. Remove it yourself or choose another --out")
     if stat.S_ISREG(st.st_mode):
         return path
-    raise OutputExistsError(f"{path} is {_what(st)}; --force only replaces a regular weights file. "
+    raise OutputExistsError(f"{path} is {_what(st)}; --force only replaces a regular file. "
                             "Remove it yourself or choose another --out")
 
 

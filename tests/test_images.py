@@ -286,7 +286,8 @@ def test_cli_embed(converted, tmp_path, capsys):
     _, pre_logits = timm_scores(model, timm_pixels(jm.pretrained_cfg, [root / p for p in good]))
     assert features.shape == (5, 32) and features.dtype == np.float32
     assert np.max(np.abs(features - pre_logits)) <= 1e-5
-    assert np.max(np.abs(features - jm.embed([root / p for p in good]))) <= 1e-6
+    # Another batch size: XLA may pick other kernels, so equal to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(features, jm.embed([root / p for p in good]), rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in out.parent.iterdir()) == ["emb.npz"]  # no temporary files left
     # An existing output is refused, and replaced with --force.
     rc, _, err = run(capsys, "embed", folder, root, "--out", out)

@@ -93,7 +93,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     if cli_scale.wanted(args):
         return cli_scale.cmd_embed(args)
-    check_output(args.out, args.force)  # refuse before loading anything
+    check_output(args.out, args.force, kind="file", reading=args.inputs)  # refuse before loading anything
     collect_images(args.inputs)  # a missing or empty input fails before the model loads
     jm = _load(args)
 

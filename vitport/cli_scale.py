@@ -90,7 +90,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if not args.process_id:  # process 0 writes: refuse an existing --out before loading anything
         from converters.checkpoint_io import check_output
 
-        check_output(args.out, args.force)
+        check_output(args.out, args.force, kind="file", reading=args.inputs)
     jm = start(args)
 
     def skipped(name: str, reason: str) -> None:

@@ -179,7 +179,7 @@ def write_embeddings(jm: "ShardedModel", sources: Sequence[str], out: str, *, ba
     from converters.checkpoint_io import atomic_file, check_output
 
     writer = is_writer()
-    out_path = check_output(out, force) if writer else Path(out)
+    out_path = check_output(out, force, kind="file", reading=sources) if writer else Path(out)
     files = collect_images(sources)
     dtype = np.float64 if np.dtype(jm.dtype) == np.float64 else np.float32
     names: list[str] = []

@@ -226,7 +226,7 @@ def write_embeddings(jm: "JaxModel", sources: Sequence[str | os.PathLike], out: 
 
     from converters.checkpoint_io import atomic_file, check_output
 
-    out = check_output(out, force)  # refuse before reading anything
+    out = check_output(out, force, kind="file", reading=sources)  # refuse before reading anything
     files = collect_images(sources)
     transform = eval_transform(jm)
     if batch_size < 1:
