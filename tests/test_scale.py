@@ -74,12 +74,74 @@ print(json.dumps(report))
 """
 
 
+FINETUNE_CHECK = r"""
+import json, sys
+from pathlib import Path
+import jax, numpy as np
+assert jax.device_count() == 8, jax.devices()
+from helpers import TINY_CASES, tiny_timm
+from test_checkpoints import save_hub_dir
+from test_training import make_dataset
+from converters.checkpoint_io import read_safetensors
+from vitport import cli
+from vitport.finetune import FinetuneConfig, _placement, finetune, load_for_finetuning
+from vitport.training import TrainConfig, trainer_for
+
+root = Path(sys.argv[1])
+data = make_dataset(root / "data", per_class=(8, 4))
+arch, kwargs = TINY_CASES["vit_token"]
+source = save_hub_dir(tiny_timm(arch, "float32", **kwargs), root / "source")
+report = {"steps": {}}
+# One train step per strategy against one device: loss and gradient norm, and whether the
+# params and the optimizer state stay split after the step.
+x = np.random.default_rng(0).standard_normal((8, 32, 32, 3)).astype(np.float32)
+y = np.arange(8, dtype=np.int32) % 3
+for shard in (None, "dp", "fsdp", "tp"):
+    cfg = FinetuneConfig(batch_size=8, shard=shard, framework="flax")
+    to_devices, jm = _placement(load_for_finetuning(source, cfg, 3), cfg)
+    trainer = trainer_for(jm, TrainConfig(total_steps=2, lr=1e-3, warmup_steps=0))
+    state, metrics = trainer.train_step(trainer.init(jm.params), *to_devices(x, y))
+    leaves = [a for a in jax.tree.leaves((state.params, state.opt_state)) if a.ndim]
+    report["steps"][str(shard)] = dict(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
+                                       split=sum(a.addressable_shards[0].data.size < a.size for a in leaves),
+                                       leaves=len(leaves))
+# The command end to end: one epoch on one device, and with --shard fsdp.
+common = ["--epochs", "1", "--lr", "1e-3", "--workers", "2", "--framework", "nnx"]
+report["one_device"] = cli.main(["finetune", str(source), str(data), "--out", str(root / "one"), "--batch-size", "8",
+                                 *common])
+report["fsdp"] = cli.main(["finetune", str(source), str(data), "--out", str(root / "fsdp"), "--batch-size", "8",
+                           "--shard", "fsdp", *common])
+report["uneven"] = cli.main(["finetune", str(source), str(data), "--out", str(root / "uneven"), "--batch-size", "12",
+                             "--shard", "fsdp", *common])
+report["uneven_left"] = (root / "uneven").exists() or (root / "uneven.partial").exists()
+history = [json.loads((root / o / "training.json").read_text())["history"][0] for o in ("one", "fsdp")]
+report["history"] = history
+a, b = (read_safetensors(root / o / "model.safetensors") for o in ("one", "fsdp"))
+report["same_keys"] = a.keys() == b.keys()
+report["max_weight_diff"] = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+print(json.dumps(report))
+"""
+
+
 @pytest.fixture(scope="module", autouse=True)
 def strategy_run():
     """Started when the module starts, so the 8-device run overlaps the other tests; read by
     the last test."""
     proc = subprocess.Popen([sys.executable, "-c", STRATEGY_CHECK], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), cwd=ROOT)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def finetune_run(tmp_path_factory):
+    """The sharded fine-tuning check, started with the module like ``strategy_run``."""
+    root = tmp_path_factory.mktemp("sharded-finetune")
+    proc = subprocess.Popen([sys.executable, "-c", FINETUNE_CHECK, str(root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -290,3 +352,27 @@ def test_every_strategy_equals_unsharded_in_every_front_end(strategy_report):
             assert r["mesh"] == {"data": 2, "model": 4} and r["split"] > 0, r
             assert r["qkv_shard"] == [32, 24] and "model" in r["qkv_spec"], r
             assert r["max_device_bytes"] < r["total_bytes"], r
+
+
+def test_finetune_shards_params_and_optimizer_state_and_matches_one_device(finetune_run):
+    """`vitport finetune --shard`: one train step under each strategy gives one device's loss
+    and gradient norm; fsdp and tp leave the params and AdamW state split after the step; the
+    fsdp command ends with a model equal to the one-device run to float32 reduction order
+    (AdamW normalises each update, so weights may differ by a few ulps of lr per step)."""
+    out, err = finetune_run.communicate(timeout=600)
+    assert finetune_run.returncode == 0, err[-3000:]
+    r = json.loads(out.strip().splitlines()[-1])
+    one = r["steps"]["None"]
+    for strategy in ("dp", "fsdp", "tp"):
+        step = r["steps"][strategy]
+        assert abs(step["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]), (strategy, step, one)
+        assert abs(step["grad_norm"] - one["grad_norm"]) <= 1e-4 * one["grad_norm"], (strategy, step, one)
+    assert one["split"] == 0 and r["steps"]["dp"]["split"] == 0
+    assert r["steps"]["fsdp"]["split"] >= r["steps"]["fsdp"]["leaves"] // 2, r["steps"]["fsdp"]
+    assert r["steps"]["tp"]["split"] > 0, r["steps"]["tp"]
+    assert r["one_device"] == 0 and r["fsdp"] == 0, r
+    one_epoch, fsdp_epoch = r["history"]
+    assert abs(one_epoch["train_loss"] - fsdp_epoch["train_loss"]) <= 1e-4, r["history"]
+    assert abs(one_epoch["val_loss"] - fsdp_epoch["val_loss"]) <= 1e-3, r["history"]
+    assert r["same_keys"] and r["max_weight_diff"] <= 1e-3 * 3, r  # lr 1e-3, 3 steps
+    assert r["uneven"] == 2 and not r["uneven_left"], r  # 12 does not split over 8 devices: one error, nothing written

@@ -132,6 +132,14 @@ def test_layer_ids_and_weight_decay_equal_timms_param_groups(case):
         assert ours[k] == pytest.approx(timm_scale[k], rel=1e-15), k
 
 
+def test_lr_schedule_all_warm_up():
+    """A run no longer than its warm-up (one epoch with the default one warm-up epoch) is a
+    linear ramp from warmup_lr to lr, as timm's scheduler never reaches its cosine then."""
+    cfg = training.TrainConfig(total_steps=4, lr=1e-3, warmup_steps=4, warmup_lr=1e-5)
+    lrs = [float(training.lr_schedule(cfg)(s)) for s in range(5)]
+    assert lrs == pytest.approx([1e-5 + (1e-3 - 1e-5) * s / 4 for s in range(5)], rel=1e-12)
+
+
 STEP_CASES = ("cait", "deit_distilled", "reg_tokens_avg_fc_norm")
 
 

@@ -55,7 +55,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          warmup_epochs=args.warmup_epochs, label_smoothing=args.smoothing, clip_grad=args.clip_grad,
                          drop_path_rate=args.drop_path, img_size=_image_size(args.img_size), framework=args.framework,
                          compute_dtype="bfloat16" if args.bf16 else None, seed=args.seed,
-                         workers=args.workers)
+                         workers=args.workers, shard=args.shard)
     try:
         with _progress() as update:
             out = finetune(args.source, args.data_dir, args.out, cfg, resume=args.resume, progress=update)
@@ -100,4 +100,8 @@ def add_finetune_command(sub: Any) -> None:
     f.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT.partial/")
     f.add_argument("--seed", type=int, default=0, help="data order, augmentation, dropout, new head (default: 0)")
     f.add_argument("--workers", type=int, default=4, help="image loading threads (default: %(default)s)")
+    f.add_argument("--shard", choices=("dp", "fsdp", "tp"), metavar="STRATEGY",
+                   help="train over every local device: dp (weights replicated, batch split), fsdp (weights, "
+                        "gradients and optimizer state split too), tp (tensor parallel); --batch-size must be a "
+                        "multiple of the devices on the data axis. Default: one device")
     f.set_defaults(func=cmd_finetune)

@@ -3,13 +3,9 @@
 ``vitport.cli_images`` adds these flags to both commands and hands a run that uses any of
 them to ``cmd_embed`` / ``cmd_predict`` here (``vitport.distributed`` does the work).
 
-Hooking another command (``finetune --shard fsdp`` on branch ``training``): call
-``add_scale_args(parser)``; in the command, ``start(args)`` before anything touches JAX, load
-the model, then ``jm = jm.shard(strategy=args.shard or "dp")`` and feed each process's slice of
-the global batch through ``jax.make_array_from_process_local_data(NamedSharding(jm.mesh,
-P("data")), local)`` (as ``distributed.global_batches`` does). Gradients of a sharded model
-come back with the params' shardings; an optax update on them stays sharded, with no code
-of its own (jit propagates the shardings).
+``vitport finetune --shard`` (one process over its local devices) is wired in
+``vitport.finetune._placement``: the model is sharded, each batch is placed split over ``data``,
+and jit propagates the params' shardings to the gradients and the optax state.
 """
 
 from __future__ import annotations

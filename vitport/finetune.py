@@ -71,10 +71,13 @@ class FinetuneConfig:
     remat: bool = False
     seed: int = 0
     workers: int = 4
+    shard: str | None = None  # a ``vitport.sharding`` strategy over every local device; None: one device
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 1:
             raise InvalidArgumentError("epochs, batch size and workers must be at least 1")
+        if self.shard not in (None, "dp", "fsdp", "tp"):
+            raise InvalidArgumentError(f"shard must be dp, fsdp or tp (or None for one device); got {self.shard!r}")
 
 
 # -------------------------------------------------------------------------------- data
@@ -262,6 +265,30 @@ def load_for_finetuning(source: str | os.PathLike, cfg: FinetuneConfig, num_clas
     return dataclasses.replace(jm, config=dataclasses.replace(jm.config, layer_dropout=cfg.drop_path_rate))
 
 
+def _placement(jm: JaxModel, cfg: FinetuneConfig) -> tuple[Callable[..., tuple], JaxModel]:
+    """``(to_devices, trained)``: the model to train (``jm`` sharded by ``cfg.shard``: params and
+    so the optimizer state split by the strategy) and ``to_devices(*host_arrays)``, which puts a
+    batch where the train step wants it (split over the mesh's ``data`` axis when sharded)."""
+    import jax
+
+    if not cfg.shard:
+        return (lambda *arrays: arrays), jm
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from .sharding import DATA
+
+    if jax.process_count() > 1:
+        raise InvalidArgumentError("finetune --shard runs in one process over its local devices; multi-process "
+                                   "fine-tuning is not supported (use embed / predict for multi-process jobs)")
+    sharded = jm.shard(strategy=cfg.shard)
+    if cfg.batch_size % sharded.data_size:
+        raise InvalidArgumentError(f"--batch-size {cfg.batch_size} does not split over the {sharded.data_size} "
+                                   f"devices of the '{DATA}' axis of --shard {cfg.shard}; use a multiple of "
+                                   f"{sharded.data_size}")
+    batch = NamedSharding(sharded.mesh, PartitionSpec(DATA))
+    return (lambda *arrays: tuple(jax.device_put(a, batch) for a in arrays)), sharded
+
+
 def finetune(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
              cfg: FinetuneConfig = FinetuneConfig(), *, resume: bool = False,
              progress: Progress | None = None) -> Path:
@@ -295,6 +322,8 @@ def finetune(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | 
     settings = _run_settings(source, cfg, train_data.classes)
     jm = load_for_finetuning(source, cfg, len(train_data.classes))
     jm.pretrained_cfg["label_names"] = list(train_data.classes)
+    template = jm  # unsharded: the best params are saved through it
+    to_devices, jm = _placement(jm, cfg)
     if resume:
         before = json.loads((partial / "run.json").read_text())
         if before != settings:
@@ -319,7 +348,7 @@ def finetune(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | 
     history: list[dict[str, Any]] = []
     best, start = -1.0, 0
     if resume and checkpoints.latest_step() is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)  # keeps each array's sharding
         restored = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         state, history = restored.state, restored.meta["history"]
@@ -331,7 +360,7 @@ def finetune(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | 
             progress("epoch", epoch=epoch, epochs=cfg.epochs, steps=steps_per_epoch)
             losses, t0 = [], time.perf_counter()
             for step, (x, y) in enumerate(batches.train(train_data, train_transform, cfg, epoch)):
-                state, metrics = trainer.train_step(state, x, y)
+                state, metrics = trainer.train_step(state, *to_devices(x, y))
                 losses.append(metrics["loss"])
                 if step % 10 == 0 or step == steps_per_epoch - 1:  # reading the loss waits for the step
                     rate = (step + 1) * cfg.batch_size / (time.perf_counter() - t0)
@@ -340,14 +369,15 @@ def finetune(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | 
             correct = loss_sum = 0.0
             progress("val", images=len(val_data.samples))
             for x, y, n in batches.eval(val_data, ts, cfg.batch_size):
-                c, l = jax.device_get(trainer.eval_step(state.params, x, y))
+                c, l = jax.device_get(trainer.eval_step(state.params, *to_devices(x, y)))
                 correct, loss_sum = correct + float(c[:n].sum()), loss_sum + float(l[:n].sum())  # no padding
             result = EpochResult(epoch, float(np.mean(jax.device_get(losses))), loss_sum / len(val_data.samples),
                                  correct / len(val_data.samples), rate)
             history.append(dataclasses.asdict(result))
             if result.val_accuracy > best:
                 best = result.val_accuracy
-                save(jm.with_params(jax.device_get(state.params)), partial / "best", force=True, source=str(source))
+                save(template.with_params(jax.device_get(state.params)), partial / "best", force=True,
+                     source=str(source))
             checkpoints.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(
                 {"epoch": epoch, "best": best, "history": history})))
             checkpoints.wait_until_finished()

@@ -170,8 +170,11 @@ def timm_keyed_tree(jm: JaxModel, values: Mapping[str, Any]) -> Any:
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     """Linear warm-up, then cosine to ``min_lr`` at ``total_steps``; computed in the default
     float dtype (float64 under x64), not in the int32 step counter's float32."""
-    schedule = optax.warmup_cosine_decay_schedule(cfg.warmup_lr if cfg.warmup_steps else cfg.lr, cfg.lr,
-                                                  cfg.warmup_steps, cfg.total_steps, cfg.min_lr)
+    if cfg.warmup_steps == cfg.total_steps:  # the run is all warm-up (timm never reaches its cosine then)
+        schedule = optax.linear_schedule(cfg.warmup_lr, cfg.lr, cfg.warmup_steps)
+    else:
+        schedule = optax.warmup_cosine_decay_schedule(cfg.warmup_lr if cfg.warmup_steps else cfg.lr, cfg.lr,
+                                                      cfg.warmup_steps, cfg.total_steps, cfg.min_lr)
     return lambda count: schedule(jnp.asarray(count, jnp.result_type(float)))
 
 
