@@ -296,7 +296,7 @@ def rel_pos_log_coords(grid: tuple[int, int], mode: str):
     """timm's ``gen_relative_log_coords`` (``RelPosMlp.rel_coords_log``), (2h-1, 2w-1, 2): the
     offsets ``(dy, dx)``, in float32 as timm computes them whatever the model's dtype ('cr':
     ``sign(c) log(1 + |c|)``; 'swin': ``c / (side - 1) * 8``, then ``sign(c) log2(1 + |c|) / 3``).
-    numpy's float32 log equals torch's for 'cr' on every grid up to 55 (checked against timm
+    numpy's float32 log equals torch's for 'cr' on every grid (w, w + 3), w <= 55, tried (timm
     1.0.31 / torch 2.15 on this CPU); 'swin''s log2 differs in the last bit on a few grids
     (14: 108 of 1458 entries), like the RoPE tables (docs/design.md)."""
     import numpy as np
