@@ -10,10 +10,10 @@ from .errors import (CheckpointError, ConversionError, HubError, HubUnreachableE
 from .frameworks import (FRAMEWORKS, canonical_to_framework, flat_keys, framework_path,
                          framework_to_canonical, unflatten_keys)
 from .keymap import Entry, canonical_to_timm, check_finite, key_table, timm_to_canonical
-from .specs import CaiTSpec, EvaSpec, Spec, ViTSpec, spec_from_dict, spec_from_timm_model, spec_to_dict
+from .specs import CaiTSpec, EvaSpec, RelPosSpec, Spec, ViTSpec, spec_from_dict, spec_from_timm_model, spec_to_dict
 
 __all__ = [
-    "CaiTSpec", "EvaSpec", "CheckpointError", "ConversionError", "HubError", "HubUnreachableError", "InvalidArgumentError",
+    "CaiTSpec", "EvaSpec", "RelPosSpec", "CheckpointError", "ConversionError", "HubError", "HubUnreachableError", "InvalidArgumentError",
     "MissingFileError", "OutputExistsError", "OutputWriteError", "VitportError", "Entry", "FRAMEWORKS", "Spec", "UnsupportedArchitectureError",
     "ViTSpec", "canonical_to_framework", "canonical_to_timm", "check_finite", "flat_keys",
     "framework_path", "framework_to_canonical", "key_table", "spec_from_dict",

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal, Mapping
 import numpy as np
 
 from .errors import ConversionError
-from .specs import CaiTSpec, EvaSpec, Spec, ViTSpec
+from .specs import CaiTSpec, EvaSpec, RelPosSpec, Spec, ViTSpec
 
 Kind = Literal["linear", "conv", "norm", "param"]
 CanonicalKey = tuple[str, str]
@@ -231,10 +231,56 @@ def eva_table(s: EvaSpec) -> list[Entry]:
     return t + list(_final_norm_and_head(s, s.attn_pool_mlp_dim))
 
 
+def _rel_pos(m: str, s: RelPosSpec) -> Iterator[Entry]:
+    """timm ``RelPosBias`` (its table) or ``RelPosMlp`` (its MLP, fc2 without bias in 'swin'
+    mode). Their ``relative_position_index`` and ``rel_coords_log`` are non-persistent buffers
+    computed from the grid (``vitport.ops.rel_pos_index`` / ``rel_pos_log_coords``)."""
+    if s.rel_pos_type == "bias":
+        yield _param(f"{m}.relative_position_bias_table", (s.num_rel_distances, s.heads))
+    else:
+        yield from _linear(f"{m}.mlp.fc1", 2, s.rel_pos_dim)
+        yield from _linear(f"{m}.mlp.fc2", s.rel_pos_dim, s.heads, s.rel_pos_mlp_mode != "swin")
+
+
+def relpos_table(s: RelPosSpec) -> list[Entry]:
+    """timm ``VisionTransformerRelPos``: ``cls_token`` (a parameter of the root, so first),
+    ``patch_embed``, ``shared_rel_pos``, the blocks (``RelPosBlock``: norm1, attn, ls1, norm2,
+    mlp, ls2; ``ResPostRelPosBlock``: attn, norm1, mlp, norm2), norm / fc_norm, head."""
+    d, dh = s.dim, s.dim // s.heads
+    t: list[Entry] = []
+    if s.class_token:
+        t.append(_param("cls_token", (1, 1, d)))
+    t += _patch_embed(s, True)
+    if s.shared_rel_pos:
+        t += _rel_pos("shared_rel_pos", s)
+    for i in range(s.depth):
+        b = f"blocks.{i}"
+        a: list[Entry] = list(_linear(f"{b}.attn.qkv", d, 3 * d, s.qkv_bias))
+        if s.qk_norm:
+            a += _norm(f"{b}.attn.q_norm", dh)
+            a += _norm(f"{b}.attn.k_norm", dh)
+        if not s.shared_rel_pos:
+            a += _rel_pos(f"{b}.attn.rel_pos", s)
+        a += _linear(f"{b}.attn.proj", d, d)
+        mlp = list(_mlp(f"{b}.mlp", d, s.mlp_dim))
+        if s.block_fn == "ResPostRelPosBlock":
+            t += a + list(_norm(f"{b}.norm1", d)) + mlp + list(_norm(f"{b}.norm2", d))
+            continue
+        t += list(_norm(f"{b}.norm1", d)) + a
+        if s.has_layer_scale:
+            t.append(_param(f"{b}.ls1.gamma", (d,)))
+        t += list(_norm(f"{b}.norm2", d)) + mlp
+        if s.has_layer_scale:
+            t.append(_param(f"{b}.ls2.gamma", (d,)))
+    return t + list(_final_norm_and_head(s, 0))
+
+
 def key_table(spec: Spec) -> list[Entry]:
     """The full tensor table of an architecture, in timm's state_dict order."""
     if isinstance(spec, EvaSpec):
         return eva_table(spec)
+    if isinstance(spec, RelPosSpec):
+        return relpos_table(spec)
     return cait_table(spec) if isinstance(spec, CaiTSpec) else vit_table(spec)
 
 

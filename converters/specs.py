@@ -325,8 +325,116 @@ class EvaSpec:
         return self.mlp_dim // 2 if self.mlp_layer == "GluMlp" else self.mlp_dim
 
 
-Spec = ViTSpec | CaiTSpec | EvaSpec
-SPEC_TYPES = {"vit": ViTSpec, "cait": CaiTSpec, "eva": EvaSpec}
+@dataclass(frozen=True)
+class RelPosSpec:
+    """timm ``VisionTransformerRelPos`` hyperparameters (``timm/models/vision_transformer_relpos.py``:
+    ``vit_relpos_*``, ``vit_srelpos_*``).
+
+    A family of its own, as timm has a class of its own: no absolute position embedding, a
+    relative-position bias added to every attention's logits (``RelPosBias``: a learned table
+    indexed by the query-key offset; ``RelPosMlp``: an MLP over log-spaced offsets), per block
+    or one ``shared_rel_pos`` for all blocks, and two block kinds (``block_fn``: ``RelPosBlock``
+    pre-norm with LayerScale, ``ResPostRelPosBlock`` res-post norm). ``rel_pos_type`` is 'mlp'
+    or 'bias'; ``rel_pos_mlp_mode`` is ``RelPosMlp``'s ``mode`` ('cr': timm's default; 'swin':
+    timm's rel_pos_type containing 'swin'); ``rel_pos_dim`` its hidden width;
+    ``rel_pos_mlp_drop`` the dropout timm hard-codes after its ReLU (0.125, training only).
+    ``init_values`` is timm's: LayerScale in ``RelPosBlock``; in ``ResPostRelPosBlock`` only the
+    init of the norms' weights (no tensor of its own).
+    """
+
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    channels: int = 3
+    num_classes: int = 1000
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    pool: Literal["token", "avg", ""] = "avg"
+    class_token: bool = False
+    fc_norm: bool = False
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    init_values: float | None = 1e-6
+    rel_pos_type: Literal["mlp", "bias"] = "mlp"
+    rel_pos_mlp_mode: Literal["cr", "swin"] = "cr"
+    rel_pos_dim: int = 128
+    rel_pos_mlp_drop: float = 0.125
+    shared_rel_pos: bool = False
+    block_fn: Literal["RelPosBlock", "ResPostRelPosBlock"] = "RelPosBlock"
+    activation: Activation = "gelu"
+    norm_eps: float = 1e-6
+
+    family = "relpos"
+    # What timm's VisionTransformerRelPos fixes: a patch bias, output projections with bias, a
+    # plain Mlp, no register or distillation tokens, a fixed input size.
+    patch_bias = True
+    proj_bias = True
+    mlp_layer = "Mlp"
+    mlp_gate_last = True
+    distilled = False
+    reg_tokens = 0
+    pool_include_prefix = False
+    dynamic_img_size = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", pair(self.image_size))
+        if not self.init_values:  # timm: a falsy init_values means no LayerScale
+            object.__setattr__(self, "init_values", None)
+        if self.pool not in ("token", "avg", ""):
+            raise UnsupportedArchitectureError(f"VisionTransformerRelPos global_pool={self.pool!r} is not supported "
+                                               "(timm's VisionTransformerRelPos has 'token', 'avg' and '')")
+        if self.pool == "token" and not self.class_token:
+            raise UnsupportedArchitectureError("global_pool='token' needs class_token=True")
+        if self.dim % self.heads:
+            raise UnsupportedArchitectureError(f"dim={self.dim} is not divisible by heads={self.heads}")
+        if self.rel_pos_type not in ("mlp", "bias"):
+            raise UnsupportedArchitectureError(f"rel_pos_type={self.rel_pos_type!r} is not supported")
+        if self.rel_pos_mlp_mode not in ("cr", "swin"):
+            raise UnsupportedArchitectureError(f"RelPosMlp mode={self.rel_pos_mlp_mode!r} is not supported")
+        if self.block_fn not in ("RelPosBlock", "ResPostRelPosBlock"):
+            raise UnsupportedArchitectureError(f"block_fn={self.block_fn!r} is not supported")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def prefix_tokens(self) -> tuple[str, ...]:
+        return ("cls_token",) if self.class_token else ()
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token)
+
+    num_pos_prefix_tokens = 0  # no absolute position embedding
+
+    @property
+    def num_rel_distances(self) -> int:
+        """Rows of ``RelPosBias.relative_position_bias_table``: one per (dy, dx) offset, plus
+        cls->token, token->cls and cls->cls with a class token (BEiT's scheme)."""
+        h, w = self.grid_size
+        return (2 * h - 1) * (2 * w - 1) + 3 * self.num_prefix_tokens
+
+    @property
+    def has_layer_scale(self) -> bool:
+        return self.init_values is not None and self.block_fn == "RelPosBlock"
+
+    @property
+    def has_norm(self) -> bool:
+        return not self.fc_norm
+
+    @property
+    def has_fc_norm(self) -> bool:
+        return self.fc_norm
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_dim
+
+
+Spec = ViTSpec | CaiTSpec | EvaSpec | RelPosSpec
+SPEC_TYPES = {"vit": ViTSpec, "cait": CaiTSpec, "eva": EvaSpec, "relpos": RelPosSpec}
 
 
 def _square_patch(p) -> int:
@@ -392,6 +500,8 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
     kw = check_timm_kwargs(kwargs, where)  # types and ranges first: "depth": "12" is refused by name
     if isinstance(spec, EvaSpec):
         return _eva_with_timm_kwargs(spec, kw, where)
+    if isinstance(spec, RelPosSpec):
+        return _relpos_with_timm_kwargs(spec, kw, where)
     bad: list[str] = []
     new: dict[str, Any] = {}
     default_only = _CAIT_DEFAULT_ONLY if isinstance(spec, CaiTSpec) else _VIT_DEFAULT_ONLY
@@ -521,6 +631,63 @@ def _eva_with_timm_kwargs(spec: EvaSpec, kw: dict[str, Any], where: str) -> EvaS
         new["attn_pool_mlp_dim"] = int(dim * r) if r else hidden
     elif dim != spec.dim:
         new["attn_pool_mlp_dim"] = _ratio_dim(dim, spec.attn_pool_mlp_dim / spec.dim)
+    bad += [f"{k}={v!r}" for k, v in kw.items()]
+    if bad:
+        raise UnsupportedArchitectureError(
+            f"timm settings in {where} that vitport does not implement: {', '.join(bad)}")
+    return dataclasses.replace(spec, **new)
+
+
+def _relpos_with_timm_kwargs(spec: RelPosSpec, kw: dict[str, Any], where: str) -> RelPosSpec:
+    """``spec_with_timm_kwargs`` for ``VisionTransformerRelPos``'s keywords; anything else is
+    refused by name."""
+    new: dict[str, Any] = {}
+    bad: list[str] = []
+    for k in list(kw):
+        if k in _INFERENCE_NEUTRAL:
+            kw.pop(k)
+    names = {"img_size": "image_size", "in_chans": "channels", "num_classes": "num_classes", "depth": "depth",
+             "num_heads": "heads", "global_pool": "pool", "class_token": "class_token", "fc_norm": "fc_norm",
+             "qkv_bias": "qkv_bias", "qk_norm": "qk_norm", "init_values": "init_values",
+             "shared_rel_pos": "shared_rel_pos"}
+    for k, field in names.items():
+        if k in kw:
+            v = kw.pop(k)
+            new[field] = pair(v) if k == "img_size" else v
+    if "patch_size" in kw:
+        h, w = pair(kw.pop("patch_size"))
+        if h != w:
+            bad.append(f"patch_size={(h, w)!r} (non-square)")
+        new["patch_size"] = h
+    if "rel_pos_type" in kw:  # timm: 'mlp*' is RelPosMlp ('swin' in the name: swin mode), anything else RelPosBias
+        t = kw.pop("rel_pos_type")
+        new["rel_pos_type"] = "mlp" if str(t).startswith("mlp") else "bias"
+        new["rel_pos_mlp_mode"] = "swin" if "swin" in str(t) else "cr"
+    if "rel_pos_dim" in kw:
+        new["rel_pos_dim"] = kw.pop("rel_pos_dim") or RelPosSpec.rel_pos_dim  # timm: None keeps RelPosMlp's 128
+    if "block_fn" in kw:
+        b = kw.pop("block_fn")
+        name = b if isinstance(b, str) else getattr(b, "__name__", repr(b))
+        if name in ("RelPosBlock", "ResPostRelPosBlock"):
+            new["block_fn"] = name
+        else:
+            bad.append(f"block_fn={b!r} (supported: RelPosBlock, ResPostRelPosBlock)")
+    if "act_layer" in kw:
+        act = kw.pop("act_layer")
+        if isinstance(act, str) and act.lower() in ACT_LAYER_NAMES:
+            new["activation"] = ACT_LAYER_NAMES[act.lower()]
+        elif act is not None:
+            bad.append(f"act_layer={act!r}")
+    if "norm_layer" in kw:
+        norm = kw.pop("norm_layer")
+        if norm == "layernorm":
+            new["norm_eps"] = 1e-6
+        elif norm is not None:
+            bad.append(f"norm_layer={norm!r} (only LayerNorm is supported)")
+    if kw.get("embed_layer") is None:
+        kw.pop("embed_layer", None)
+    dim = new["dim"] = kw.pop("embed_dim", spec.dim)
+    new["mlp_dim"] = _mlp_width(dim, kw.pop("mlp_ratio", None), spec.mlp_dim / spec.dim)
     bad += [f"{k}={v!r}" for k, v in kw.items()]
     if bad:
         raise UnsupportedArchitectureError(
@@ -668,14 +835,17 @@ def spec_from_timm_model(model) -> Spec:
         )
 
     from timm.models.eva import Eva
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 
     if type(model) is Eva:
         return _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, check_mlp)
+    if type(model) is VisionTransformerRelPos:
+        return _relpos_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, check_mlp)
 
     if type(model) not in (VisionTransformer, VisionTransformerDistilled):
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} is not supported: vitport converts timm's VisionTransformer, "
-            "VisionTransformerDistilled, Cait and Eva (relative-position, hybrid and other "
+            "VisionTransformerDistilled, VisionTransformerRelPos, Cait and Eva (hybrid and other "
             "ViT variants are out of scope)")
 
     patch = check_patch_embed(model.patch_embed)
@@ -861,4 +1031,85 @@ def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, c
         mlp_layer=mlp_layer, scale_mlp=scale_mlp, init_values=init_values,
         attn_only_layer_scale=attn_only_layer_scale, rope_type=rope_type, **rope_kw,
         attn_pool_heads=ap_heads, attn_pool_mlp_dim=ap_mlp, norm_eps=eps, dynamic_img_size=model.dynamic_img_size,
+    )
+
+
+def _relpos_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, check_mlp) -> RelPosSpec:
+    """``spec_from_timm_model`` for timm's ``VisionTransformerRelPos``: every option read off the
+    modules (the bias modules of every block, shared or not), the unimplemented ones refused by name."""
+    import torch.nn as tnn
+    from timm.layers import Mlp, RelPosBias, RelPosMlp
+    from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, ResPostRelPosBlock
+
+    patch = check_patch_embed(model.patch_embed)
+    dim = model.embed_dim
+    kinds = {type(b) for b in model.blocks}
+    need(len(kinds) == 1 and kinds <= {RelPosBlock, ResPostRelPosBlock},
+         f"blocks: {', '.join(sorted(k.__name__ for k in kinds))} (supported: one of RelPosBlock, ResPostRelPosBlock)")
+    if problems:
+        raise UnsupportedArchitectureError("timm VisionTransformerRelPos options not supported by vitport:\n  "
+                                           + "\n  ".join(problems))
+    b0 = model.blocks[0]
+    attn = b0.attn
+    need(type(attn) is RelPosAttention, f"blocks.0.attn: {type(attn).__name__}")
+    need(attn.head_dim * attn.num_heads == dim, "attn_head_dim != dim // num_heads")
+    need(attn.proj.bias is not None, "attention projection without bias")
+    qk_norm = not ident(attn.q_norm)
+    if qk_norm:
+        layer_norm_eps(attn.q_norm, "blocks.0.attn.q_norm")
+    shared = model.shared_rel_pos is not None
+    per_block = [b.attn.rel_pos for b in model.blocks]
+    need(all((r is None) == shared for r in per_block), "both a shared and per-block relative position bias")
+    rel = model.shared_rel_pos if shared else per_block[0]
+    mods = [rel] if shared else per_block
+    need(all(type(r) is type(rel) for r in mods), "blocks with different relative position modules")
+    grid = tuple(model.patch_embed.grid_size)
+    prefix = model.num_prefix_tokens
+    rel_kw: dict[str, Any] = {}
+    if type(rel) is RelPosBias:
+        rel_kw["rel_pos_type"] = "bias"
+        need(all(tuple(r.window_size) == grid and r.prefix_tokens == prefix for r in mods),
+             "rel_pos: window size or prefix tokens differ from the model's grid")
+    elif type(rel) is RelPosMlp:
+        rel_kw["rel_pos_type"] = "mlp"
+        need(all(tuple(r.window_size) == grid and r.prefix_tokens == prefix for r in mods),
+             "rel_pos: window size or prefix tokens differ from the model's grid")
+        need(rel.mode in ("cr", "swin"), f"RelPosMlp mode={rel.mode!r} (supported: 'cr', 'swin')")
+        need(tuple(rel.pretrained_window_size) == (0, 0), "RelPosMlp pretrained_window_size is not supported")
+        need(rel.relative_position_index is not None, "RelPosMlp without a position index")
+        mlp = rel.mlp
+        need(type(mlp) is Mlp and isinstance(mlp.act, tnn.ReLU) and ident(mlp.norm)
+             and mlp.fc1.in_features == 2 and mlp.fc2.out_features == attn.num_heads,
+             "RelPosMlp: an MLP other than timm's Mlp(2, hidden, num_heads, ReLU)")
+        need((mlp.fc2.bias is None) == (rel.mode == "swin") and mlp.fc1.bias is not None,
+             "RelPosMlp: MLP biases differ from timm's for its mode")
+        need(mlp.drop2.p == 0, "RelPosMlp: dropout after fc2")
+        rel_kw.update(rel_pos_mlp_mode=rel.mode, rel_pos_dim=mlp.fc1.out_features, rel_pos_mlp_drop=float(mlp.drop1.p))
+    else:
+        problems.append(f"rel_pos: {type(rel).__name__} (supported: RelPosBias, RelPosMlp)")
+    block_fn = type(b0).__name__
+    mlp_dim, act, _, _ = check_mlp(b0.mlp, "blocks.0.mlp", dim, (Mlp,))
+    need(b0.mlp.fc1.bias is not None, "blocks.0.mlp without bias")
+    eps = layer_norm_eps(b0.norm1, "blocks.0.norm1")
+    if block_fn == "RelPosBlock":
+        init_values = float(b0.ls1.init_values) if not ident(b0.ls1) else None
+    else:
+        init_values = b0.init_values
+    pool = model.global_pool
+    need(pool in ("token", "avg", ""), f"global_pool={pool!r} (supported: 'token', 'avg', '')")
+    if not ident(model.norm):
+        layer_norm_eps(model.norm, "norm")
+    if not ident(model.fc_norm):
+        layer_norm_eps(model.fc_norm, "fc_norm")
+    need(ident(model.norm) != ident(model.fc_norm), "both or neither of norm and fc_norm")
+    if problems:
+        raise UnsupportedArchitectureError("timm VisionTransformerRelPos options not supported by vitport:\n  "
+                                           + "\n  ".join(problems))
+    return RelPosSpec(
+        image_size=tuple(model.patch_embed.img_size), patch_size=patch, channels=model.patch_embed.proj.in_channels,
+        num_classes=model.head.out_features if isinstance(model.head, tnn.Linear) else 0,
+        dim=dim, depth=len(model.blocks), heads=attn.num_heads, mlp_dim=mlp_dim, pool=pool,
+        class_token=model.cls_token is not None, fc_norm=not ident(model.fc_norm),
+        qkv_bias=attn.qkv.bias is not None, qk_norm=qk_norm, init_values=init_values, shared_rel_pos=shared,
+        block_fn=block_fn, activation=act, norm_eps=eps, **rel_kw,
     )

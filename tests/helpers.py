@@ -41,6 +41,13 @@ TINY_CASES = {
         TINY, dynamic_img_size=True, qk_norm=True, scale_attn_inner=True, swiglu_mlp=True, scale_mlp=True)),
     "eva_unfused_swiglu_packed_attn_only_ls": ("vit_base_patch16_rope_224", dict(
         TINY, dynamic_img_size=True, qkv_fused=False, swiglu_mlp=True, attn_only_layer_scale=True)),
+    # timm VisionTransformerRelPos. Per-block RelPosMlp ('cr' log coordinates, zero bias on the
+    # class token's row and column), ResPostRelPosBlock, class token, token pool.
+    "relpos_mlp_res_post_cls_token": ("vit_relpos_base_patch32_plus_rpn_256", dict(
+        TINY, class_token=True, global_pool="token", rel_pos_dim=16)),
+    # Shared RelPosBias (with BEiT's three class-token rows), LayerScale, qk_norm, avg pool + fc_norm.
+    "srelpos_shared_bias_cls_avg_fc_norm": ("vit_srelpos_small_patch16_224", dict(
+        TINY, rel_pos_type="bias", class_token=True, fc_norm=True, qk_norm=True)),
 }
 
 # Cases timm's own hub writer (``save_for_hf``) can write: a class-valued kwarg (``mlp_layer``)

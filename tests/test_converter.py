@@ -126,7 +126,6 @@ def test_wrong_params_tree_is_reported(framework):
     ("vit_base_r50_s16_224", {}, "hybrid CNN stems"),
     ("vit_base_patch16_xp_224", {}, "ParallelScalingBlock"),
     ("vit_giant_patch14_dinov2", dict(scale_mlp_norm=True), "scale_mlp_norm"),
-    ("vit_relpos_base_patch16_224", {}, "VisionTransformerRelPos"),
     ("vit_base_patch16_rope_mixed_224", {}, "rope_type='mixed'"),
     ("vit_base_patch16_sapiens2", {}, "RmsNorm"),
     ("vit_large_patch16_sapiens2", {}, "num_kv_heads"),
@@ -139,6 +138,17 @@ def test_unsupported_timm_options_are_refused_by_name(arch, kwargs, named):
     with torch.device("meta"):
         model = timm.create_model(arch, pretrained=False, **kwargs)
     with pytest.raises(UnsupportedArchitectureError, match=named):
+        vitport.from_timm(model, "flax")
+
+
+def test_relpos_options_not_implemented_are_refused_by_name():
+    """VisionTransformerRelPos reads every module; an activation vitport lacks is named."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model("vit_relpos_base_patch16_224", pretrained=False, act_layer=torch.nn.ReLU)
+    with pytest.raises(UnsupportedArchitectureError, match="VisionTransformerRelPos.*\n.*ReLU"):
         vitport.from_timm(model, "flax")
 
 

@@ -86,6 +86,35 @@ def test_eva_rope_fixed_grid_and_other_sizes():
                 assert_within(rows, TOLERANCES["float64"], f"{case}/{framework} {size}")
 
 
+def test_relpos_buffers_and_other_bias_modes():
+    """timm's non-persistent relpos buffers rebuilt in numpy: the position index exactly, the
+    'cr' log coordinates bit for bit (float32, as timm builds them), 'swin' on grids where numpy's
+    float32 log2 equals torch's; then float64 parity for the modes the TINY_CASES leave out
+    ('swin' RelPosMlp per block, shared 'cr' RelPosMlp: vit_srelpos's default)."""
+    import torch
+    from timm.layers.pos_embed_rel import gen_relative_log_coords, gen_relative_position_index
+
+    from vitport import ops
+
+    for grid in ((4, 4), (3, 5), (14, 14), (16, 15)):
+        for cls in (False, True):
+            np.testing.assert_array_equal(ops.rel_pos_index(grid, cls),
+                                          gen_relative_position_index(grid, class_token=cls).view(-1).numpy())
+        np.testing.assert_array_equal(ops.rel_pos_log_coords(grid, "cr"),
+                                      gen_relative_log_coords(grid, mode="cr", dtype=torch.float32).numpy())
+    for grid in ((4, 4), (3, 5), (8, 8), (15, 15)):
+        np.testing.assert_array_equal(ops.rel_pos_log_coords(grid, "swin"),
+                                      gen_relative_log_coords(grid, mode="swin", dtype=torch.float32).numpy())
+    kwargs = TINY_CASES["vit_token"][1]
+    for arch, kw in (("vit_relpos_small_patch16_224", dict(kwargs, rel_pos_type="mlp_swin")),
+                     ("vit_srelpos_small_patch16_224", kwargs)):
+        model = tiny_timm(arch, "float64", **kw)
+        for framework in FRAMEWORKS:
+            jm = vitport.from_timm(model, framework)
+            assert_within(compare(jm, model, images(jm.spec, dtype="float64")), TOLERANCES["float64"],
+                          f"{arch}/{framework}")
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("case", ["vit_token", "deit_distilled", "cait"])
 def test_front_ends_agree(case, framework):

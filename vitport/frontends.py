@@ -53,7 +53,8 @@ class FrontEnd:
     module: Callable[[ModelConfig, Any], Any]
 
     def model_class(self, cfg: ModelConfig) -> type:
-        return {"vit": self.package.ViT, "cait": self.package.CaiT, "eva": self.package.Eva}[cfg.family]
+        return {"vit": self.package.ViT, "cait": self.package.CaiT, "eva": self.package.Eva,
+                "relpos": self.package.VisionTransformerRelPos}[cfg.family]
 
     @property
     def layout(self):
@@ -67,7 +68,7 @@ def _example(cfg: ModelConfig) -> jax.Array:
 # ------------------------------------------------------------------------------ Haiku
 
 
-HAIKU_CLASSES = {"vit": vhaiku.ViT, "cait": vhaiku.CaiT, "eva": vhaiku.Eva}
+HAIKU_CLASSES = {"vit": vhaiku.ViT, "cait": vhaiku.CaiT, "eva": vhaiku.Eva, "relpos": vhaiku.VisionTransformerRelPos}
 
 
 @functools.lru_cache(maxsize=64)
@@ -100,7 +101,8 @@ HAIKU = FrontEnd("haiku", vhaiku, "is_training=True in apply",
 
 
 def _linen_module(cfg: ModelConfig):
-    return {"vit": vflax.ViT, "cait": vflax.CaiT, "eva": vflax.Eva}[cfg.family].from_config(cfg)
+    return {"vit": vflax.ViT, "cait": vflax.CaiT, "eva": vflax.Eva,
+            "relpos": vflax.VisionTransformerRelPos}[cfg.family].from_config(cfg)
 
 
 def _linen_apply(cfg: ModelConfig) -> ApplyFn:
@@ -122,7 +124,8 @@ FLAX = FrontEnd("flax", vflax, "train=True in apply",
 
 
 def _nnx_build(cfg: ModelConfig, key: jax.Array):
-    return {"vit": vnnx.ViT, "cait": vnnx.CaiT, "eva": vnnx.Eva}[cfg.family].from_config(cfg, rngs=nnx.Rngs(key))
+    return {"vit": vnnx.ViT, "cait": vnnx.CaiT, "eva": vnnx.Eva,
+            "relpos": vnnx.VisionTransformerRelPos}[cfg.family].from_config(cfg, rngs=nnx.Rngs(key))
 
 
 def _concrete(state: Any) -> Any:

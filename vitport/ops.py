@@ -260,3 +260,56 @@ def apply_rope(x: jax.Array, table: jax.Array, rotate_half: bool) -> jax.Array:
     else:
         rotated = jnp.stack([-x[..., 1::2], x[..., ::2]], axis=-1).reshape(x.shape)
     return (x * cos + rotated * sin).astype(x.dtype)
+
+
+# ------------------------------------------------------------- relative position bias
+#
+# timm's ``RelPosBias`` / ``RelPosMlp`` (``timm/layers/pos_embed_rel.py``) index their bias by
+# non-persistent buffers built from the patch grid; they are rebuilt here in numpy.
+
+
+@functools.lru_cache(maxsize=None)
+def rel_pos_index(grid: tuple[int, int], class_token: bool = False):
+    """timm's ``gen_relative_position_index``, flattened: for query i and key j of the grid
+    (row-major), ``(dy + h - 1) * (2w - 1) + (dx + w - 1)`` with ``(dy, dx) = pos_i - pos_j``.
+    With a class token (BEiT's scheme) one row and column are put in front: cls->token reads
+    entry ``(2h-1)(2w-1)``, token->cls the next, cls->cls the one after."""
+    import numpy as np
+
+    h, w = grid
+    coords = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij")).reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+    index = (rel[..., 0] + h - 1) * (2 * w - 1) + (rel[..., 1] + w - 1)
+    if class_token:
+        n = (2 * h - 1) * (2 * w - 1)
+        index = np.pad(index, ((1, 0), (1, 0)))
+        index[0, :] = n
+        index[:, 0] = n + 1
+        index[0, 0] = n + 2
+    index = index.reshape(-1)
+    index.setflags(write=False)
+    return index
+
+
+@functools.lru_cache(maxsize=None)
+def rel_pos_log_coords(grid: tuple[int, int], mode: str):
+    """timm's ``gen_relative_log_coords`` (``RelPosMlp.rel_coords_log``), (2h-1, 2w-1, 2): the
+    offsets ``(dy, dx)``, in float32 as timm computes them whatever the model's dtype ('cr':
+    ``sign(c) log(1 + |c|)``; 'swin': ``c / (side - 1) * 8``, then ``sign(c) log2(1 + |c|) / 3``).
+    numpy's float32 log equals torch's for 'cr' on every grid (w, w + 3), w <= 55, tried (timm
+    1.0.31 / torch 2.15 on this CPU); 'swin''s log2 differs in the last bit on a few grids
+    (14: 108 of 1458 entries), like the RoPE tables (docs/design.md)."""
+    import numpy as np
+
+    h, w = grid
+    c = np.stack(np.meshgrid(np.arange(-(h - 1), h, dtype=np.float32), np.arange(-(w - 1), w, dtype=np.float32),
+                             indexing="ij"), axis=-1)
+    if mode == "swin":
+        with np.errstate(divide="ignore", invalid="ignore"):  # a 1-wide side divides by 0, as in timm
+            c = c / np.array([h - 1, w - 1], np.float32) * np.float32(8)
+        c = np.sign(c) * np.log2(np.float32(1) + np.abs(c)) / np.float32(3)  # timm: / math.log2(8)
+    else:
+        c = np.sign(c) * np.log(np.float32(1) + np.abs(c))
+    c = c.astype(np.float32)
+    c.setflags(write=False)
+    return c

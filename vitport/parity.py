@@ -14,6 +14,8 @@ The pieces, used by the tests and by ``vitport verify``:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -294,16 +296,36 @@ def jax_gradients(jm: JaxModel, images_nhwc: np.ndarray, labels: np.ndarray,
     return float(loss), jm.with_params(grads).to_timm_state_dict()
 
 
+@contextlib.contextmanager
+def _hard_coded_dropout_off(timm_model):
+    """timm's ``RelPosMlp`` drops its hidden layer with a fixed p=0.125 in training (no keyword
+    sets it), so its training mode is random even with every rate at zero. Gradients are
+    compared as one deterministic function: that dropout is off on both sides for the call."""
+    drops = [m.mlp.drop1 for m in timm_model.modules() if type(m).__name__ == "RelPosMlp"]
+    saved = [d.p for d in drops]
+    for d in drops:
+        d.p = 0.0
+    try:
+        yield
+    finally:
+        for d, p in zip(drops, saved):
+            d.p = p
+
+
 def compare_gradients(jm: JaxModel, timm_model, images_nhwc: np.ndarray, labels: np.ndarray) -> list[LayerDiff]:
     """Per-tensor differences of cross-entropy gradients, timm autograd vs ``jax.grad``.
 
-    Both sides run in training mode (with zero dropout rates, the same function as
-    evaluation); a distilled model follows ``jm.config.distilled_training`` on both sides.
+    Both sides run in training mode (with zero dropout rates and timm's fixed ``RelPosMlp``
+    dropout off, the same function as evaluation); a distilled model follows ``jm.config.distilled_training`` on both sides.
     Rows: 'loss' first, then one per timm key in ``state_dict`` order. A tensor only one side
     has is an error.
     """
-    ref_loss, ref = timm_gradients(timm_model, images_nhwc, labels,
-                                   distilled_training=jm.config.distilled_training)
+    with _hard_coded_dropout_off(timm_model):
+        ref_loss, ref = timm_gradients(timm_model, images_nhwc, labels,
+                                       distilled_training=jm.config.distilled_training)
+    if getattr(jm.spec, "rel_pos_mlp_drop", 0.0):
+        spec = dataclasses.replace(jm.spec, rel_pos_mlp_drop=0.0)
+        jm = dataclasses.replace(jm, spec=spec, config=dataclasses.replace(jm.config, spec=spec))
     loss, ours = jax_gradients(jm, images_nhwc, labels)
     if set(ours) != set(ref):
         raise ValueError(f"gradients for different tensors: only JAX {sorted(set(ours) - set(ref))}, "

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from converters.errors import InvalidArgumentError
-from converters.specs import CaiTSpec, EvaSpec, Spec, ViTSpec
+from converters.specs import CaiTSpec, EvaSpec, RelPosSpec, Spec, ViTSpec
 
 from . import ops
 from .config import ModelConfig
@@ -212,6 +212,62 @@ def _eva_children(cfg: ModelConfig) -> dict[str, Any]:
     return {**c, **_final_norm_and_head(cfg)}
 
 
+def _relpos_children(cfg: ModelConfig) -> dict[str, Any]:
+    """timm ``VisionTransformerRelPos``: no absolute position embedding and no embedding dropout."""
+    s: RelPosSpec = cfg.spec
+    c: dict[str, Any] = {"patch_embed": Node("PatchEmbed", cfg)}
+    if s.shared_rel_pos:
+        c["shared_rel_pos"] = _rel_pos_node(cfg)
+    if s.class_token:
+        c["cls_token"] = Param((1, 1, s.dim), "small_normal")
+    for i in range(s.depth):
+        c[f"blocks.{i}"] = Node(s.block_fn, cfg, (cfg.drop_path_rate(i),))
+    return {**c, **_final_norm_and_head(cfg)}
+
+
+def _rel_pos_node(cfg: ModelConfig) -> Node:
+    return Node("RelPosBias" if cfg.spec.rel_pos_type == "bias" else "RelPosMlp", cfg)
+
+
+def _relpos_module_children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
+    """The modules of timm's VisionTransformerRelPos below the root."""
+    s: RelPosSpec = cfg.spec
+    d = s.dim
+    if kind == "RelPosBlock":
+        (drop_path,) = args
+        c = {"norm1": Norm(d, s.norm_eps), "attn": Node("RelPosAttention", cfg)}
+        if s.has_layer_scale:
+            c["ls1"] = Node("LayerScale", cfg)
+        c.update(drop_path1=DropPath(drop_path), norm2=Norm(d, s.norm_eps), mlp=_mlp(cfg, s.mlp_dim, cfg.dropout))
+        if s.has_layer_scale:
+            c["ls2"] = Node("LayerScale", cfg)
+        return {**c, "drop_path2": DropPath(drop_path)}
+    if kind == "ResPostRelPosBlock":
+        (drop_path,) = args
+        return {"attn": Node("RelPosAttention", cfg), "norm1": Norm(d, s.norm_eps), "drop_path1": DropPath(drop_path),
+                "mlp": _mlp(cfg, s.mlp_dim, cfg.dropout), "norm2": Norm(d, s.norm_eps),
+                "drop_path2": DropPath(drop_path)}
+    if kind == "RelPosAttention":
+        c = {"qkv": Linear(d, 3 * d, s.qkv_bias)}
+        if s.qk_norm:
+            c["q_norm"] = Norm(d // s.heads, s.norm_eps)
+            c["k_norm"] = Norm(d // s.heads, s.norm_eps)
+        if not s.shared_rel_pos:
+            c["rel_pos"] = _rel_pos_node(cfg)
+        return {**c, "attn_drop": Dropout(cfg.attn_dropout), "proj": Linear(d, d), "proj_drop": Dropout(cfg.dropout)}
+    if kind == "RelPosBias":
+        return {"relative_position_bias_table": Param((s.num_rel_distances, s.heads))}
+    if kind == "RelPosMlp":
+        return {"mlp": Node("RelPosCoordMlp", cfg)}
+    if kind == "RelPosCoordMlp":  # timm's Mlp(2, rel_pos_dim, num_heads, ReLU, drop=(0.125, 0)); no fc2 bias in 'swin'
+        return {"fc1": Linear(2, s.rel_pos_dim), "drop1": Dropout(s.rel_pos_mlp_drop),
+                "fc2": Linear(s.rel_pos_dim, s.heads, s.rel_pos_mlp_mode != "swin"), "drop2": Dropout(0.0)}
+    raise KeyError(f"unknown module kind {kind!r}")
+
+
+RELPOS_KINDS = ("RelPosBlock", "ResPostRelPosBlock", "RelPosAttention", "RelPosBias", "RelPosMlp", "RelPosCoordMlp")
+
+
 def _cait_children(cfg: ModelConfig) -> dict[str, Any]:
     s: CaiTSpec = cfg.spec
     d = s.dim
@@ -238,6 +294,10 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
         return _cait_children(cfg)
     if kind == "Eva":
         return _eva_children(cfg)
+    if kind == "VisionTransformerRelPos":
+        return _relpos_children(cfg)
+    if kind in RELPOS_KINDS:
+        return _relpos_module_children(kind, cfg, *args)
     if kind == "PatchEmbed":
         return {"proj": PatchConv(s.channels, d, s.patch_size, s.patch_bias)}
     if kind == "Block":  # timm vision_transformer.Block
@@ -626,6 +686,80 @@ def _eva_head(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool, out: dict)
     return result
 
 
+def rel_pos_attention(m: Layers, cfg: ModelConfig, shared_rel_pos: jax.Array | None, x: jax.Array) -> jax.Array:
+    """timm ``RelPosAttention``: timm's ``Attention`` with a relative position bias (B=1, H, N, N)
+    added to the scaled logits, its own ``rel_pos`` or the model's shared one."""
+    s: RelPosSpec = cfg.spec
+    q, k, v = _heads(s, *jnp.split(m("qkv")(x), 3, axis=-1))
+    if s.qk_norm:
+        q, k = m("q_norm")(q), m("k_norm")(k)
+    bias = m("rel_pos")(x) if m.has("rel_pos") else shared_rel_pos
+    logits = ops.attention_logits(q, k, cfg.matmul_dtype)
+    weights = m("attn_drop")(ops.softmax(logits + bias.astype(logits.dtype), axis=-1))
+    _record_attention(weights)
+    return m("proj_drop")(m("proj")(ops.merge_heads(ops.attend(weights, v, cfg.matmul_dtype))))
+
+
+def rel_pos_bias(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``RelPosBias.get_bias``: the table's rows at the grid's position index, (1, H, N, N)
+    (``x`` only gives the dtype)."""
+    s: RelPosSpec = cfg.spec
+    n = s.grid_size[0] * s.grid_size[1] + s.num_prefix_tokens
+    table = m.param("relative_position_bias_table")
+    bias = table[ops.rel_pos_index(s.grid_size, s.class_token)].reshape(n, n, s.heads)
+    return bias.transpose(2, 0, 1)[None].astype(x.dtype)
+
+
+def rel_pos_mlp(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``RelPosMlp.get_bias``: the MLP over the float32 log-spaced offsets (cast to the
+    model's dtype, as timm's buffer is), gathered by the position index, (1, H, N, N); 'swin'
+    mode: ``16 sigmoid(.)``; prefix tokens get a zero bias (rows and columns put in front)."""
+    s: RelPosSpec = cfg.spec
+    a = s.grid_size[0] * s.grid_size[1]
+    coords = jnp.asarray(ops.rel_pos_log_coords(s.grid_size, s.rel_pos_mlp_mode), x.dtype)
+    bias = m("mlp")(coords).reshape(-1, s.heads)[ops.rel_pos_index(s.grid_size)].reshape(a, a, s.heads)
+    bias = bias.transpose(2, 0, 1)
+    if s.rel_pos_mlp_mode == "swin":
+        bias = 16 * ops.activation("sigmoid")(bias)
+    p = s.num_prefix_tokens
+    return jnp.pad(bias, ((0, 0), (p, 0), (p, 0)))[None]
+
+
+def rel_pos_coord_mlp(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """The ``Mlp`` inside timm's ``RelPosMlp``: fc1, ReLU, dropout (timm's fixed 0.125), fc2."""
+    return m("drop2")(m("fc2")(m("drop1")(jax.nn.relu(m("fc1")(x)))))
+
+
+def rel_pos_block(m: Layers, cfg: ModelConfig, shared_rel_pos: jax.Array | None, x: jax.Array) -> jax.Array:
+    """timm ``RelPosBlock``: ``x + ls1(attn(norm1(x)))``, ``x + ls2(mlp(norm2(x)))``."""
+    scale = (lambda name: m(name)) if cfg.spec.has_layer_scale else (lambda name: lambda y: y)
+    x = x + m("drop_path1")(scale("ls1")(m("attn")(shared_rel_pos, m("norm1")(x))))
+    return x + m("drop_path2")(scale("ls2")(m("mlp")(m("norm2")(x))))
+
+
+def res_post_rel_pos_block(m: Layers, cfg: ModelConfig, shared_rel_pos: jax.Array | None,
+                           x: jax.Array) -> jax.Array:
+    """timm ``ResPostRelPosBlock``: the norms after the branches, ``x + norm1(attn(x))``,
+    ``x + norm2(mlp(x))``."""
+    x = x + m("drop_path1")(m("norm1")(m("attn")(shared_rel_pos, x)))
+    return x + m("drop_path2")(m("norm2")(m("mlp")(x)))
+
+
+def _relpos_features(m: Layers, s: RelPosSpec, x: jax.Array, out: dict) -> jax.Array:
+    """timm ``VisionTransformerRelPos.forward_features``: patches, class token, the shared bias
+    (computed once per call, as timm does), blocks, norm."""
+    check_input(s, x)
+    x = out["patch_embed"] = _tokens(m("patch_embed")(x))
+    if s.class_token:
+        cls = jnp.broadcast_to(m.param("cls_token"), (x.shape[0], 1, s.dim)).astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1)
+    shared = m("shared_rel_pos")(x) if s.shared_rel_pos else None
+    x = _blocks(m, "blocks", s.depth, x, out, shared)
+    if s.has_norm:
+        x = out["norm"] = m("norm")(x)
+    return x
+
+
 def _cait_features(m: Layers, s: CaiTSpec, x: jax.Array, out: dict) -> jax.Array:
     check_input(s, x)
     patches = m("patch_embed")(x)
@@ -682,6 +816,12 @@ def eva(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False, stage: s
     return _root(_eva_features, _eva_head, m, cfg, x, train, stage)
 
 
+def relpos(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False, stage: str = "all") -> Any:
+    """timm ``VisionTransformerRelPos`` on NHWC images; its head is Eva's without 'map'
+    (``forward_head``: avg over the patch tokens or token 0, fc_norm, head)."""
+    return _root(_relpos_features, _eva_head, m, cfg, x, train, stage)
+
+
 def cait(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False, stage: str = "all") -> Any:
     """timm ``Cait`` on NHWC images: self-attention blocks over the patches, then class-attention
     blocks that update only the class token, then ``norm(cat(cls, x))``."""
@@ -695,8 +835,11 @@ FORWARD: dict[str, Callable[..., Any]] = {
     "LayerScale": layer_scale, "AttentionPoolLatent": attention_pool, "LayerScaleBlock": layer_scale_block,
     "TalkingHeadAttn": talking_head_attention, "LayerScaleBlockClassAttn": class_attention_block,
     "ClassAttn": class_attention,
+    "VisionTransformerRelPos": relpos, "RelPosBlock": rel_pos_block, "ResPostRelPosBlock": res_post_rel_pos_block,
+    "RelPosAttention": rel_pos_attention, "RelPosBias": rel_pos_bias, "RelPosMlp": rel_pos_mlp,
+    "RelPosCoordMlp": rel_pos_coord_mlp,
 }
-ROOT_KIND = {"vit": "ViT", "cait": "CaiT", "eva": "Eva"}
+ROOT_KIND = {"vit": "ViT", "cait": "CaiT", "eva": "Eva", "relpos": "VisionTransformerRelPos"}
 
 
 def root(cfg: ModelConfig) -> Node:

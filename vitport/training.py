@@ -93,13 +93,14 @@ class TrainConfig:
 
 # timm's ``no_weight_decay()`` per model class.
 NO_WEIGHT_DECAY = {"vit": ("pos_embed", "cls_token", "reg_token", "dist_token"), "cait": ("pos_embed", "cls_token"),
-                   "eva": ("pos_embed", "cls_token", "reg_token", "rope.*")}
+                   "eva": ("pos_embed", "cls_token", "reg_token", "rope.*"), "relpos": ("cls_token",)}
 
 # timm's MATCH_PREV_GROUP: an ordinal ending in it joins the group before (ViT's final norm).
 MATCH_PREV_GROUP = 99999.0
 
 # ``group_matcher()`` of VisionTransformer, VisionTransformerDistilled and Eva (the same as
-# VisionTransformer's), regex for regex.
+# VisionTransformer's), regex for regex. VisionTransformerRelPos's stem ``^cls_token|patch_embed``
+# matches the same of its keys; its ``shared_rel_pos.*`` match nothing: the last group, as in timm.
 _VIT_STEM = re.compile(r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre")
 _DEIT_STEM = re.compile(r"^cls_token|pos_embed|patch_embed|dist_token")
 _BLOCK = re.compile(r"^blocks\.(\d+)")

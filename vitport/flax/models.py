@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 
-from converters.specs import EvaSpec
+from converters.specs import EvaSpec, RelPosSpec
 
 from ..config import RUNTIME_FIELDS, ModelConfig, config_from_kwargs, config_kwargs
 from .layers import run_root
@@ -140,3 +140,15 @@ def _eva_namespace() -> dict[str, Any]:
 
 
 Eva = type("Eva", (_Root,), _eva_namespace())
+
+
+def _relpos_namespace() -> dict[str, Any]:
+    """``VisionTransformerRelPos``'s linen fields: every ``RelPosSpec`` field and run-time setting."""
+    runtime = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in RUNTIME_FIELDS}
+    fields = {f.name: f.default for f in dataclasses.fields(RelPosSpec)} | runtime
+    return {"__annotations__": {k: Any for k in fields}, **fields, "family": "relpos", "__module__": __name__,
+            "__doc__": "timm's ``VisionTransformerRelPos`` (relative-position ViTs) as a linen module; "
+                       "fields: ``converters.specs.RelPosSpec`` and ``vitport.config.ModelConfig``."}
+
+
+VisionTransformerRelPos = type("VisionTransformerRelPos", (_Root,), _relpos_namespace())

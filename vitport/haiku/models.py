@@ -84,3 +84,13 @@ class Eva(_Root):
 
     def __init__(self, *, name: str | None = None, **options: Any):
         super().__init__(config_from_kwargs("eva", options), name)
+
+
+class VisionTransformerRelPos(_Root):
+    """timm's ``VisionTransformerRelPos`` (``vit_relpos_*``, ``vit_srelpos_*``); use inside
+    ``hk.transform``. Keywords: the fields of ``converters.specs.RelPosSpec`` and ``vitport.config.ModelConfig``."""
+
+    family = "relpos"
+
+    def __init__(self, *, name: str | None = None, **options: Any):
+        super().__init__(config_from_kwargs("relpos", options), name)

@@ -1,5 +1,5 @@
 """Flax NNX front-end: ``ViT``, ``CaiT`` and ``Eva`` (``model.train()`` / ``model.eval()``)."""
 
-from .models import CaiT, Eva, ViT
+from .models import CaiT, Eva, ViT, VisionTransformerRelPos
 
-__all__ = ["CaiT", "Eva", "ViT"]
+__all__ = ["CaiT", "Eva", "ViT", "VisionTransformerRelPos"]

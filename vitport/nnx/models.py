@@ -91,3 +91,13 @@ class Eva(_Root):
 
     def __init__(self, *, rngs: nnx.Rngs, **options: Any):
         super().__init__(config_from_kwargs("eva", options), rngs=rngs)
+
+
+class VisionTransformerRelPos(_Root):
+    """timm's ``VisionTransformerRelPos`` (``vit_relpos_*``, ``vit_srelpos_*``): keywords are the fields
+    of ``converters.specs.RelPosSpec`` and ``vitport.config.ModelConfig``, plus ``rngs=nnx.Rngs(...)``."""
+
+    family = "relpos"
+
+    def __init__(self, *, rngs: nnx.Rngs, **options: Any):
+        super().__init__(config_from_kwargs("relpos", options), rngs=rngs)
