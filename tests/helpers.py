@@ -41,6 +41,10 @@ TINY_CASES = {
         TINY, dynamic_img_size=True, qk_norm=True, scale_attn_inner=True, swiglu_mlp=True, scale_mlp=True)),
     "eva_unfused_swiglu_packed_attn_only_ls": ("vit_base_patch16_rope_224", dict(
         TINY, dynamic_img_size=True, qkv_fused=False, swiglu_mlp=True, attn_only_layer_scale=True)),
+    # Mixed RoPE: learned per-block, per-head frequencies (rope.freqs), absolute pos_embed too. timm
+    # builds its tables in float32 in every dtype: float64 parity is bounded by torch's float32
+    # sin/cos (vitport.parity.tolerance; test_parity.test_eva_rope_mixed_tables shows the rest exact).
+    "eva_rope_mixed_ape": ("vit_small_patch16_rope_mixed_ape_224", TINY),
 }
 
 # Cases timm's own hub writer (``save_for_hf``) can write: a class-valued kwarg (``mlp_layer``)

@@ -13,7 +13,7 @@ from helpers import TINY_CAIT, TINY_CASES, images, tiny_timm
 
 import vitport
 from converters import FRAMEWORKS
-from vitport.parity import TOLERANCES, compare, perturb_weights, verify_architecture
+from vitport.parity import TOLERANCES, compare, perturb_weights, tolerance, verify_architecture
 
 
 
@@ -32,7 +32,7 @@ def test_float64_every_layer(case, framework, record_property):
     rows = compare(jm, model, images(jm.spec, dtype="float64"))
     assert len(rows) >= 5, [r.layer for r in rows]  # patch_embed, blocks, ..., logits
     record_property("max_abs_logits_f64", rows[-1].max_abs)
-    assert_within(rows, TOLERANCES["float64"], f"{case}/{framework} float64")
+    assert_within(rows, tolerance(jm.spec, "float64"), f"{case}/{framework} float64")
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
