@@ -106,6 +106,7 @@ OPTION_CATEGORIES = (
     ("`Eva` (`EvaBlock`: EVA-02 attention, RoPE ViTs, DINOv3, PE)", lambda s: s["family"] == "eva"),
     ("rotary position embeddings `cat` (RoPE ViTs, PE)", lambda s: s.get("rope_type") == "cat"),
     ("rotary position embeddings `dinov3`", lambda s: s.get("rope_type") == "dinov3"),
+    ("rotary position embeddings `mixed` (learned per-block frequencies)", lambda s: s.get("rope_type") == "mixed"),
     ("DeiT distilled (`dist_token`, `head_dist`)", lambda s: s.get("distilled", False)),
     ("CaiT (talking heads, class attention)", lambda s: s["family"] == "cait"),
     ("global average pool + `fc_norm`", lambda s: s["family"] in ("vit", "eva") and s["pool"] == "avg"),

@@ -86,6 +86,37 @@ def test_eva_rope_fixed_grid_and_other_sizes():
                 assert_within(rows, TOLERANCES["float64"], f"{case}/{framework} {size}")
 
 
+def test_eva_rope_mixed_tables(monkeypatch):
+    """timm's mixed RoPE (learned ``rope.freqs``, one table per block) for another image size, at
+    run time (``dynamic_img_size``, two other grids), and exactly: timm builds the tables in
+    float32 with torch's sin/cos in every dtype, so with those replaced by correctly rounded
+    float32 sin/cos (what vitport computes) float64 parity is the 1e-10 tier."""
+    import timm.layers.pos_embed_sincos as pes
+    import torch
+
+    arch = "vit_small_patch16_rope_mixed_ape_224"
+    for kwargs, sizes in ((dict(TINY_CASES["vit_token"][1], img_size=40), [None]),
+                          (dict(TINY_CASES["vit_token"][1], dynamic_img_size=True), [(48, 48), (24, 40)])):
+        for dtype in ("float32", "float64"):
+            model = tiny_timm(arch, dtype, **kwargs)
+            jm = vitport.from_timm(model, FRAMEWORKS[0])
+            for size in sizes:
+                rows = compare(jm, model, images(jm.spec, dtype=dtype, size=size))
+                assert_within(rows, tolerance(jm.spec, dtype), f"{kwargs} {dtype} {size}")
+
+    def correctly_rounded_mixed_freqs(freqs, t_x, t_y, dtype=None):
+        angles = (t_x.float().unsqueeze(-1) * freqs[0].float().unsqueeze(-2)
+                  + t_y.float().unsqueeze(-1) * freqs[1].float().unsqueeze(-2))
+        sin, cos = angles.double().sin().float(), angles.double().cos().float()
+        return torch.cat([pes._rope_layout(sin), pes._rope_layout(cos)], -1).to(dtype or freqs.dtype)
+
+    monkeypatch.setattr(pes, "get_mixed_freqs", correctly_rounded_mixed_freqs)
+    model = tiny_timm(arch, "float64", **dict(TINY_CASES["vit_token"][1], img_size=40))
+    for framework in FRAMEWORKS:
+        rows = compare(vitport.from_timm(model, framework), model, images(jm.spec, dtype="float64", size=(40, 40)))
+        assert_within(rows, TOLERANCES["float64"], f"{framework} with correctly rounded sin/cos")
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("case", ["vit_token", "deit_distilled", "cait"])
 def test_front_ends_agree(case, framework):
