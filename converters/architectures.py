@@ -88,7 +88,6 @@ def arch_spec(name: str, **overrides: Any) -> Spec:
 
 # Refusal reasons, most specific first: the first that matches names the category.
 REFUSAL_CATEGORIES = (
-    ("rope_type='mixed'", "`Eva` with mixed (learned) RoPE, `RotaryEmbeddingMixed`"),
     ("num_kv_heads", "`Eva` with grouped-query attention (Sapiens2)"),
     ("VisionTransformerRelPos", "relative-position ViTs (`VisionTransformerRelPos`)"),
     ("HybridEmbed", "hybrid CNN stems (`HybridEmbed`: R50, R26, ResNet-D, MCi)"),
