@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/ max rel differences. With --checkpoint SOURCE or --pretrained NAME: timm "
                                    "loads the real weights its own way, vitport loads them its own way, and the "
                                    "weights and every layer are compared. Exits 1 if anything is over "
-                                   "tolerance (float64: 1e-10, float32: 1e-4, scaled by max(1, max|ref|)).")
+                                   "tolerance (float64: 1e-10, float32: 1e-4, scaled by max(1, max|ref|); "
+                                   "float64 1e-6 for mixed-RoPE models, whose tables timm builds in float32).")
     v.add_argument("name", nargs="?", default="vit_base_patch16_224",
                    help="timm architecture for random-weight checks (default: %(default)s)")
     v.add_argument("--checkpoint", metavar="SOURCE", help="check real weights: any SOURCE (name, hf-hub:, folder, file)")
