@@ -88,7 +88,6 @@ def arch_spec(name: str, **overrides: Any) -> Spec:
 
 # Refusal reasons, most specific first: the first that matches names the category.
 REFUSAL_CATEGORIES = (
-    ("rope_type='mixed'", "`Eva` with mixed (learned) RoPE, `RotaryEmbeddingMixed`"),
     ("num_kv_heads", "`Eva` with grouped-query attention (Sapiens2)"),
     ("VisionTransformerRelPos", "relative-position ViTs (`VisionTransformerRelPos`)"),
     ("HybridEmbed", "hybrid CNN stems (`HybridEmbed`: R50, R26, ResNet-D, MCi)"),
@@ -106,6 +105,7 @@ OPTION_CATEGORIES = (
     ("`Eva` (`EvaBlock`: EVA-02 attention, RoPE ViTs, DINOv3, PE)", lambda s: s["family"] == "eva"),
     ("rotary position embeddings `cat` (RoPE ViTs, PE)", lambda s: s.get("rope_type") == "cat"),
     ("rotary position embeddings `dinov3`", lambda s: s.get("rope_type") == "dinov3"),
+    ("rotary position embeddings `mixed` (learned per-block frequencies)", lambda s: s.get("rope_type") == "mixed"),
     ("DeiT distilled (`dist_token`, `head_dist`)", lambda s: s.get("distilled", False)),
     ("CaiT (talking heads, class attention)", lambda s: s["family"] == "cait"),
     ("`VisionTransformerRelPos` (relative-position bias, `RelPosMlp` log coordinates)",

@@ -191,7 +191,8 @@ def cait_table(s: CaiTSpec) -> list[Entry]:
 def eva_table(s: EvaSpec) -> list[Entry]:
     """timm ``Eva``. The rotary tables (``rope.*``) and ``EvaAttention``'s zero ``k_bias`` are
     non-persistent buffers that timm computes from the settings: vitport computes them too
-    (``vitport.ops.rope_table``), so no tensor of theirs is read or written."""
+    (``vitport.ops.rope_table``), so no tensor of theirs is read or written. Mixed RoPE's learned
+    frequencies ``rope.freqs`` (2, depth, heads, head_dim // 2) are a parameter: an entry."""
     d, dh = s.dim, s.dim // s.heads
     t: list[Entry] = []
     if s.class_token:
@@ -201,6 +202,8 @@ def eva_table(s: EvaSpec) -> list[Entry]:
     if s.abs_pos_embed:
         t.append(_param("pos_embed", (1, s.num_pos_tokens, d)))
     t += _patch_embed(s, s.patch_bias)
+    if s.rope_type == "mixed":  # timm registers rope after patch_embed, before norm_pre
+        t.append(_param("rope.freqs", (2, s.depth, s.heads, dh // 2)))
     if s.pre_norm:
         t += _norm("norm_pre", d)
     for i in range(s.depth):

@@ -189,7 +189,7 @@ class CaiTSpec:
         return h * w
 
 
-RopeType = Literal["", "cat", "dinov3"]
+RopeType = Literal["", "cat", "dinov3", "mixed"]
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,8 @@ class EvaSpec:
     Resolved like ``ViTSpec``: ``final_norm`` / ``fc_norm`` say which of ``norm`` / ``fc_norm``
     exist, ``mlp_dim`` is fc1's width (``GluMlp``: x and gate packed), ``attn_pool_*`` the
     ``map`` head's own heads and MLP width. ``rope_*`` are timm's rotary settings
-    (``RotaryEmbeddingCat`` for ``'cat'``, ``RotaryEmbeddingDinoV3`` for ``'dinov3'``).
+    (``RotaryEmbeddingCat`` for ``'cat'``, ``RotaryEmbeddingDinoV3`` for ``'dinov3'``,
+    ``RotaryEmbeddingMixed`` for ``'mixed'``: learned frequencies ``rope.freqs`` per block and head).
     """
 
     image_size: tuple[int, int] = (224, 224)
@@ -268,9 +269,16 @@ class EvaSpec:
         if self.rope_type and (self.dim // self.heads) % 4:
             raise UnsupportedArchitectureError(f"rotary embeddings need a head width divisible by 4; "
                                                f"got {self.dim // self.heads}")
-        if self.rope_type not in ("", "cat", "dinov3"):
+        if self.rope_type not in ("", "cat", "dinov3", "mixed"):
             raise UnsupportedArchitectureError(f"rope_type={self.rope_type!r} is not supported "
-                                               "(vitport implements 'cat' and 'dinov3')")
+                                               "(vitport implements 'cat', 'dinov3' and 'mixed')")
+        if self.rope_type == "mixed":
+            if self.rope_rotate_half:  # timm's create_rope_embed raises on it
+                raise UnsupportedArchitectureError("rope_type='mixed' with rope_rotate_half=True (timm refuses it)")
+            # timm's RotaryEmbeddingMixed takes neither a grid offset nor ref_feat_shape (create_rope_embed
+            # drops them): the spec keeps what is computed.
+            object.__setattr__(self, "rope_grid_offset", 0.0)
+            object.__setattr__(self, "rope_ref_feat_shape", None)
         if self.mlp_layer not in MLP_LAYERS:
             raise UnsupportedArchitectureError(f"mlp_layer={self.mlp_layer!r} is not supported")
         if self.mlp_layer == "GluMlp" and self.mlp_dim % 2:
@@ -603,9 +611,9 @@ def _eva_with_timm_kwargs(spec: EvaSpec, kw: dict[str, Any], where: str) -> EvaS
     if "use_rot_pos_emb" in kw or "rope_type" in kw:
         rope_on = kw.pop("use_rot_pos_emb", bool(spec.rope_type))
         rope_type = kw.pop("rope_type", spec.rope_type or "cat")
-        if rope_on and rope_type not in ("cat", "dinov3"):
-            bad.append(f"rope_type={rope_type!r} (supported: 'cat', 'dinov3')")
-        new["rope_type"] = rope_type if rope_on and rope_type in ("cat", "dinov3") else ""
+        if rope_on and rope_type not in ("cat", "dinov3", "mixed"):
+            bad.append(f"rope_type={rope_type!r} (supported: 'cat', 'dinov3', 'mixed')")
+        new["rope_type"] = rope_type if rope_on and rope_type in ("cat", "dinov3", "mixed") else ""
     pool = new.get("pool", spec.pool)
     if "use_fc_norm" in kw:
         v = kw.pop("use_fc_norm")
@@ -924,7 +932,7 @@ def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, c
     unimplemented ones refused by name."""
     import torch.nn as tnn
     from timm.layers import AttentionPoolLatent, AttentionRope
-    from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3, RotaryEmbeddingMixed
     from timm.models.eva import EvaAttention, EvaBlock
 
     patch = check_patch_embed(model.patch_embed)
@@ -988,16 +996,21 @@ def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, c
         need(rope.temperature is not None and rope.min_period is None and rope.max_period is None,
              "rope: DINOv3 min_period / max_period are not supported (temperature only)")
         rope_kw = dict(rope_normalize_coords=rope.normalize_coords)
+    elif type(rope) is RotaryEmbeddingMixed:
+        rope_type = "mixed"  # learned rope.freqs (2, depth, heads, head_dim // 2); one slice per block
+        need(tuple(rope.freqs.shape) == (2, len(model.blocks), heads, attn.head_dim // 2) and model.rope_mixed,
+             "rope: RotaryEmbeddingMixed frequencies do not match the blocks")
     else:
         rope_type = ""
-        name = {"RotaryEmbeddingMixed": "rope_type='mixed'", "RotaryEmbeddingMRope": "rope_type='mrope'"}
+        name = {"RotaryEmbeddingMRope": "rope_type='mrope'"}
         problems.append(f"rope: {name.get(type(rope).__name__, type(rope).__name__)} is not supported "
-                        "(vitport implements rope_type 'cat' and 'dinov3')")
+                        "(vitport implements rope_type 'cat', 'dinov3' and 'mixed')")
     if rope_type:
         need(not rope.aug_active, "rope coordinate augmentation (shift / jitter / rescale coords) is not supported")
-        need(bool(rope.rotate_half) == rotate_half, "rope and attention disagree on rotate_half")
+        need(bool(getattr(rope, "rotate_half", False)) == rotate_half, "rope and attention disagree on rotate_half")
         need((rope.feat_shape is None) == bool(model.dynamic_img_size), "rope feat_shape and dynamic_img_size disagree")
-        rope_kw.update(rope_temperature=float(rope.temperature), rope_grid_offset=float(rope.grid_offset),
+        rope_kw.update(rope_temperature=float(rope.temperature),
+                       rope_grid_offset=float(getattr(rope, "grid_offset", 0.0)),  # none in 'mixed'
                        rope_grid_indexing=rope.grid_indexing, rope_rotate_half=rotate_half)
     pool = model.global_pool
     need(pool in ("token", "avg", "map", ""), f"global_pool={pool!r} (supported: 'token', 'avg', 'map', '')")

@@ -48,6 +48,10 @@ TINY_CASES = {
     # Shared RelPosBias (with BEiT's three class-token rows), LayerScale, qk_norm, avg pool + fc_norm.
     "srelpos_shared_bias_cls_avg_fc_norm": ("vit_srelpos_small_patch16_224", dict(
         TINY, rel_pos_type="bias", class_token=True, fc_norm=True, qk_norm=True)),
+    # Mixed RoPE: learned per-block, per-head frequencies (rope.freqs), absolute pos_embed too. timm
+    # builds its tables in float32 in every dtype: float64 parity is bounded by torch's float32
+    # sin/cos (vitport.parity.tolerance; test_parity.test_eva_rope_mixed_tables shows the rest exact).
+    "eva_rope_mixed_ape": ("vit_small_patch16_rope_mixed_ape_224", TINY),
 }
 
 # Cases timm's own hub writer (``save_for_hf``) can write: a class-valued kwarg (``mlp_layer``)

@@ -13,7 +13,7 @@ from helpers import TINY_CAIT, TINY_CASES, images, tiny_timm
 
 import vitport
 from converters import FRAMEWORKS
-from vitport.parity import TOLERANCES, compare, perturb_weights, verify_architecture
+from vitport.parity import TOLERANCES, compare, perturb_weights, tolerance, verify_architecture
 
 
 
@@ -32,7 +32,7 @@ def test_float64_every_layer(case, framework, record_property):
     rows = compare(jm, model, images(jm.spec, dtype="float64"))
     assert len(rows) >= 5, [r.layer for r in rows]  # patch_embed, blocks, ..., logits
     record_property("max_abs_logits_f64", rows[-1].max_abs)
-    assert_within(rows, TOLERANCES["float64"], f"{case}/{framework} float64")
+    assert_within(rows, tolerance(jm.spec, "float64"), f"{case}/{framework} float64")
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -113,6 +113,37 @@ def test_relpos_buffers_and_other_bias_modes():
             jm = vitport.from_timm(model, framework)
             assert_within(compare(jm, model, images(jm.spec, dtype="float64")), TOLERANCES["float64"],
                           f"{arch}/{framework}")
+
+
+def test_eva_rope_mixed_tables(monkeypatch):
+    """timm's mixed RoPE (learned ``rope.freqs``, one table per block) for another image size, at
+    run time (``dynamic_img_size``, two other grids), and exactly: timm builds the tables in
+    float32 with torch's sin/cos in every dtype, so with those replaced by correctly rounded
+    float32 sin/cos (what vitport computes) float64 parity is the 1e-10 tier."""
+    import timm.layers.pos_embed_sincos as pes
+    import torch
+
+    arch = "vit_small_patch16_rope_mixed_ape_224"
+    for kwargs, sizes in ((dict(TINY_CASES["vit_token"][1], img_size=40), [None]),
+                          (dict(TINY_CASES["vit_token"][1], dynamic_img_size=True), [(48, 48), (24, 40)])):
+        for dtype in ("float32", "float64"):
+            model = tiny_timm(arch, dtype, **kwargs)
+            jm = vitport.from_timm(model, FRAMEWORKS[0])
+            for size in sizes:
+                rows = compare(jm, model, images(jm.spec, dtype=dtype, size=size))
+                assert_within(rows, tolerance(jm.spec, dtype), f"{kwargs} {dtype} {size}")
+
+    def correctly_rounded_mixed_freqs(freqs, t_x, t_y, dtype=None):
+        angles = (t_x.float().unsqueeze(-1) * freqs[0].float().unsqueeze(-2)
+                  + t_y.float().unsqueeze(-1) * freqs[1].float().unsqueeze(-2))
+        sin, cos = angles.double().sin().float(), angles.double().cos().float()
+        return torch.cat([pes._rope_layout(sin), pes._rope_layout(cos)], -1).to(dtype or freqs.dtype)
+
+    monkeypatch.setattr(pes, "get_mixed_freqs", correctly_rounded_mixed_freqs)
+    model = tiny_timm(arch, "float64", **dict(TINY_CASES["vit_token"][1], img_size=40))
+    for framework in FRAMEWORKS:
+        rows = compare(vitport.from_timm(model, framework), model, images(jm.spec, dtype="float64", size=(40, 40)))
+        assert_within(rows, TOLERANCES["float64"], f"{framework} with correctly rounded sin/cos")
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

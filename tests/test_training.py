@@ -22,7 +22,7 @@ import vitport
 from converters import FRAMEWORKS
 from vitport import training
 from vitport.frontends import FRONT_ENDS
-from vitport.parity import compare_gradients
+from vitport.parity import compare_gradients, tolerance
 
 GRAD_TOLERANCES = {"float64": 1e-9, "float32": 1e-4}
 
@@ -93,8 +93,9 @@ def test_gradients_equal_timm(case, framework, dtype, record_property):
     worst = max(rel, key=rel.get)
     record_property(f"grad_max_abs_{dtype}", max(r.max_abs for r in rows))
     record_property(f"grad_max_rel_{dtype}", rel[worst])
-    bad = {k: f"{v:.2e}" for k, v in rel.items() if v > GRAD_TOLERANCES[dtype]}
-    assert not bad, f"{case}/{framework}/{dtype}: gradients over {GRAD_TOLERANCES[dtype]:g}: {bad}"
+    tol = max(GRAD_TOLERANCES[dtype], tolerance(jm.spec, dtype))  # timm's float32 mixed RoPE tables
+    bad = {k: f"{v:.2e}" for k, v in rel.items() if v > tol}
+    assert not bad, f"{case}/{framework}/{dtype}: gradients over {tol:g}: {bad}"
 
 
 def test_distilled_training_gradients_equal_timm():

@@ -250,6 +250,32 @@ def rope_table(spec, grid: tuple[int, int], dtype, cached: bool) -> jax.Array:
     return jnp.asarray(np.concatenate([sin, cos], -1))
 
 
+def rope_mixed_table(freqs: jax.Array, grid: tuple[int, int], indexing: str) -> jax.Array:
+    """timm's mixed RoPE table (``RotaryEmbeddingMixed.get_embed`` -> ``get_mixed_freqs``), float32,
+    (depth, heads, H*W, 2 * head_dim): ``[sin | cos]`` of ``t_x * freqs[0] + t_y * freqs[1]``, each
+    value repeated twice (interleaved layout), ``t_x, t_y`` the patch grid (``get_mixed_grid``).
+
+    timm computes the angles and sin/cos in float32 whatever the model's dtype (the table is then
+    cast to the frequencies' dtype). With float64 frequencies each float32 operation is done in
+    float64 and rounded to float32, which is exact for a product or a sum of float32 values, so the
+    angles are timm's bit for bit; sin/cos are then correctly rounded, where torch's float32 sin/cos
+    differ in the last bit for about 5% of arguments (docs/design.md, section 3)."""
+    import numpy as np
+
+    t = _rope_grid(grid, indexing, 0.0, None, False).reshape(-1, 2)
+    exact = freqs.dtype == jnp.float64
+    work = jnp.float64 if exact else jnp.float32
+
+    def f32(a):
+        return a.astype(jnp.float32).astype(work) if exact else a
+
+    f = f32(freqs.astype(work))
+    t_x, t_y = (jnp.asarray(np.ascontiguousarray(t[:, i, None]), work) for i in (0, 1))
+    angles = f32(f32(t_x * f[0][..., None, :]) + f32(t_y * f[1][..., None, :]))
+    sin, cos = jnp.sin(angles).astype(jnp.float32), jnp.cos(angles).astype(jnp.float32)
+    return jnp.concatenate([jnp.repeat(sin, 2, -1), jnp.repeat(cos, 2, -1)], -1)
+
+
 def apply_rope(x: jax.Array, table: jax.Array, rotate_half: bool) -> jax.Array:
     """timm's ``apply_rot_embed_cat`` on (B, H, N, Dh): ``x * cos + rot(x) * sin`` in the
     promoted dtype, cast back to ``x``'s."""

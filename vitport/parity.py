@@ -9,7 +9,8 @@ The pieces, used by the tests and by ``vitport verify``:
   activation both expose, the max absolute and max relative difference;
 - ``compare_weights``: do timm and vitport hold the same numbers (a checkpoint read twice);
 - ``timm_model_for``: timm's own loading of a checkpoint vitport resolved;
-- ``TOLERANCES``: what each dtype must meet.
+- ``TOLERANCES``: what each dtype must meet; ``tolerance(spec, dtype)``: the same, except where
+  timm itself computes in float32 in a float64 model (mixed RoPE tables).
 """
 
 from __future__ import annotations
@@ -27,6 +28,21 @@ from .api import JaxModel
 
 # Per-dtype tolerance, relative to max(1, max|reference|) of each compared tensor.
 TOLERANCES = {"float64": 1e-10, "float32": 1e-4}
+
+# timm builds mixed RoPE tables (angles, sin, cos) in float32 whatever the model's dtype
+# (``get_mixed_freqs``), with torch's float32 sin/cos, whose last bit differs from a correctly
+# rounded one for about 5% of arguments: a float64 comparison is bounded by that rounding
+# (measured: 3e-8 on a tiny twin, see docs/design.md section 3), not by the 1e-10 tier.
+FLOAT32_TABLE_TOLERANCE = 1e-6
+
+
+def tolerance(spec, dtype: str) -> float:
+    """``TOLERANCES[dtype]``, or ``FLOAT32_TABLE_TOLERANCE`` for a float64 model whose timm
+    forward computes a float32 table (``rope_type='mixed'``)."""
+    if dtype == "float64" and getattr(spec, "rope_type", "") == "mixed":
+        return max(TOLERANCES[dtype], FLOAT32_TABLE_TOLERANCE)
+    return TOLERANCES[dtype]
+
 
 GAMMA_NAMES = ("gamma", "gamma_1", "gamma_2")
 

@@ -61,7 +61,8 @@ class Norm:
 @dataclass(frozen=True)
 class Param:
     """A free tensor. ``init``: 'trunc_normal' (std 0.02), 'small_normal' (std 1e-6, timm's
-    cls/reg tokens) or 'constant' (``value``: LayerScale)."""
+    cls/reg tokens), 'constant' (``value``: LayerScale) or 'rope_mixed' (timm's
+    ``init_random_2d_freqs``, ``value``: the temperature)."""
 
     shape: tuple[int, ...]
     init: str = "trunc_normal"
@@ -101,7 +102,24 @@ def initializer(p: Param) -> Callable[[jax.Array, tuple[int, ...], Any], jax.Arr
         return jax.nn.initializers.truncated_normal(0.02)
     if p.init == "small_normal":
         return jax.nn.initializers.normal(1e-6)
+    if p.init == "rope_mixed":
+        return _rope_mixed_init(p.value)
     return jax.nn.initializers.constant(p.value)
+
+
+def _rope_mixed_init(temperature: float) -> Callable[[jax.Array, tuple[int, ...], Any], jax.Array]:
+    """timm's ``init_random_2d_freqs`` for (2, depth, heads, head_dim // 2): magnitudes
+    ``1 / T ** (arange(0, head_dim, 4) / head_dim)`` rotated by one random angle per block and head;
+    x frequencies ``[m cos a | m cos(a + pi/2)]``, y frequencies ``[m sin a | m sin(a + pi/2)]``."""
+    def init(key, shape, dtype=jnp.float32):
+        _, depth, heads, half = shape
+        head_dim = 2 * half
+        mag = 1.0 / temperature ** (jnp.arange(0, head_dim, 4, dtype=dtype) / head_dim)
+        a = jax.random.uniform(key, (depth, heads, 1), dtype) * 2 * jnp.pi
+        fx = jnp.concatenate([mag * jnp.cos(a), mag * jnp.cos(a + jnp.pi / 2)], -1)
+        fy = jnp.concatenate([mag * jnp.sin(a), mag * jnp.sin(a + jnp.pi / 2)], -1)
+        return jnp.stack([fx, fy]).astype(dtype)
+    return init
 
 
 WEIGHT_INIT = jax.nn.initializers.truncated_normal(0.02)  # Linear and conv weights, as timm's ViT init
@@ -205,6 +223,8 @@ def _eva_children(cfg: ModelConfig) -> dict[str, Any]:
     if s.abs_pos_embed:
         c["pos_embed"] = Param((1, s.num_pos_tokens, d))
     c["pos_drop"] = Dropout(cfg.emb_dropout)
+    if s.rope_type == "mixed":  # the only rotary embedding with parameters (learned frequencies)
+        c["rope"] = Node("RotaryEmbeddingMixed", cfg)
     if s.pre_norm:
         c["norm_pre"] = Norm(d, s.norm_eps)
     for i in range(s.depth):
@@ -363,6 +383,8 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
         if s.scale_attn_inner:
             c["norm"] = Norm(d, s.norm_eps)
         return {**c, "proj": Linear(d, d), "proj_drop": Dropout(cfg.dropout)}
+    if kind == "RotaryEmbeddingMixed":  # timm: freqs (2, depth, heads, head_dim // 2), [x | y] frequencies
+        return {"freqs": Param((2, s.depth, s.heads, d // s.heads // 2), "rope_mixed", s.rope_temperature)}
     if kind == "LayerScale":
         return {"gamma": Param((d,), "constant", s.init_values)}
     if kind == "AttentionPoolLatent":
@@ -662,15 +684,34 @@ def _eva_features(m: Layers, s: EvaSpec, x: jax.Array, out: dict) -> jax.Array:
                             + [patches.reshape(b, h * w, d)], axis=1)
     x = m("pos_drop")(x)
     rope = None
-    if s.rope_type:
+    if s.rope_type == "mixed":  # learned: (depth, heads, H*W, 2 * head_dim) from rope.freqs
+        rope = m("rope")((h, w)).astype(jnp.promote_types(x.dtype, jnp.float32))
+    elif s.rope_type:
         rope = ops.rope_table(s, (h, w), x.dtype, cached=not s.dynamic_img_size).astype(
             jnp.promote_types(x.dtype, jnp.float32))
     if s.pre_norm:
         x = m("norm_pre")(x)
-    x = _blocks(m, "blocks", s.depth, x, out, rope)  # rope None: a block without rotary embeddings
+    if s.rope_type == "mixed":
+        x = _mixed_rope_blocks(m, s, x, out, rope)
+    else:
+        x = _blocks(m, "blocks", s.depth, x, out, rope)  # rope None: a block without rotary embeddings
     if s.has_norm:
         x = out["norm"] = m("norm")(x)
     return x
+
+
+def _mixed_rope_blocks(m: Layers, s: EvaSpec, x: jax.Array, out: dict, rope: jax.Array) -> jax.Array:
+    """timm's ``rope_mixed`` loop: block ``i`` gets its own table ``rope[i]`` (heads, H*W, 2 * head_dim)."""
+    for i in range(s.depth):
+        name = f"blocks.{i}"
+        with _in_block(name):
+            x = out[name] = checkpoint_name(m(name)(rope[i], x), "vitport_block")
+    return x
+
+
+def rotary_embedding_mixed(m: Layers, cfg: ModelConfig, grid: tuple[int, int]) -> jax.Array:
+    """timm ``RotaryEmbeddingMixed.get_embed``: the float32 tables of every block for a patch grid."""
+    return ops.rope_mixed_table(m.param("freqs"), grid, cfg.spec.rope_grid_indexing)
 
 
 def _eva_head(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool, out: dict) -> Any:
@@ -831,7 +872,7 @@ def cait(m: Layers, cfg: ModelConfig, x: jax.Array, train: bool = False, stage: 
 FORWARD: dict[str, Callable[..., Any]] = {
     "ViT": vit, "CaiT": cait, "PatchEmbed": patch_embed, "Block": block, "Attention": attention, "Mlp": mlp,
     "GluMlp": glu_mlp, "SwiGLU": swiglu, "Eva": eva, "EvaBlock": eva_block, "EvaAttention": eva_attention,
-    "AttentionRope": eva_attention,
+    "AttentionRope": eva_attention, "RotaryEmbeddingMixed": rotary_embedding_mixed,
     "LayerScale": layer_scale, "AttentionPoolLatent": attention_pool, "LayerScaleBlock": layer_scale_block,
     "TalkingHeadAttn": talking_head_attention, "LayerScaleBlockClassAttn": class_attention_block,
     "ClassAttn": class_attention,
