@@ -41,6 +41,10 @@ TINY_CASES = {
         TINY, dynamic_img_size=True, qk_norm=True, scale_attn_inner=True, swiglu_mlp=True, scale_mlp=True)),
     "eva_unfused_swiglu_packed_attn_only_ls": ("vit_base_patch16_rope_224", dict(
         TINY, dynamic_img_size=True, qkv_fused=False, swiglu_mlp=True, attn_only_layer_scale=True)),
+    # ParallelScalingBlock (fused in_proj, mlp_bias as qkv_bias=False, qk_norm), RmsNorm everywhere, pre_norm.
+    "parallel_scaling_rmsnorm_xp": ("vit_base_patch16_xp_224", TINY),
+    # Block with DiffAttention (lambda_init from the block index, sub_norm), LayerScale, register token.
+    "diff_attention_reg": ("vit_dwee_patch16_reg1_gap_256", TINY),
 }
 
 # Cases timm's own hub writer (``save_for_hf``) can write: a class-valued kwarg (``mlp_layer``)
