@@ -521,11 +521,11 @@ def _vit_layers_from_timm_kwargs(spec: ViTSpec, kw: dict[str, Any], bad: list[st
     new: dict[str, Any] = {}
     if "block_fn" in kw:
         v = kw.pop("block_fn")
-        name = "Block" if v is None else getattr(v, "__name__", v)
-        if name in BLOCK_FNS and (isinstance(v, str) or getattr(v, "__module__", "") == "timm.models.vision_transformer"):
+        name = "Block" if v is None else getattr(v, "__name__", None)  # timm takes a class, not a name
+        if name in BLOCK_FNS and (v is None or getattr(v, "__module__", "") == "timm.models.vision_transformer"):
             new["block_fn"] = name
         else:
-            bad.append(f"block_fn={v!r} (supported: {', '.join(BLOCK_FNS)})")
+            bad.append(f"block_fn={v!r} (supported: timm's {', '.join(BLOCK_FNS)} classes)")
     if "attn_layer" in kw:
         v = kw.pop("attn_layer")
         name = ATTN_LAYER_NAMES.get(v) if isinstance(v, str) else "Attention" if v is None else v.__name__ if (
