@@ -33,7 +33,8 @@ ACT_LAYER_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quic
 Pool = Literal["token", "avg", "map", ""]
 # timm's VisionTransformer blocks (``block_fn``), attention (``attn_layer``) and norm (``norm_layer``)
 # classes vitport implements, by timm's class names (timm/models/vision_transformer.py, timm/layers).
-BlockFn = Literal["Block", "ResPostBlock", "ParallelThingsBlock", "ParallelScalingBlock", "DiffParallelScalingBlock"]
+BlockFn = Literal["Block", "ResPostBlock", "ParallelThingsBlock", "ParallelScalingBlock",
+                  "DiffParallelScalingBlock"]
 BLOCK_FNS = ("Block", "ResPostBlock", "ParallelThingsBlock", "ParallelScalingBlock", "DiffParallelScalingBlock")
 # The blocks with a fused qkv + MLP fc1 ``in_proj`` (ViT-22B style), which ignore mlp_layer and attn_layer.
 SCALING_BLOCKS = ("ParallelScalingBlock", "DiffParallelScalingBlock")
@@ -123,10 +124,12 @@ class ViTSpec:
     def _check_blocks(self) -> None:
         """``block_fn`` / ``attn_layer`` / ``norm_layer``; options a block ignores are reset to their
         defaults so that equal models have equal specs."""
-        for name, value, allowed in (("block_fn", self.block_fn, BLOCK_FNS), ("attn_layer", self.attn_layer, ATTN_LAYERS),
+        for name, value, allowed in (("block_fn", self.block_fn, BLOCK_FNS),
+                                     ("attn_layer", self.attn_layer, ATTN_LAYERS),
                                      ("norm_layer", self.norm_layer, NORM_LAYERS)):
             if value not in allowed:
-                raise UnsupportedArchitectureError(f"{name}={value!r} is not supported (supported: {', '.join(allowed)})")
+                raise UnsupportedArchitectureError(
+                    f"{name}={value!r} is not supported (supported: {', '.join(allowed)})")
         if self.block_fn in SCALING_BLOCKS:  # timm: "mlp_layer / attn_layer: not used"
             if self.mlp_layer != "Mlp":
                 raise UnsupportedArchitectureError(f"{self.block_fn} has its own MLP; mlp_layer={self.mlp_layer!r}")
@@ -462,8 +465,9 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
         if k in kw:
             v = kw.pop(k)
             new[field] = pair(v) if k == "img_size" else v
+    scaling = new.get("block_fn", getattr(spec, "block_fn", "Block")) in SCALING_BLOCKS
     if not isinstance(spec, CaiTSpec) and "init_values" in new and not new["init_values"] and not (
-            new.get("block_fn", getattr(spec, "block_fn", "Block")) in SCALING_BLOCKS and new["init_values"] is not None):
+            scaling and new["init_values"] is not None):
         new["init_values"] = None  # timm: a falsy init_values means no LayerScale (scaling blocks: None only)
     if "patch_size" in kw:
         p = kw.pop("patch_size")
@@ -528,8 +532,10 @@ def _vit_layers_from_timm_kwargs(spec: ViTSpec, kw: dict[str, Any], bad: list[st
             bad.append(f"block_fn={v!r} (supported: timm's {', '.join(BLOCK_FNS)} classes)")
     if "attn_layer" in kw:
         v = kw.pop("attn_layer")
-        name = ATTN_LAYER_NAMES.get(v) if isinstance(v, str) else "Attention" if v is None else v.__name__ if (
-            getattr(v, "__module__", "").startswith("timm.layers") and getattr(v, "__name__", "") in ATTN_LAYERS) else None
+        timm_class = (getattr(v, "__module__", "").startswith("timm.layers")
+                      and getattr(v, "__name__", "") in ATTN_LAYERS)
+        name = (ATTN_LAYER_NAMES.get(v) if isinstance(v, str) else "Attention" if v is None
+                else v.__name__ if timm_class else None)
         if name:
             new["attn_layer"] = name
         else:
@@ -641,12 +647,11 @@ def spec_from_timm_model(model) -> Spec:
     Every problem found is reported at once.
     """
     import torch.nn as tnn
-    from timm.layers import AttentionPoolLatent, GluMlp, LayerScale, Mlp, PatchEmbed, SwiGLU
-    from timm.layers.attention import Attention
+    from timm.layers import AttentionPoolLatent, GluMlp, Mlp, PatchEmbed, SwiGLU
     from timm.models.cait import (Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn,
                                   TalkingHeadAttn)
     from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import Block, VisionTransformer
+    from timm.models.vision_transformer import VisionTransformer
 
     problems: list[str] = []
 
@@ -794,7 +799,8 @@ def spec_from_timm_model(model) -> Spec:
             norm_eps(getattr(model, name), name)
     if pool == "map" and type(model.attn_pool) is AttentionPoolLatent:
         norm_eps(model.attn_pool.norm, "attn_pool.norm")
-    need(len(norm_kinds) <= 1, f"norms of different kinds ({', '.join(sorted(norm_kinds))}): one norm_layer is supported")
+    need(len(norm_kinds) <= 1,
+         f"norms of different kinds ({', '.join(sorted(norm_kinds))}): one norm_layer is supported")
     if problems:
         raise UnsupportedArchitectureError(
             f"timm {type(model).__name__} options not supported by vitport:\n  " + "\n  ".join(problems))
@@ -854,7 +860,8 @@ def _vit_block_fields(model, need, ident, norm_eps, check_mlp, activation) -> di
 
     def differential(attn, where: str) -> None:
         need(attn.lambda_q1 is not None, f"{where}: dual_lambda=True (lambda_a / lambda_b) is not supported")
-        need(type(attn.sub_norm) is RmsNorm and attn.sub_norm.eps == 1e-5, f"{where}.sub_norm: not RmsNorm(eps=1e-5)")
+        need(type(attn.sub_norm) is RmsNorm and attn.sub_norm.eps == 1e-5,
+             f"{where}.sub_norm: not RmsNorm(eps=1e-5)")
         need(attn.head_dim * 2 * attn.num_heads == dim, f"{where}: head_dim != dim // num_heads // 2")
 
     def lambda_inits(attns) -> None:
@@ -913,7 +920,8 @@ def _vit_block_fields(model, need, ident, norm_eps, check_mlp, activation) -> di
         f["proj_bias"] = out.bias is not None
         f["fuse_out_proj"] = name == "ParallelScalingBlock" and b0.out_proj is not None
         if b0.out_proj is None:
-            need((b0.mlp_out_proj.bias is not None) == f["proj_bias"], "attn_out_proj and mlp_out_proj disagree on bias")
+            need((b0.mlp_out_proj.bias is not None) == f["proj_bias"],
+                 "attn_out_proj and mlp_out_proj disagree on bias")
         f["norm_eps"] = norm_eps(b0.in_norm, "blocks.0.in_norm")
         f["init_values"] = layer_scale(b0.ls, "blocks.0.ls")
         if name == "ParallelScalingBlock":
