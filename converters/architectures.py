@@ -91,8 +91,7 @@ REFUSAL_CATEGORIES = (
     ("num_kv_heads", "`Eva` with grouped-query attention (Sapiens2)"),
     ("VisionTransformerRelPos", "relative-position ViTs (`VisionTransformerRelPos`)"),
     ("HybridEmbed", "hybrid CNN stems (`HybridEmbed`: R50, R26, ResNet-D, MCi)"),
-    ("DiffAttention", "differential attention"),
-    ("Block is supported", "parallel, res-post and differential blocks"),
+    ("(supported: Block, ResPostBlock", "other ViT blocks"),
     ("GluMlp", "SwiGLU / gated MLPs (DINOv2 giant, TIPSv2)"),
     ("RmsNorm", "RMSNorm instead of LayerNorm (Sapiens2)"),
     ("rope coordinate augmentation", "`Eva` RoPE coordinate augmentation"),
@@ -127,6 +126,13 @@ OPTION_CATEGORIES = (
     ("`gelu_tanh`", lambda s: s.get("activation") == "gelu_tanh"),
     ("`quick_gelu`", lambda s: s.get("activation") == "quick_gelu"),
     ("LayerNorm eps 1e-5", lambda s: s["norm_eps"] == 1e-5),
+    ("`RmsNorm` norm layer (xp ViTs)", lambda s: s.get("norm_layer") == "RmsNorm"),
+    ("`ResPostBlock` (norm after attention / MLP)", lambda s: s.get("block_fn") == "ResPostBlock"),
+    ("`ParallelThingsBlock` (parallel attention / MLP branches)", lambda s: s.get("block_fn") == "ParallelThingsBlock"),
+    ("`ParallelScalingBlock` (fused qkv + MLP `in_proj`)", lambda s: s.get("block_fn") in
+     ("ParallelScalingBlock", "DiffParallelScalingBlock")),
+    ("differential attention (`DiffAttention`, `DiffParallelScalingBlock`)", lambda s: s.get("attn_layer")
+     == "DiffAttention" or s.get("block_fn") == "DiffParallelScalingBlock"),
     ("`dynamic_img_size`", lambda s: s.get("dynamic_img_size", False)),
 )
 

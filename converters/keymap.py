@@ -67,9 +67,11 @@ def _linear(m: str, d_in: int, d_out: int, bias: bool = True) -> Iterator[Entry]
         yield Entry(f"{m}.bias", m, "bias", "linear", (d_out,))
 
 
-def _norm(m: str, d: int) -> Iterator[Entry]:
+def _norm(m: str, d: int, kind: str = "LayerNorm") -> Iterator[Entry]:
+    """LayerNorm (weight, bias) or timm's ``RmsNorm`` (weight only)."""
     yield Entry(f"{m}.weight", m, "scale", "norm", (d,))
-    yield Entry(f"{m}.bias", m, "bias", "norm", (d,))
+    if kind != "RmsNorm":
+        yield Entry(f"{m}.bias", m, "bias", "norm", (d,))
 
 
 def _param(key: str, shape: tuple[int, ...]) -> Entry:
@@ -102,7 +104,7 @@ def _attn_pool(s: ViTSpec | EvaSpec, heads_mlp_dim: int) -> Iterator[Entry]:
     yield from _linear("attn_pool.q", d, d)
     yield from _linear("attn_pool.kv", d, 2 * d)
     yield from _linear("attn_pool.proj", d, d)
-    yield from _norm("attn_pool.norm", d)
+    yield from _norm("attn_pool.norm", d, getattr(s, "norm_layer", "LayerNorm"))
     yield from _mlp("attn_pool.mlp", d, heads_mlp_dim)
 
 
@@ -116,13 +118,13 @@ def _patch_embed(spec: Spec, bias: bool) -> Iterator[Entry]:
 
 def _final_norm_and_head(s: Spec, attn_pool_mlp_dim: int) -> Iterator[Entry]:
     """The tensors after the blocks of timm's VisionTransformer and Eva, in state_dict order."""
-    d = s.dim
+    d, kind = s.dim, getattr(s, "norm_layer", "LayerNorm")
     if s.has_norm:
-        yield from _norm("norm", d)
+        yield from _norm("norm", d, kind)
     if s.pool == "map":
         yield from _attn_pool(s, attn_pool_mlp_dim)
     if s.has_fc_norm:
-        yield from _norm("fc_norm", d)
+        yield from _norm("fc_norm", d, kind)
     if s.num_classes:
         yield from _linear("head", d, s.num_classes)
         if getattr(s, "distilled", False):
@@ -130,7 +132,7 @@ def _final_norm_and_head(s: Spec, attn_pool_mlp_dim: int) -> Iterator[Entry]:
 
 
 def vit_table(s: ViTSpec) -> list[Entry]:
-    d, dh = s.dim, s.dim // s.heads
+    d = s.dim
     t: list[Entry] = []
     if s.class_token:
         t.append(_param("cls_token", (1, 1, d)))
@@ -141,22 +143,95 @@ def vit_table(s: ViTSpec) -> list[Entry]:
         t.append(_param("dist_token", (1, 1, d)))
     t += _patch_embed(s, s.patch_bias)
     if s.pre_norm:
-        t += _norm("norm_pre", d)
+        t += _norm("norm_pre", d, s.norm_layer)
     for i in range(s.depth):
         b = f"blocks.{i}"
-        t += _norm(f"{b}.norm1", d)
-        t += _linear(f"{b}.attn.qkv", d, 3 * d, s.qkv_bias)
-        if s.qk_norm:
-            t += _norm(f"{b}.attn.q_norm", dh)
-            t += _norm(f"{b}.attn.k_norm", dh)
-        t += _linear(f"{b}.attn.proj", d, d, s.proj_bias)
+        if s.block_fn != "Block":
+            t += _vit_block(b, s)
+            continue
+        t += _norm(f"{b}.norm1", d, s.norm_layer)
+        t += _vit_attention(f"{b}.attn", s)
         if s.has_layer_scale:
             t.append(_param(f"{b}.ls1.gamma", (d,)))
-        t += _norm(f"{b}.norm2", d)
+        t += _norm(f"{b}.norm2", d, s.norm_layer)
         t += _block_mlp(f"{b}.mlp", s)
         if s.has_layer_scale:
             t.append(_param(f"{b}.ls2.gamma", (d,)))
     return t + list(_final_norm_and_head(s, s.mlp_dim))
+
+
+def _vit_attention(a: str, s: ViTSpec) -> Iterator[Entry]:
+    """timm ``Attention`` or ``DiffAttention`` at module path ``a``."""
+    if s.attn_layer == "DiffAttention":
+        yield from _diff_attention(a, s)
+        return
+    d, dh = s.dim, s.dim // s.heads
+    yield from _linear(f"{a}.qkv", d, 3 * d, s.qkv_bias)
+    if s.qk_norm:
+        yield from _norm(f"{a}.q_norm", dh, s.norm_layer)
+        yield from _norm(f"{a}.k_norm", dh, s.norm_layer)
+    yield from _linear(f"{a}.proj", d, d, s.proj_bias)
+
+
+def _lambdas(m: str, s: ViTSpec) -> Iterator[Entry]:
+    half = s.dim // s.heads // 2  # differential attention: each head split in two halves of q and k
+    for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+        yield _param(f"{m}.{name}", (half,))
+
+
+def _diff_attention(a: str, s: ViTSpec) -> Iterator[Entry]:
+    """timm ``DiffAttention``: its own lambda parameters come first in its state_dict, ``sub_norm``
+    (RmsNorm over a head's 2 * half width) last."""
+    d, half = s.dim, s.dim // s.heads // 2
+    yield from _lambdas(a, s)
+    yield from _linear(f"{a}.qkv", d, 3 * d, s.qkv_bias)
+    if s.qk_norm:
+        yield from _norm(f"{a}.q_norm", half, s.norm_layer)
+        yield from _norm(f"{a}.k_norm", half, s.norm_layer)
+    yield from _linear(f"{a}.proj", d, d, s.proj_bias)
+    yield from _norm(f"{a}.sub_norm", 2 * half, "RmsNorm")
+
+
+def _vit_block(b: str, s: ViTSpec) -> Iterator[Entry]:
+    """The tensors of one block other than timm's ``Block``, in state_dict order."""
+    d, kind = s.dim, s.norm_layer
+    if s.block_fn == "ResPostBlock":  # attention, then its norm; MLP, then its norm
+        yield from _vit_attention(f"{b}.attn", s)
+        yield from _norm(f"{b}.norm1", d, kind)
+        yield from _block_mlp(f"{b}.mlp", s)
+        yield from _norm(f"{b}.norm2", d, kind)
+    elif s.block_fn == "ParallelThingsBlock":
+        for j in range(s.num_parallel):
+            yield from _norm(f"{b}.attns.{j}.norm", d, kind)
+            yield from _vit_attention(f"{b}.attns.{j}.attn", s)
+            if s.has_layer_scale:
+                yield _param(f"{b}.attns.{j}.ls.gamma", (d,))
+        for j in range(s.num_parallel):
+            yield from _norm(f"{b}.ffns.{j}.norm", d, kind)
+            yield from _block_mlp(f"{b}.ffns.{j}.mlp", s)
+            if s.has_layer_scale:
+                yield _param(f"{b}.ffns.{j}.ls.gamma", (d,))
+    else:  # (Diff)ParallelScalingBlock: own parameters first (mlp_bias, lambdas), then the modules
+        diff = s.block_fn == "DiffParallelScalingBlock"
+        qk = s.dim // s.heads // (2 if diff else 1)
+        if not s.qkv_bias:
+            yield _param(f"{b}.mlp_bias", (s.mlp_dim,))
+        if diff:
+            yield from _lambdas(b, s)
+        yield from _norm(f"{b}.in_norm", d, kind)
+        yield from _linear(f"{b}.in_proj", d, s.mlp_dim + 3 * d, s.qkv_bias)
+        if s.qk_norm:
+            yield from _norm(f"{b}.q_norm", qk, kind)
+            yield from _norm(f"{b}.k_norm", qk, kind)
+        if diff:
+            yield from _norm(f"{b}.sub_norm", 2 * qk, "RmsNorm")
+        if s.fused_out_proj:
+            yield from _linear(f"{b}.out_proj", d + s.mlp_dim, d, s.proj_bias)
+        else:
+            yield from _linear(f"{b}.attn_out_proj", d, d, s.proj_bias)
+            yield from _linear(f"{b}.mlp_out_proj", s.mlp_dim, d, s.proj_bias)
+        if s.has_layer_scale:
+            yield _param(f"{b}.ls.gamma", (d,))
 
 
 def cait_table(s: CaiTSpec) -> list[Entry]:

@@ -31,6 +31,20 @@ MLP_LAYERS = ("Mlp", "GluMlp", "SwiGLU")
 ACT_LAYER_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "silu": "silu",
                    "swish": "silu", "sigmoid": "sigmoid"}
 Pool = Literal["token", "avg", "map", ""]
+# timm's VisionTransformer blocks (``block_fn``), attention (``attn_layer``) and norm (``norm_layer``)
+# classes vitport implements, by timm's class names (timm/models/vision_transformer.py, timm/layers).
+BlockFn = Literal["Block", "ResPostBlock", "ParallelThingsBlock", "ParallelScalingBlock",
+                  "DiffParallelScalingBlock"]
+BLOCK_FNS = ("Block", "ResPostBlock", "ParallelThingsBlock", "ParallelScalingBlock", "DiffParallelScalingBlock")
+# The blocks with a fused qkv + MLP fc1 ``in_proj`` (ViT-22B style), which ignore mlp_layer and attn_layer.
+SCALING_BLOCKS = ("ParallelScalingBlock", "DiffParallelScalingBlock")
+AttnLayer = Literal["Attention", "DiffAttention"]
+ATTN_LAYERS = ("Attention", "DiffAttention")
+NormLayer = Literal["LayerNorm", "RmsNorm"]
+NORM_LAYERS = ("LayerNorm", "RmsNorm")
+# timm ``attn_layer`` / ``norm_layer`` strings (ATTN_LAYERS in vision_transformer.py, get_norm_layer).
+ATTN_LAYER_NAMES = {"": "Attention", "attn": "Attention", "diff": "DiffAttention"}
+NORM_LAYER_NAMES = {"layernorm": "LayerNorm", "rmsnorm": "RmsNorm"}
 
 
 def pair(x) -> tuple[int, int]:
@@ -76,6 +90,11 @@ class ViTSpec:
     dynamic_img_size: bool = False
     mlp_layer: MlpLayer = "Mlp"
     mlp_gate_last: bool = True
+    block_fn: BlockFn = "Block"
+    num_parallel: int = 2  # ParallelThingsBlock's branches
+    fuse_out_proj: bool = False  # ParallelScalingBlock's one out_proj (DiffParallelScalingBlock always fuses)
+    attn_layer: AttnLayer = "Attention"
+    norm_layer: NormLayer = "LayerNorm"
 
     family = "vit"
 
@@ -100,6 +119,40 @@ class ViTSpec:
         if self.mlp_layer == "GluMlp" and self.mlp_dim % 2:
             raise UnsupportedArchitectureError(f"GluMlp needs an even hidden width (fc1 packs x and gate); "
                                                f"mlp_dim={self.mlp_dim}")
+        self._check_blocks()
+
+    def _check_blocks(self) -> None:
+        """``block_fn`` / ``attn_layer`` / ``norm_layer``; options a block ignores are reset to their
+        defaults so that equal models have equal specs."""
+        for name, value, allowed in (("block_fn", self.block_fn, BLOCK_FNS),
+                                     ("attn_layer", self.attn_layer, ATTN_LAYERS),
+                                     ("norm_layer", self.norm_layer, NORM_LAYERS)):
+            if value not in allowed:
+                raise UnsupportedArchitectureError(
+                    f"{name}={value!r} is not supported (supported: {', '.join(allowed)})")
+        if self.block_fn in SCALING_BLOCKS:  # timm: "mlp_layer / attn_layer: not used"
+            if self.mlp_layer != "Mlp":
+                raise UnsupportedArchitectureError(f"{self.block_fn} has its own MLP; mlp_layer={self.mlp_layer!r}")
+            object.__setattr__(self, "attn_layer", "Attention")
+        if self.block_fn != "ParallelThingsBlock":
+            object.__setattr__(self, "num_parallel", 2)
+        elif self.num_parallel < 1:
+            raise UnsupportedArchitectureError(f"num_parallel={self.num_parallel} (must be at least 1)")
+        if self.block_fn != "ParallelScalingBlock":
+            object.__setattr__(self, "fuse_out_proj", False)
+        if self.differential and (self.dim // self.heads) % 2:
+            raise UnsupportedArchitectureError(f"differential attention splits each head in two: the head width "
+                                               f"{self.dim // self.heads} must be even")
+
+    @property
+    def differential(self) -> bool:
+        """Differential attention (timm ``DiffAttention`` or ``DiffParallelScalingBlock``)."""
+        return self.attn_layer == "DiffAttention" or self.block_fn == "DiffParallelScalingBlock"
+
+    @property
+    def fused_out_proj(self) -> bool:
+        """One ``out_proj`` over ``cat(attention, MLP)`` instead of ``attn_out_proj`` + ``mlp_out_proj``."""
+        return self.block_fn == "DiffParallelScalingBlock" or self.fuse_out_proj
 
     @property
     def mlp_hidden(self) -> int:
@@ -133,7 +186,8 @@ class ViTSpec:
 
     @property
     def has_layer_scale(self) -> bool:
-        return self.init_values is not None
+        # ResPostBlock has no LayerScale: its init_values is the init of norm1 / norm2's weight.
+        return self.init_values is not None and self.block_fn != "ResPostBlock"
 
     @property
     def has_norm(self) -> bool:
@@ -480,8 +534,7 @@ _INFERENCE_NEUTRAL = {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_dro
 # timm keyword arguments vitport implements only at their default value.
 _VIT_DEFAULT_ONLY = {"pos_embed": ("learn",), "scale_attn_norm": (False,), "scale_mlp_norm": (False,),
                      "dynamic_img_pad": (False,), "embed_layer": (None,),
-                     "embed_norm_layer": (None,), "block_fn": (None,), "mlp_layer": (None,),
-                     "attn_layer": (None, "attn")}
+                     "embed_norm_layer": (None,), "mlp_layer": (None,)}
 _CAIT_DEFAULT_ONLY = {k: (None,) for k in ("block_layers", "block_layers_token", "patch_layer", "attn_block",
                                           "mlp_block", "attn_block_token_only", "mlp_block_token_only",
                                           "norm_layer", "act_layer")}
@@ -512,6 +565,8 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
         return _relpos_with_timm_kwargs(spec, kw, where)
     bad: list[str] = []
     new: dict[str, Any] = {}
+    if isinstance(spec, ViTSpec):
+        new.update(_vit_layers_from_timm_kwargs(spec, kw, bad))
     default_only = _CAIT_DEFAULT_ONLY if isinstance(spec, CaiTSpec) else _VIT_DEFAULT_ONLY
     for k in list(kw):
         if k in _INFERENCE_NEUTRAL:
@@ -528,8 +583,10 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
         if k in kw:
             v = kw.pop(k)
             new[field] = pair(v) if k == "img_size" else v
-    if not isinstance(spec, CaiTSpec) and "init_values" in new and not new["init_values"]:
-        new["init_values"] = None  # timm: a falsy init_values means no LayerScale
+    scaling = new.get("block_fn", getattr(spec, "block_fn", "Block")) in SCALING_BLOCKS
+    if not isinstance(spec, CaiTSpec) and "init_values" in new and not new["init_values"] and not (
+            scaling and new["init_values"] is not None):
+        new["init_values"] = None  # timm: a falsy init_values means no LayerScale (scaling blocks: None only)
     if "patch_size" in kw:
         p = kw.pop("patch_size")
         h, w = pair(p)
@@ -567,15 +624,41 @@ def spec_with_timm_kwargs(spec: Spec, kwargs: Mapping[str, Any], *, where: str =
                 bad.append(f"act_layer={act!r} (supported: {', '.join(repr(a) for a in ACT_LAYER_NAMES)})")
         if "norm_layer" in kw:
             norm = kw.pop("norm_layer")
-            if norm == "layernorm":
-                new["norm_eps"] = 1e-6  # timm.layers.LayerNorm's default eps
+            key = norm.replace("_", "").lower() if isinstance(norm, str) else norm
+            if key in NORM_LAYER_NAMES:
+                new["norm_layer"] = NORM_LAYER_NAMES[key]
+                new["norm_eps"] = 1e-6  # the default eps of timm.layers.LayerNorm and RmsNorm
             elif norm is not None:
-                bad.append(f"norm_layer={norm!r} (only LayerNorm is supported)")
+                bad.append(f"norm_layer={norm!r} (supported: {', '.join(repr(n) for n in NORM_LAYER_NAMES)})")
     bad += [f"{k}={v!r}" for k, v in kw.items()]  # anything left is not implemented (or unknown)
     if bad:
         raise UnsupportedArchitectureError(
             f"timm settings in {where} that vitport does not implement: {', '.join(bad)}")
     return dataclasses.replace(spec, **new)
+
+
+def _vit_layers_from_timm_kwargs(spec: ViTSpec, kw: dict[str, Any], bad: list[str]) -> dict[str, Any]:
+    """timm's ``block_fn`` and ``attn_layer`` (a class, or for attn_layer a name of timm's
+    ``ATTN_LAYERS``), popped from ``kw``; what vitport does not implement goes to ``bad``."""
+    new: dict[str, Any] = {}
+    if "block_fn" in kw:
+        v = kw.pop("block_fn")
+        name = "Block" if v is None else getattr(v, "__name__", None)  # timm takes a class, not a name
+        if name in BLOCK_FNS and (v is None or getattr(v, "__module__", "") == "timm.models.vision_transformer"):
+            new["block_fn"] = name
+        else:
+            bad.append(f"block_fn={v!r} (supported: timm's {', '.join(BLOCK_FNS)} classes)")
+    if "attn_layer" in kw:
+        v = kw.pop("attn_layer")
+        timm_class = (getattr(v, "__module__", "").startswith("timm.layers")
+                      and getattr(v, "__name__", "") in ATTN_LAYERS)
+        name = (ATTN_LAYER_NAMES.get(v) if isinstance(v, str) else "Attention" if v is None
+                else v.__name__ if timm_class else None)
+        if name:
+            new["attn_layer"] = name
+        else:
+            bad.append(f"attn_layer={v!r} (supported: 'attn', 'diff')")
+    return new
 
 
 def _eva_with_timm_kwargs(spec: EvaSpec, kw: dict[str, Any], where: str) -> EvaSpec:
@@ -739,12 +822,11 @@ def spec_from_timm_model(model) -> Spec:
     Every problem found is reported at once.
     """
     import torch.nn as tnn
-    from timm.layers import AttentionPoolLatent, GluMlp, LayerScale, Mlp, PatchEmbed, SwiGLU
-    from timm.layers.attention import Attention
+    from timm.layers import AttentionPoolLatent, GluMlp, Mlp, PatchEmbed, SwiGLU
     from timm.models.cait import (Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn,
                                   TalkingHeadAttn)
     from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import Block, VisionTransformer
+    from timm.models.vision_transformer import VisionTransformer
 
     problems: list[str] = []
 
@@ -859,34 +941,21 @@ def spec_from_timm_model(model) -> Spec:
     patch = check_patch_embed(model.patch_embed)
     dim = model.embed_dim
     need(model.pos_embed is not None, "pos_embed='none' is not supported")
-    block_types = sorted({type(b).__name__ for b in model.blocks if type(b) is not Block})
-    need(not block_types, f"blocks: {', '.join(block_types)} (only timm's standard Block is supported; "
-                          "parallel, res-post and differential blocks are not)")
-    b0 = model.blocks[0]
-    mlp_dim = act = eps = None
-    mlp_layer, gate_last = "Mlp", True
-    qkv_bias = qk_norm = False
-    proj_bias = True
-    init_values = None
-    if type(b0) is Block:
-        need(type(b0.attn) is Attention, f"blocks.0.attn: {type(b0.attn).__name__}")
-        if type(b0.attn) is Attention:
-            need(ident(b0.attn.norm), "blocks.0.attn.norm (scale_attn_norm is not supported)")
-            need(getattr(b0.attn, "gate", None) is None, "gated attention is not supported")
-            proj_bias = b0.attn.proj.bias is not None
-            need(getattr(b0.mlp, "fc2", None) is None or (b0.mlp.fc2.bias is not None) == proj_bias,
-                 "attention and MLP projections disagree on bias")
-            need(b0.attn.head_dim * b0.attn.num_heads == dim, "attn_head_dim != dim // num_heads")
-            qkv_bias = b0.attn.qkv.bias is not None
-            qk_norm = not ident(b0.attn.q_norm)
-            if qk_norm:
-                layer_norm_eps(b0.attn.q_norm, "blocks.0.attn.q_norm")
-        mlp_dim, act, mlp_layer, gate_last = check_mlp(b0.mlp, "blocks.0.mlp", dim)
-        eps = layer_norm_eps(b0.norm1, "blocks.0.norm1")
-        if isinstance(b0.ls1, LayerScale):
-            init_values = float(b0.ls1.init_values)
-        else:
-            need(ident(b0.ls1), f"blocks.0.ls1: {type(b0.ls1).__name__}")
+    norm_kinds: set[str] = set()
+
+    def norm_eps(m, where: str) -> float | None:
+        """A ViT norm: affine LayerNorm or timm's RmsNorm (one kind for the whole model: norm_layer)."""
+        from timm.layers import RmsNorm
+
+        kind = "RmsNorm" if type(m) is RmsNorm else "LayerNorm" if isinstance(m, tnn.LayerNorm) else None
+        if kind is None or not m.elementwise_affine:
+            problems.append(f"{where}: {type(m).__name__} (only affine LayerNorm and RmsNorm are supported)")
+            return None
+        norm_kinds.add(kind)
+        return float(m.eps)
+
+    fields = _vit_block_fields(model, need, ident, norm_eps, check_mlp, activation)
+    mlp_dim = fields.get("mlp_dim")
     pool = model.global_pool
     need(pool in ("token", "avg", "map", ""),
          f"global_pool={pool!r} (supported: 'token', 'avg', 'map', '')")
@@ -903,10 +972,13 @@ def spec_from_timm_model(model) -> Spec:
             need(isinstance(ap.q, tnn.Linear) and ap.q.bias is not None, "attn_pool: qkv_bias=False")
     elif pool != "" and getattr(model, "attn_pool", None) is not None:
         problems.append("attn_pool with a non-'map' global_pool")
-    if not ident(model.norm_pre):
-        layer_norm_eps(model.norm_pre, "norm_pre")
-    if not ident(model.norm):
-        layer_norm_eps(model.norm, "norm")
+    for name in ("norm_pre", "norm", "fc_norm"):
+        if not ident(getattr(model, name)):
+            norm_eps(getattr(model, name), name)
+    if pool == "map" and type(model.attn_pool) is AttentionPoolLatent:
+        norm_eps(model.attn_pool.norm, "attn_pool.norm")
+    need(len(norm_kinds) <= 1,
+         f"norms of different kinds ({', '.join(sorted(norm_kinds))}): one norm_layer is supported")
     if problems:
         raise UnsupportedArchitectureError(
             f"timm {type(model).__name__} options not supported by vitport:\n  " + "\n  ".join(problems))
@@ -915,16 +987,129 @@ def spec_from_timm_model(model) -> Spec:
         image_size=tuple(model.patch_embed.img_size), patch_size=patch,
         channels=model.patch_embed.proj.in_channels,
         num_classes=model.head.out_features if isinstance(model.head, tnn.Linear) else 0,
-        dim=dim, depth=len(model.blocks), heads=b0.attn.num_heads, mlp_dim=mlp_dim,
+        dim=dim, depth=len(model.blocks), heads=fields["heads"], mlp_dim=mlp_dim,
         pool=pool, class_token=model.cls_token is not None, reg_tokens=model.num_reg_tokens,
         distilled=isinstance(model, VisionTransformerDistilled),
         no_embed_class=model.no_embed_class, pre_norm=not ident(model.norm_pre),
         final_norm=has_norm or has_fc_norm, fc_norm=has_fc_norm,
         pool_include_prefix=model.pool_include_prefix,
         patch_bias=model.patch_embed.proj.bias is not None,
-        qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias, init_values=init_values, activation=act,
-        norm_eps=eps, dynamic_img_size=model.dynamic_img_size, mlp_layer=mlp_layer, mlp_gate_last=gate_last,
+        qkv_bias=fields["qkv_bias"], qk_norm=fields["qk_norm"], proj_bias=fields["proj_bias"],
+        init_values=fields["init_values"], activation=fields["activation"], norm_eps=fields["norm_eps"],
+        dynamic_img_size=model.dynamic_img_size, mlp_layer=fields["mlp_layer"], mlp_gate_last=fields["mlp_gate_last"],
+        block_fn=fields["block_fn"], num_parallel=fields["num_parallel"], fuse_out_proj=fields["fuse_out_proj"],
+        attn_layer=fields["attn_layer"], norm_layer=norm_kinds.pop() if norm_kinds else "LayerNorm",
     )
+
+
+def diff_lambda_init(depth: int) -> float:
+    """timm ``DiffAttention.set_lambda_init``: the differential weight's offset for block ``depth``."""
+    import math
+
+    return 0.8 - 0.6 * math.exp(-0.3 * depth)
+
+
+def _vit_block_fields(model, need, ident, norm_eps, check_mlp, activation) -> dict[str, Any]:
+    """The block options of a timm ``VisionTransformer`` (``block_fn``, its attention, MLP, norms,
+    LayerScale), read off ``blocks.0``; every block must be of the same class and, for differential
+    attention, carry timm's depth-dependent ``lambda_init``."""
+    from timm.layers import LayerScale, RmsNorm
+    from timm.layers.attention import Attention
+    from timm.layers.diff_attention import DiffAttention
+    from timm.models.vision_transformer import (Block, DiffParallelScalingBlock, ParallelScalingBlock,
+                                                ParallelThingsBlock, ResPostBlock)
+
+    classes = {c.__name__: c for c in (Block, ResPostBlock, ParallelThingsBlock, ParallelScalingBlock,
+                                       DiffParallelScalingBlock)}
+    dim, b0 = model.embed_dim, model.blocks[0]
+    types = sorted({type(b).__name__ for b in model.blocks})
+    f: dict[str, Any] = dict(block_fn=type(b0).__name__, heads=None, mlp_dim=None, activation=None, mlp_layer="Mlp",
+                             mlp_gate_last=True, norm_eps=None, qkv_bias=False, qk_norm=False, proj_bias=True,
+                             init_values=None, num_parallel=2, fuse_out_proj=False, attn_layer="Attention")
+    if len(types) != 1 or classes.get(types[0]) is not type(b0):
+        need(False, f"blocks: {', '.join(types)} (supported: {', '.join(classes)})")
+        return f
+
+    def layer_scale(ls, where: str) -> float | None:
+        if isinstance(ls, LayerScale):
+            return float(ls.init_values)
+        need(ident(ls), f"{where}: {type(ls).__name__}")
+        return None
+
+    def differential(attn, where: str) -> None:
+        need(attn.lambda_q1 is not None, f"{where}: dual_lambda=True (lambda_a / lambda_b) is not supported")
+        need(type(attn.sub_norm) is RmsNorm and attn.sub_norm.eps == 1e-5,
+             f"{where}.sub_norm: not RmsNorm(eps=1e-5)")
+        need(attn.head_dim * 2 * attn.num_heads == dim, f"{where}: head_dim != dim // num_heads // 2")
+
+    def lambda_inits(attns) -> None:
+        need(all(a.lambda_init == diff_lambda_init(i) for i, a in enumerate(attns)),
+             "differential attention lambda_init is not timm's 0.8 - 0.6 exp(-0.3 depth) of the block index")
+
+    def attention(attn, where: str) -> None:
+        kind = type(attn).__name__
+        if type(attn) not in (Attention, DiffAttention):
+            need(False, f"{where}: {kind} (supported: Attention, DiffAttention)")
+            return
+        need(ident(attn.norm), f"{where}.norm (scale_attn_norm is not supported)")
+        need(getattr(attn, "gate", None) is None, "gated attention is not supported")
+        if type(attn) is Attention:
+            need(attn.head_dim * attn.num_heads == dim, "attn_head_dim != dim // num_heads")
+        else:
+            differential(attn, where)
+        f.update(attn_layer=kind, heads=attn.num_heads, qkv_bias=attn.qkv.bias is not None,
+                 qk_norm=not ident(attn.q_norm), proj_bias=attn.proj.bias is not None)
+        if f["qk_norm"]:
+            norm_eps(attn.q_norm, f"{where}.q_norm")
+
+    def mlp(m, where: str) -> None:
+        f["mlp_dim"], f["activation"], f["mlp_layer"], f["mlp_gate_last"] = check_mlp(m, where, dim)
+        need(getattr(m, "fc2", None) is None or (m.fc2.bias is not None) == f["proj_bias"],
+             "attention and MLP projections disagree on bias")
+
+    name = f["block_fn"]
+    if name == "Block":
+        attention(b0.attn, "blocks.0.attn")
+        mlp(b0.mlp, "blocks.0.mlp")
+        f["norm_eps"] = norm_eps(b0.norm1, "blocks.0.norm1")
+        f["init_values"] = layer_scale(b0.ls1, "blocks.0.ls1")
+    elif name == "ResPostBlock":
+        attention(b0.attn, "blocks.0.attn")
+        mlp(b0.mlp, "blocks.0.mlp")
+        f["norm_eps"] = norm_eps(b0.norm1, "blocks.0.norm1")
+        f["init_values"] = None if b0.init_values is None else float(b0.init_values)  # norm weights' init
+    elif name == "ParallelThingsBlock":
+        f["num_parallel"] = len(b0.attns)
+        need(len(b0.ffns) == len(b0.attns), "ParallelThingsBlock: as many attention as MLP branches")
+        attention(b0.attns[0].attn, "blocks.0.attns.0.attn")
+        mlp(b0.ffns[0].mlp, "blocks.0.ffns.0.mlp")
+        f["norm_eps"] = norm_eps(b0.attns[0].norm, "blocks.0.attns.0.norm")
+        f["init_values"] = layer_scale(b0.attns[0].ls, "blocks.0.attns.0.ls")
+    else:  # ParallelScalingBlock, DiffParallelScalingBlock: fused in_proj [mlp fc1 | q | k | v]
+        f["heads"] = b0.num_heads
+        f["qkv_bias"] = b0.in_proj.bias is not None
+        need((b0.mlp_bias is None) == f["qkv_bias"], "blocks.0.mlp_bias and in_proj bias disagree")
+        f["mlp_dim"] = b0.in_proj.out_features - 3 * dim
+        f["activation"] = activation(b0.mlp_act, "blocks.0.mlp_act")
+        f["qk_norm"] = not ident(b0.q_norm)
+        if f["qk_norm"]:
+            norm_eps(b0.q_norm, "blocks.0.q_norm")
+        out = b0.out_proj if b0.out_proj is not None else b0.attn_out_proj
+        f["proj_bias"] = out.bias is not None
+        f["fuse_out_proj"] = name == "ParallelScalingBlock" and b0.out_proj is not None
+        if b0.out_proj is None:
+            need((b0.mlp_out_proj.bias is not None) == f["proj_bias"],
+                 "attn_out_proj and mlp_out_proj disagree on bias")
+        f["norm_eps"] = norm_eps(b0.in_norm, "blocks.0.in_norm")
+        f["init_values"] = layer_scale(b0.ls, "blocks.0.ls")
+        if name == "ParallelScalingBlock":
+            need(b0.head_dim * b0.num_heads == dim, "head_dim != dim // num_heads")
+        else:
+            differential(b0, "blocks.0")
+            lambda_inits(model.blocks)
+    if f["attn_layer"] == "DiffAttention":
+        lambda_inits([b.attns[0].attn if name == "ParallelThingsBlock" else b.attn for b in model.blocks])
+    return f
 
 
 def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, check_mlp) -> EvaSpec:

@@ -137,9 +137,10 @@ def _show(v: Any) -> str:
 
 _SPEC_INTS = {"patch_size": (1, MAX_SIZE), "channels": (1, 4096), "num_classes": (0, MAX_CLASSES),
               "dim": (1, MAX_SIZE), "depth": (1, MAX_DEPTH), "heads": (1, MAX_SIZE), "mlp_dim": (1, 1 << 20),
-              "reg_tokens": (0, MAX_SIZE), "cls_depth": (1, MAX_DEPTH), "cls_mlp_dim": (1, 1 << 20)}
+              "reg_tokens": (0, MAX_SIZE), "cls_depth": (1, MAX_DEPTH), "cls_mlp_dim": (1, 1 << 20),
+              "num_parallel": (1, MAX_DEPTH)}
 _SPEC_BOOLS = ("class_token", "distilled", "no_embed_class", "pre_norm", "final_norm", "fc_norm",
-               "pool_include_prefix", "patch_bias", "qkv_bias", "qk_norm", "dynamic_img_size")
+               "pool_include_prefix", "patch_bias", "qkv_bias", "qk_norm", "dynamic_img_size", "fuse_out_proj")
 
 
 def check_spec(spec: Any, where: str = "spec") -> None:

@@ -52,6 +52,10 @@ TINY_CASES = {
     # builds its tables in float32 in every dtype: float64 parity is bounded by torch's float32
     # sin/cos (vitport.parity.tolerance; test_parity.test_eva_rope_mixed_tables shows the rest exact).
     "eva_rope_mixed_ape": ("vit_small_patch16_rope_mixed_ape_224", TINY),
+    # ParallelScalingBlock (fused in_proj, mlp_bias as qkv_bias=False, qk_norm), RmsNorm everywhere, pre_norm.
+    "parallel_scaling_rmsnorm_xp": ("vit_base_patch16_xp_224", TINY),
+    # Block with DiffAttention (lambda_init from the block index, sub_norm), LayerScale, register token.
+    "diff_attention_reg": ("vit_dwee_patch16_reg1_gap_256", TINY),
 }
 
 # Cases timm's own hub writer (``save_for_hf``) can write: a class-valued kwarg (``mlp_layer``)

@@ -440,12 +440,13 @@ def test_checkpoint_for_another_architecture_lists_every_problem(workdir):
 def test_unsupported_timm_settings_are_named(workdir):
     src, out = workdir
     cfg = json.loads((src / "config.json").read_text())
-    cfg["model_args"].update(pos_embed="none", norm_layer="rmsnorm", attn_layer="diff", mystery_option=3)
+    cfg["model_args"].update(pos_embed="none", norm_layer="simplenorm", embed_norm_layer="rmsnorm",
+                             mystery_option=3)
     (src / "config.json").write_text(json.dumps(cfg))
     before = listing(src.parent)
     with pytest.raises(UnsupportedArchitectureError) as info:
         vitport.convert(src, out)
-    for name in ("pos_embed='none'", "norm_layer='rmsnorm'", "attn_layer='diff'", "mystery_option=3"):
+    for name in ("pos_embed='none'", "norm_layer='simplenorm'", "embed_norm_layer='rmsnorm'", "mystery_option=3"):
         assert name in str(info.value)
     refused = list_architectures(supported=False)[0]
     cfg["architecture"], cfg["model_args"] = refused, {}

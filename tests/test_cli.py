@@ -188,7 +188,7 @@ def _bad_inputs(tiny, tmp: Path, hub_cache: Path):
 
     unsupported = copy("unsupported")
     cfg = json.loads((unsupported / "config.json").read_text())
-    cfg["model_args"]["norm_layer"] = "rmsnorm"
+    cfg["model_args"]["norm_layer"] = "simplenorm"
     (unsupported / "config.json").write_text(json.dumps(cfg))
 
     evil = tmp / "evil.pth"
@@ -209,7 +209,7 @@ def _bad_inputs(tiny, tmp: Path, hub_cache: Path):
     return [
         ("corrupt", ["convert", corrupt, "--out", out], "truncated or corrupt"),
         ("other-architecture", ["convert", other, "--out", out], "unexpected keys"),
-        ("unsupported-setting", ["convert", unsupported, "--out", out], "norm_layer='rmsnorm'"),
+        ("unsupported-setting", ["convert", unsupported, "--out", out], "norm_layer='simplenorm'"),
         ("arbitrary-pickle", ["convert", evil, "--arch", "cait_s24_224", "--model-args", TINY_CAIT_JSON,
                               "--out", out], "nothing in the file was executed"),
         ("nan", ["convert", nan, "--out", out], "blocks.0.attn.proj.weight (1 of 1024 values)"),

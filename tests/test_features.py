@@ -85,16 +85,29 @@ def test_forward_intermediates(case, framework):
 
 
 def timm_attention(model, x_nchw) -> dict:
-    """What timm's attention modules pass to ``attn_drop``: the weights that multiply v."""
+    """What timm's attention modules pass to ``attn_drop``: the weights that multiply v. For
+    differential attention the weights that multiply v are ``w1 - lambda * w2`` of what attn_drop
+    sees; a ParallelThingsBlock's branches are put side by side on the heads axis."""
+    import numpy as np
     import torch
 
     captured, handles = {}, []
-    for block_name, module in model.named_modules():
-        attn = getattr(module, "attn", None)
-        if attn is not None and hasattr(attn, "attn_drop") and block_name.count(".") == 1:
-            attn.fused_attn = False
-            handles.append(attn.attn_drop.register_forward_hook(
-                lambda _m, _a, out, name=block_name: captured.__setitem__(name, out.detach().numpy())))
+
+    def hook(module, block):
+        def fn(_m, _a, out):
+            if hasattr(module, "_compute_lambda"):  # DiffAttention, DiffParallelScalingBlock
+                b, h2, n, _ = out.shape
+                out = out.view(b, h2 // 2, 2, n, n)
+                out = out[:, :, 0] - module._compute_lambda().type_as(out) * out[:, :, 1]
+            out = out.detach().numpy()
+            captured[block] = np.concatenate([captured[block], out], axis=1) if block in captured else out
+        return fn
+
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if parts[0] in ("blocks", "blocks_token_only") and len(parts) > 1 and hasattr(module, "attn_drop"):
+            module.fused_attn = False
+            handles.append(module.attn_drop.register_forward_hook(hook(module, ".".join(parts[:2]))))
     try:
         with torch.no_grad():
             model(x_nchw)
@@ -117,8 +130,30 @@ def test_attention_maps(case, framework):
         close(weights, theirs[block], f"{name} {block} attention")
         if block.startswith("blocks_token_only"):
             assert weights.shape == (2, heads, 1, tokens)
-        elif name != "cait":
+        elif name != "cait" and not jm.spec.differential:  # differential rows sum to 1 - lambda
             np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-12)  # softmax rows
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("arch,kwargs", [
+    ("vit_base_patch16_xp_224", {}),  # ParallelScalingBlock: the block's own attn_drop
+    ("vit_dpwee_patch16_reg1_gap_256", {}),  # DiffParallelScalingBlock: differential weights
+    ("vit_small_patch16_18x2_224", dict(attn_layer="diff")),  # two DiffAttention branches side by side
+    ("vit_base_patch16_rpn_224", {}),  # ResPostBlock
+])
+def test_attention_maps_of_other_blocks(arch, kwargs, framework):
+    from helpers import TINY
+
+    model = tiny_timm(arch, "float64", **dict(TINY, **kwargs))
+    jm = vitport.from_timm(model, framework)
+    x = images(jm.spec, dtype="float64")
+    ours, theirs = jm.attention_maps(x), timm_attention(model, torch_nchw(x))
+    assert sorted(ours) == sorted(theirs) == [f"blocks.{i}" for i in range(jm.spec.depth)]
+    tokens = jm.spec.grid_size[0] * jm.spec.grid_size[1] + jm.spec.num_prefix_tokens
+    heads = jm.spec.heads * (jm.spec.num_parallel if jm.spec.block_fn == "ParallelThingsBlock" else 1)
+    for block, weights in ours.items():
+        assert weights.shape == (2, heads, tokens, tokens)
+        close(weights, theirs[block], f"{arch} {block} attention")
 
 
 def test_feature_api_bad_arguments():

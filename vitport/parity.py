@@ -50,7 +50,7 @@ GAMMA_NAMES = ("gamma", "gamma_1", "gamma_2")
 def perturb_weights(model, seed: int = 0):
     """Bug-sensitive re-initialisation, in place and deterministic; returns the model.
 
-    Linear/conv weights N(0, 1/fan_in), their biases 0.05 N; LayerNorm scale 1 + 0.2 N and
+    Linear/conv weights N(0, 1/fan_in), their biases 0.05 N; LayerNorm (and RmsNorm) scale 1 + 0.2 N and
     bias 0.05 N; LayerScale gammas U(0.05, 0.5); tokens, latents and pos_embed 0.5 N.
     """
     import torch
@@ -65,7 +65,7 @@ def perturb_weights(model, seed: int = 0):
         for name, p in model.named_parameters():
             module_name, _, leaf = name.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, nn.LayerNorm) or type(module).__name__ == "RmsNorm":
                 normal(p, 0.2, 1.0) if leaf == "weight" else normal(p, 0.05)
             elif isinstance(module, (nn.Linear, nn.Conv2d)):
                 normal(p, p[0].numel() ** -0.5) if leaf == "weight" else normal(p, 0.05)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from converters.errors import InvalidArgumentError
-from converters.specs import CaiTSpec, EvaSpec, RelPosSpec, Spec, ViTSpec
+from converters.specs import CaiTSpec, EvaSpec, RelPosSpec, Spec, ViTSpec, diff_lambda_init
 
 from . import ops
 from .config import ModelConfig
@@ -52,17 +52,21 @@ class PatchConv:
 
 @dataclass(frozen=True)
 class Norm:
-    """Affine LayerNorm with the model's own eps (two-pass variance, as torch computes it)."""
+    """Affine LayerNorm with the model's own eps (two-pass variance, as torch computes it), or with
+    ``kind="RmsNorm"`` timm's ``RmsNorm`` (``x * rsqrt(mean(x**2) + eps) * weight``, no bias).
+    ``scale_init``: the weight's init (timm's ResPostBlock starts its norms at ``init_values``)."""
 
     features: int
     eps: float
+    kind: str = "LayerNorm"
+    scale_init: float = 1.0
 
 
 @dataclass(frozen=True)
 class Param:
     """A free tensor. ``init``: 'trunc_normal' (std 0.02), 'small_normal' (std 1e-6, timm's
-    cls/reg tokens), 'constant' (``value``: LayerScale) or 'rope_mixed' (timm's
-    ``init_random_2d_freqs``, ``value``: the temperature)."""
+    cls/reg tokens), 'normal' (std ``value``: DiffAttention's lambdas), 'constant' (``value``:
+    LayerScale) or 'rope_mixed' (timm's ``init_random_2d_freqs``, ``value``: the temperature)."""
 
     shape: tuple[int, ...]
     init: str = "trunc_normal"
@@ -104,6 +108,8 @@ def initializer(p: Param) -> Callable[[jax.Array, tuple[int, ...], Any], jax.Arr
         return jax.nn.initializers.normal(1e-6)
     if p.init == "rope_mixed":
         return _rope_mixed_init(p.value)
+    if p.init == "normal":
+        return jax.nn.initializers.normal(p.value)
     return jax.nn.initializers.constant(p.value)
 
 
@@ -167,6 +173,11 @@ def _mlp(cfg: ModelConfig, hidden: int, drop: float, bias: bool = True, norm: bo
     return Node("Mlp", cfg, (hidden, drop, bias, norm))
 
 
+def _norm(s: Spec, features: int, scale_init: float = 1.0) -> Norm:
+    """A norm of the spec's ``norm_layer`` (LayerNorm unless the spec says RmsNorm)."""
+    return Norm(features, s.norm_eps, getattr(s, "norm_layer", "LayerNorm"), scale_init)
+
+
 def _block_mlp(cfg: ModelConfig) -> Node:
     """A block's MLP, of the spec's ``mlp_layer`` (timm's ``mlp_layer``); Eva's ``scale_mlp``
     adds a LayerNorm over the hidden width."""
@@ -188,9 +199,9 @@ def _vit_children(cfg: ModelConfig) -> dict[str, Any]:
     c["pos_embed"] = Param((1, s.num_pos_tokens, d))
     c["pos_drop"] = Dropout(cfg.emb_dropout)
     if s.pre_norm:
-        c["norm_pre"] = Norm(d, s.norm_eps)
+        c["norm_pre"] = _norm(s, d)
     for i in range(s.depth):
-        c[f"blocks.{i}"] = Node("Block", cfg, (cfg.drop_path_rate(i),))
+        c[f"blocks.{i}"] = Node(s.block_fn, cfg, (cfg.drop_path_rate(i),))
     return {**c, **_final_norm_and_head(cfg)}
 
 
@@ -201,11 +212,11 @@ def _final_norm_and_head(cfg: ModelConfig) -> dict[str, Any]:
     d = s.dim
     c: dict[str, Any] = {}
     if s.has_norm:
-        c["norm"] = Norm(d, s.norm_eps)
+        c["norm"] = _norm(s, d)
     if s.pool == "map":
         c["attn_pool"] = Node("AttentionPoolLatent", cfg)
     if s.has_fc_norm:
-        c["fc_norm"] = Norm(d, s.norm_eps)
+        c["fc_norm"] = _norm(s, d)
     c["head_drop"] = Dropout(cfg.head_dropout)
     if s.num_classes:
         c["head"] = Linear(d, s.num_classes)
@@ -322,21 +333,23 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
         return {"proj": PatchConv(s.channels, d, s.patch_size, s.patch_bias)}
     if kind == "Block":  # timm vision_transformer.Block
         (drop_path,) = args
-        c = {"norm1": Norm(d, s.norm_eps), "attn": Node("Attention", cfg)}
+        c = {"norm1": _norm(s, d), "attn": _attention_node(cfg)}
         if s.has_layer_scale:
             c["ls1"] = Node("LayerScale", cfg)
         c["drop_path1"] = DropPath(drop_path)
-        c["norm2"] = Norm(d, s.norm_eps)
+        c["norm2"] = _norm(s, d)
         c["mlp"] = _block_mlp(cfg)
         if s.has_layer_scale:
             c["ls2"] = Node("LayerScale", cfg)
         c["drop_path2"] = DropPath(drop_path)
         return c
+    if kind in _OTHER_BLOCKS:
+        return _other_block_children(kind, cfg, *args)
     if kind == "Attention":
         c = {"qkv": Linear(d, 3 * d, s.qkv_bias)}
         if s.qk_norm:
-            c["q_norm"] = Norm(d // s.heads, s.norm_eps)
-            c["k_norm"] = Norm(d // s.heads, s.norm_eps)
+            c["q_norm"] = _norm(s, d // s.heads)
+            c["k_norm"] = _norm(s, d // s.heads)
         return {**c, "attn_drop": Dropout(cfg.attn_dropout), "proj": Linear(d, d, s.proj_bias),
                 "proj_drop": Dropout(cfg.dropout)}
     if kind == "Mlp":
@@ -389,7 +402,7 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
         return {"gamma": Param((d,), "constant", s.init_values)}
     if kind == "AttentionPoolLatent":
         return {"latent": Param((1, 1, d)), "q": Linear(d, d), "kv": Linear(d, 2 * d), "proj": Linear(d, d),
-                "norm": Norm(d, s.norm_eps), "mlp": _mlp(cfg, getattr(s, "attn_pool_mlp_dim", s.mlp_dim), 0.0)}
+                "norm": _norm(s, d), "mlp": _mlp(cfg, getattr(s, "attn_pool_mlp_dim", s.mlp_dim), 0.0)}
     if kind == "LayerScaleBlock":  # CaiT self-attention block, talking heads
         (drop_path,) = args
         return {"gamma_1": Param((d,), "constant", s.init_values), "gamma_2": Param((d,), "constant", s.init_values),
@@ -407,6 +420,66 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
         return {"q": Linear(d, d, s.qkv_bias), "k": Linear(d, d, s.qkv_bias), "v": Linear(d, d, s.qkv_bias),
                 "proj": Linear(d, d)}
     raise KeyError(f"unknown module kind {kind!r}")
+
+
+# The ViT blocks other than timm's Block, and DiffAttention (timm/models/vision_transformer.py,
+# timm/layers/diff_attention.py). Branch kinds name timm's nn.Sequential entries of ParallelThingsBlock.
+_OTHER_BLOCKS = ("ResPostBlock", "ParallelThingsBlock", "ParallelAttnBranch", "ParallelMlpBranch",
+                 "ParallelScalingBlock", "DiffParallelScalingBlock", "DiffAttention")
+
+
+def _attention_node(cfg: ModelConfig) -> Node:
+    """A block's attention of the spec's ``attn_layer``."""
+    return Node("DiffAttention" if cfg.spec.attn_layer == "DiffAttention" else "Attention", cfg)
+
+
+def _other_block_children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
+    s: ViTSpec = cfg.spec
+    d = s.dim
+    half = d // s.heads // 2
+    # differential attention's lambda vectors, timm's init N(0, 0.1)
+    lambdas = {name: Param((half,), "normal", 0.1) for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}
+    if kind == "DiffAttention":
+        c = {**lambdas, "qkv": Linear(d, 3 * d, s.qkv_bias)}
+        if s.qk_norm:
+            c["q_norm"] = _norm(s, half)
+            c["k_norm"] = _norm(s, half)
+        return {**c, "attn_drop": Dropout(cfg.attn_dropout), "proj": Linear(d, d, s.proj_bias),
+                "proj_drop": Dropout(cfg.dropout), "sub_norm": Norm(2 * half, 1e-5, "RmsNorm")}
+    (drop_path,) = args
+    if kind == "ResPostBlock":  # norms after attention / MLP, their weights initialised to init_values
+        scale = 1.0 if s.init_values is None else s.init_values
+        return {"attn": _attention_node(cfg), "norm1": _norm(s, d, scale), "drop_path1": DropPath(drop_path),
+                "mlp": _block_mlp(cfg), "norm2": _norm(s, d, scale), "drop_path2": DropPath(drop_path)}
+    if kind == "ParallelThingsBlock":
+        return {**{f"attns.{j}": Node("ParallelAttnBranch", cfg, args) for j in range(s.num_parallel)},
+                **{f"ffns.{j}": Node("ParallelMlpBranch", cfg, args) for j in range(s.num_parallel)}}
+    if kind in ("ParallelAttnBranch", "ParallelMlpBranch"):
+        c = {"norm": _norm(s, d)}
+        c.update(attn=_attention_node(cfg)) if kind == "ParallelAttnBranch" else c.update(mlp=_block_mlp(cfg))
+        if s.has_layer_scale:
+            c["ls"] = Node("LayerScale", cfg)
+        return {**c, "drop_path": DropPath(drop_path)}
+    # (Diff)ParallelScalingBlock: in_proj = [MLP fc1 | q | k | v]; mlp_bias when qkv_bias is off
+    diff = kind == "DiffParallelScalingBlock"
+    qk = half if diff else d // s.heads
+    c = {} if s.qkv_bias else {"mlp_bias": Param((s.mlp_dim,), "constant", 0.0)}
+    if diff:
+        c.update(lambdas)
+    c.update(in_norm=_norm(s, d), in_proj=Linear(d, s.mlp_dim + 3 * d, s.qkv_bias))
+    if s.qk_norm:
+        c.update(q_norm=_norm(s, qk), k_norm=_norm(s, qk))
+    c["attn_drop"] = Dropout(cfg.attn_dropout)
+    if diff:
+        c["sub_norm"] = Norm(2 * half, 1e-5, "RmsNorm")
+    c["mlp_drop"] = Dropout(cfg.dropout)
+    if s.fused_out_proj:
+        c["out_proj"] = Linear(d + s.mlp_dim, d, s.proj_bias)
+    else:
+        c.update(attn_out_proj=Linear(d, d, s.proj_bias), mlp_out_proj=Linear(s.mlp_dim, d, s.proj_bias))
+    if s.has_layer_scale:
+        c["ls"] = Node("LayerScale", cfg)
+    return {**c, "drop_path": DropPath(drop_path)}
 
 
 # ------------------------------------------------------------------ attention capture
@@ -440,7 +513,9 @@ def _in_block(name: str) -> Iterator[None]:
 def _record_attention(weights: jax.Array) -> None:
     captured = _CAPTURED.get()
     if captured is not None and _BLOCK.get():
-        captured[f"{_BLOCK.get()}.attn"] = weights
+        key = f"{_BLOCK.get()}.attn"
+        # ParallelThingsBlock: the branches' weights side by side on the heads axis, in branch order.
+        captured[key] = jnp.concatenate([captured[key], weights], axis=1) if key in captured else weights
 
 
 def attention_maps(intermediates: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -880,6 +955,113 @@ FORWARD: dict[str, Callable[..., Any]] = {
     "RelPosAttention": rel_pos_attention, "RelPosBias": rel_pos_bias, "RelPosMlp": rel_pos_mlp,
     "RelPosCoordMlp": rel_pos_coord_mlp,
 }
+
+
+def _diff_lambda(m: Layers, depth: int, dtype: Any) -> jax.Array:
+    """timm's ``lambda_full = exp(sum(q1 * k1)) - exp(sum(q2 * k2)) + lambda_init``, in float32 as
+    timm computes it (``.float()`` even in a float64 model), then in the activations' dtype."""
+    def exp_dot(q: str, k: str) -> jax.Array:
+        a, b = m.param(q), m.param(k)
+        t = jnp.sum(a * b, axis=-1).astype(jnp.float32)
+        # exp at the params' precision (float64 when it is) then rounded: closest to torch's float32 exp
+        return jnp.exp(t.astype(jnp.promote_types(a.dtype, jnp.float32))).astype(jnp.float32)
+
+    lam = exp_dot("lambda_q1", "lambda_k1") - exp_dot("lambda_q2", "lambda_k2") + jnp.float32(diff_lambda_init(depth))
+    return lam.astype(dtype)
+
+
+def _block_depth() -> int:
+    """The index of the ViT block being run: timm passes it to each block as ``depth``
+    (DiffAttention's ``lambda_init``). Every block runs inside ``_blocks``, which names it."""
+    name = _BLOCK.get()
+    if not name.rpartition(".")[2].isdigit():
+        raise InvalidArgumentError("differential attention runs only inside a model's blocks")
+    return int(name.rpartition(".")[2])
+
+
+def _differential(m: Layers, cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """timm's differential attention on (B, N, D) q, k, v: 2H query/key heads of half width, H value
+    heads; ``softmax(q1 k1) - lambda softmax(q2 k2)`` per head (recorded: what multiplies v), then
+    ``sub_norm`` (RmsNorm) and ``* (1 - lambda_init)``."""
+    h, depth = cfg.spec.heads, _block_depth()
+    (q, k), v = [ops.split_heads(t, 2 * h) for t in (q, k)], ops.split_heads(v, h)
+    if m.has("q_norm"):
+        q, k = m("q_norm")(q), m("k_norm")(k)
+    lam = _diff_lambda(m, depth, q.dtype)
+    weights = m("attn_drop")(ops.softmax(ops.attention_logits(q, k, cfg.matmul_dtype), axis=-1))
+    b, _, n, _ = weights.shape
+    weights = weights.reshape(b, h, 2, n, n)  # head 2i + j: component j of value head i
+    weights = weights[:, :, 0] - lam * weights[:, :, 1]
+    _record_attention(weights)
+    x = m("sub_norm")(ops.attend(weights, v, cfg.matmul_dtype))
+    return ops.merge_heads(x * (1 - diff_lambda_init(depth)))
+
+
+def diff_attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``DiffAttention``: fused qkv, differential attention, proj."""
+    q, k, v = jnp.split(m("qkv")(x), 3, axis=-1)
+    return m("proj_drop")(m("proj")(_differential(m, cfg, q, k, v)))
+
+
+def res_post_block(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``ResPostBlock``: ``x + norm1(attn(x))``, ``x + norm2(mlp(x))``."""
+    x = x + m("drop_path1")(m("norm1")(m("attn")(x)))
+    return x + m("drop_path2")(m("norm2")(m("mlp")(x)))
+
+
+def _branch(m: Layers, cfg: ModelConfig, x: jax.Array, inner: str) -> jax.Array:
+    y = m(inner)(m("norm")(x))
+    return m("drop_path")(m("ls")(y) if m.has("ls") else y)
+
+
+def parallel_things_block(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``ParallelThingsBlock``: ``x + sum_j attns[j](x)``, then ``x + sum_j ffns[j](x)``, each
+    branch ``drop_path(ls(f(norm(x))))``."""
+    n = cfg.spec.num_parallel
+    y = m("attns.0")(x)
+    for j in range(1, n):
+        y = y + m(f"attns.{j}")(x)
+    x = x + y
+    y = m("ffns.0")(x)
+    for j in range(1, n):
+        y = y + m(f"ffns.{j}")(x)
+    return x + y
+
+
+def parallel_scaling_block(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``ParallelScalingBlock`` / ``DiffParallelScalingBlock`` (ViT-22B): one ``in_norm``, one
+    ``in_proj`` giving ``[MLP hidden | q | k | v]``, attention and MLP in parallel, their outputs
+    through ``attn_out_proj + mlp_out_proj`` or one ``out_proj`` of their concatenation."""
+    s: ViTSpec = cfg.spec
+    d = s.dim
+    y = m("in_proj")(m("in_norm")(x))
+    x_mlp, q, k, v = jnp.split(y, [s.mlp_dim, s.mlp_dim + d, s.mlp_dim + 2 * d], axis=-1)
+    if m.has("mlp_bias"):
+        x_mlp = x_mlp + m.param("mlp_bias").astype(x_mlp.dtype)
+    if m.has("sub_norm"):  # DiffParallelScalingBlock
+        x_attn = _differential(m, cfg, q, k, v)
+    else:
+        q, k, v = _heads(s, q, k, v)
+        if s.qk_norm:
+            q, k = m("q_norm")(q), m("k_norm")(k)
+        weights = m("attn_drop")(ops.softmax(ops.attention_logits(q, k, cfg.matmul_dtype), axis=-1))
+        _record_attention(weights)
+        x_attn = ops.merge_heads(ops.attend(weights, v, cfg.matmul_dtype))
+    x_mlp = m("mlp_drop")(ops.activation(s.activation)(x_mlp))
+    if m.has("out_proj"):
+        y = m("out_proj")(jnp.concatenate([x_attn, x_mlp], axis=-1))
+    else:
+        y = m("attn_out_proj")(x_attn) + m("mlp_out_proj")(x_mlp)
+    return x + m("drop_path")(m("ls")(y) if m.has("ls") else y)
+
+
+FORWARD.update({
+    "ResPostBlock": res_post_block, "ParallelThingsBlock": parallel_things_block,
+    "ParallelAttnBranch": lambda m, cfg, x: _branch(m, cfg, x, "attn"),
+    "ParallelMlpBranch": lambda m, cfg, x: _branch(m, cfg, x, "mlp"),
+    "ParallelScalingBlock": parallel_scaling_block, "DiffParallelScalingBlock": parallel_scaling_block,
+    "DiffAttention": diff_attention,
+})
 ROOT_KIND = {"vit": "ViT", "cait": "CaiT", "eva": "Eva", "relpos": "VisionTransformerRelPos"}
 
 

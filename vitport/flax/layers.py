@@ -50,6 +50,10 @@ class Layers(structure.LazyLayers):
             return nn.Dense(decl.out_features, use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT,
                             dot_general=ops.dot_general(self.cfg.matmul_dtype), **kw)
         if isinstance(decl, structure.Norm):
+            if decl.scale_init != 1.0:
+                kw["scale_init"] = jax.nn.initializers.constant(decl.scale_init)
+            if decl.kind == "RmsNorm":  # timm RmsNorm: x * rsqrt(mean(x**2) + eps) * weight, no bias
+                return nn.RMSNorm(epsilon=decl.eps, **kw)
             # Two-pass variance like torch; flax's default fast variance loses digits in float32.
             return nn.LayerNorm(epsilon=decl.eps, use_fast_variance=False, **kw)
         if isinstance(decl, structure.PatchConv):

@@ -88,6 +88,11 @@ class ViT(_Root):
     dynamic_img_size: bool = False
     mlp_layer: str = "Mlp"
     mlp_gate_last: bool = True
+    block_fn: str = "Block"
+    num_parallel: int = 2
+    fuse_out_proj: bool = False
+    attn_layer: str = "Attention"
+    norm_layer: str = "LayerNorm"
     dtype: Dtype = None
     param_dtype: Dtype = "float32"
     matmul_dtype: str | None = None

@@ -88,7 +88,12 @@ class Layers(structure.LazyLayers):
             return Linear(decl.out_features, decl.bias, self.cfg.matmul_dtype, name=name)
         if isinstance(decl, structure.Norm):
             # Haiku's default eps is 1e-5; timm's models say their own.
-            norm = hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, eps=decl.eps, name=name)
+            scale_init = None if decl.scale_init == 1.0 else hk.initializers.Constant(decl.scale_init)
+            if decl.kind == "RmsNorm":  # timm RmsNorm: x * rsqrt(mean(x**2) + eps) * weight, no offset
+                norm = hk.RMSNorm(axis=-1, eps=decl.eps, scale_init=scale_init, create_scale=True, name=name)
+            else:
+                norm = hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, eps=decl.eps,
+                                    scale_init=scale_init, name=name)
             # statistics in float32 for 16-bit inputs, as linen's and NNX's LayerNorm compute them
             return lambda x: norm(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
         if isinstance(decl, structure.PatchConv):

@@ -47,6 +47,10 @@ def _build(decl: Any, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
         return nnx.Linear(decl.in_features, decl.out_features, use_bias=decl.bias,
                           kernel_init=structure.WEIGHT_INIT, dot_general=ops.dot_general(cfg.matmul_dtype), **kw)
     if isinstance(decl, structure.Norm):
+        if decl.scale_init != 1.0:
+            kw["scale_init"] = jax.nn.initializers.constant(decl.scale_init)
+        if decl.kind == "RmsNorm":  # timm RmsNorm: x * rsqrt(mean(x**2) + eps) * weight, no bias
+            return nnx.RMSNorm(decl.features, epsilon=decl.eps, **kw)
         # Two-pass variance like torch; the fast variance loses digits in float32.
         return nnx.LayerNorm(decl.features, epsilon=decl.eps, use_fast_variance=False, **kw)
     if isinstance(decl, structure.PatchConv):
