@@ -91,7 +91,7 @@ REFUSAL_CATEGORIES = (
     ("rope_type='mixed'", "`Eva` with mixed (learned) RoPE, `RotaryEmbeddingMixed`"),
     ("num_kv_heads", "`Eva` with grouped-query attention (Sapiens2)"),
     ("VisionTransformerRelPos", "relative-position ViTs (`VisionTransformerRelPos`)"),
-    ("HybridEmbed", "hybrid CNN stems (`HybridEmbed`: R50, R26, ResNet-D, MCi)"),
+    ("HybridEmbed", "hybrid CNN stems other than ResNetV2 (`HybridEmbed`: ResNet-D, MCi)"),
     ("DiffAttention", "differential attention"),
     ("Block is supported", "parallel, res-post and differential blocks"),
     ("GluMlp", "SwiGLU / gated MLPs (DINOv2 giant, TIPSv2)"),
@@ -124,6 +124,8 @@ OPTION_CATEGORIES = (
     ("`quick_gelu`", lambda s: s.get("activation") == "quick_gelu"),
     ("LayerNorm eps 1e-5", lambda s: s["norm_eps"] == 1e-5),
     ("`dynamic_img_size`", lambda s: s.get("dynamic_img_size", False)),
+    ("hybrid CNN stem: ResNetV2 (`HybridEmbed`, StdConv + GroupNorm; R26, R50, R-Ti stem)",
+     lambda s: (s.get("backbone") or {}).get("kind") == "resnetv2"),
 )
 
 

@@ -123,7 +123,8 @@ def test_wrong_params_tree_is_reported(framework):
     ("vit_base_patch16_224", dict(act_layer="relu"), "ReLU"),
     ("vit_base_patch16_224", dict(pos_embed="none"), "pos_embed='none'"),
     ("vit_base_patch16_224", dict(dynamic_img_pad=True), "dynamic_img_pad"),
-    ("vit_base_r50_s16_224", {}, "hybrid CNN stems"),
+    ("vit_base_mci_224", {}, "hybrid CNN stems other than timm's ResNetV2"),
+    ("vit_base_r50_s16_224", dict(dynamic_img_size=True), "dynamic_img_size with a hybrid CNN stem"),
     ("vit_base_patch16_xp_224", {}, "ParallelScalingBlock"),
     ("vit_giant_patch14_dinov2", dict(scale_mlp_norm=True), "scale_mlp_norm"),
     ("vit_relpos_base_patch16_224", {}, "VisionTransformerRelPos"),
@@ -144,6 +145,6 @@ def test_unsupported_timm_options_are_refused_by_name(arch, kwargs, named):
 
 def test_table_names_refused_architectures():
     with pytest.raises(UnsupportedArchitectureError, match="hybrid CNN stems"):
-        vitport.create_model("vit_base_r50_s16_224")
+        vitport.create_model("vit_base_mci_224")
     with pytest.raises(UnsupportedArchitectureError, match="did you mean vit_base_patch16_224"):
         vitport.create_model("vit_bsae_patch16_224")

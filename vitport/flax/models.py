@@ -88,6 +88,7 @@ class ViT(_Root):
     dynamic_img_size: bool = False
     mlp_layer: str = "Mlp"
     mlp_gate_last: bool = True
+    backbone: Any = None  # a hybrid CNN stem: converters.specs.HybridBackbone (or its dict form)
     dtype: Dtype = None
     param_dtype: Dtype = "float32"
     matmul_dtype: str | None = None
