@@ -309,5 +309,5 @@ def max_pool(x: jax.Array, kernel: int, stride: int, padding: str | int) -> jax.
     pad = conv_padding(padding)
     if not isinstance(pad, str):
         pad = [(0, 0), *pad, (0, 0)]
-    return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max, (1, kernel, kernel, 1),
-                             (1, stride, stride, 1), pad)
+    # A Python scalar init lets lax pick its differentiable max-pool primitive.
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1), pad)
