@@ -90,7 +90,7 @@ def arch_spec(name: str, **overrides: Any) -> Spec:
 REFUSAL_CATEGORIES = (
     ("num_kv_heads", "`Eva` with grouped-query attention (Sapiens2)"),
     ("VisionTransformerRelPos", "relative-position ViTs (`VisionTransformerRelPos`)"),
-    ("HybridEmbed", "hybrid CNN stems (`HybridEmbed`: R50, R26, ResNet-D, MCi)"),
+    ("HybridEmbed", "hybrid CNN stems other than ResNetV2 (`HybridEmbed`: ResNet-D, MCi)"),
     ("(supported: Block, ResPostBlock", "other ViT blocks"),
     ("GluMlp", "SwiGLU / gated MLPs (DINOv2 giant, TIPSv2)"),
     ("RmsNorm", "RMSNorm instead of LayerNorm (Sapiens2)"),
@@ -134,6 +134,8 @@ OPTION_CATEGORIES = (
     ("differential attention (`DiffAttention`, `DiffParallelScalingBlock`)", lambda s: s.get("attn_layer")
      == "DiffAttention" or s.get("block_fn") == "DiffParallelScalingBlock"),
     ("`dynamic_img_size`", lambda s: s.get("dynamic_img_size", False)),
+    ("hybrid CNN stem: ResNetV2 (`HybridEmbed`, StdConv + GroupNorm; R26, R50, R-Ti stem)",
+     lambda s: (s.get("backbone") or {}).get("kind") == "resnetv2"),
 )
 
 

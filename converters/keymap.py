@@ -111,9 +111,41 @@ def _attn_pool(s: ViTSpec | EvaSpec, heads_mlp_dim: int) -> Iterator[Entry]:
 def _patch_embed(spec: Spec, bias: bool) -> Iterator[Entry]:
     p = spec.patch_size
     yield Entry("patch_embed.proj.weight", "patch_embed.proj", "kernel", "conv",
-                (spec.dim, spec.channels, p, p))
+                (spec.dim, getattr(spec, "patch_in_channels", spec.channels), p, p))
     if bias:
         yield Entry("patch_embed.proj.bias", "patch_embed.proj", "bias", "conv", (spec.dim,))
+
+
+def _conv(m: str, c_in: int, c_out: int, k: int, bias: bool = False) -> Iterator[Entry]:
+    yield Entry(f"{m}.weight", m, "kernel", "conv", (c_out, c_in, k, k))
+    if bias:
+        yield Entry(f"{m}.bias", m, "bias", "conv", (c_out,))
+
+
+def _hybrid_backbone(s: ViTSpec) -> Iterator[Entry]:
+    """A hybrid ViT's CNN (``patch_embed.backbone.*``), in timm's state_dict order: ResNetV2's
+    ``stem.{conv,norm}`` (the stem alone is the backbone itself when there are no stages), then
+    per block ``downsample.{conv,norm}`` (first block), ``conv1, norm1, conv2, norm2, conv3, norm3``.
+    Weight-standardised convolutions have no bias; GroupNorms are affine."""
+    b = s.backbone
+    root = "patch_embed.backbone"
+    stem = f"{root}.stem" if b.layers else root
+    yield from _conv(f"{stem}.conv", s.channels, b.stem_chs, 7)
+    yield from _norm(f"{stem}.norm", b.stem_chs)
+    c_in = b.stem_chs
+    for i, (depth, c_out, mid) in enumerate(zip(b.layers, b.channels, b.mid_channels)):
+        for j in range(depth):
+            m = f"{root}.stages.{i}.blocks.{j}"
+            if j == 0:
+                yield from _conv(f"{m}.downsample.conv", c_in, c_out, 1)
+                yield from _norm(f"{m}.downsample.norm", c_out)
+            yield from _conv(f"{m}.conv1", c_in, mid, 1)
+            yield from _norm(f"{m}.norm1", mid)
+            yield from _conv(f"{m}.conv2", mid, mid, 3)
+            yield from _norm(f"{m}.norm2", mid)
+            yield from _conv(f"{m}.conv3", mid, c_out, 1)
+            yield from _norm(f"{m}.norm3", c_out)
+            c_in = c_out
 
 
 def _final_norm_and_head(s: Spec, attn_pool_mlp_dim: int) -> Iterator[Entry]:
@@ -141,6 +173,8 @@ def vit_table(s: ViTSpec) -> list[Entry]:
     t.append(_param("pos_embed", (1, s.num_pos_tokens, d)))
     if s.distilled:
         t.append(_param("dist_token", (1, 1, d)))
+    if s.backbone is not None:
+        t += _hybrid_backbone(s)
     t += _patch_embed(s, s.patch_bias)
     if s.pre_norm:
         t += _norm("norm_pre", d, s.norm_layer)

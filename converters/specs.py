@@ -54,6 +54,64 @@ def pair(x) -> tuple[int, int]:
     return int(x), int(x)
 
 
+def _tuple(x) -> tuple:
+    return tuple(int(v) for v in x)
+
+
+HybridKind = Literal["resnetv2"]
+
+
+@dataclass(frozen=True)
+class HybridBackbone:
+    """The CNN of a timm hybrid ViT's ``HybridEmbed.backbone`` (``timm/models/vision_transformer_hybrid.py``),
+    read off the live modules (docs/design.md, section 3).
+
+    ``'resnetv2'``: timm's ``ResNetV2(preact=False)`` as ``_resnetv2`` builds it (or, with no
+    stages, its stem alone, an ``nn.Sequential`` of ``conv``, ``norm``, ``pool``): weight-standardised
+    convolutions (``StdConv2dSame`` / ``StdConv2d``, eps ``std_conv_eps``), ``GroupNormAct``
+    (``norm_groups`` groups, ``norm_eps``, ReLU) after each, a 7x7 stride-2 stem conv and a 3x3
+    stride-2 max pool, then non-pre-activation ``Bottleneck`` stages (the first block of each with a
+    ``DownsampleConv`` shortcut). ``same_padding``: TF 'SAME' padding (timm's default for hybrids)
+    instead of torch's symmetric ``get_padding``. Per stage: ``layers`` blocks, ``channels`` out,
+    ``mid_channels`` in the bottleneck, ``strides`` of its first block.
+    """
+
+    kind: HybridKind = "resnetv2"
+    stem_chs: int = 64
+    layers: tuple[int, ...] = ()
+    channels: tuple[int, ...] = ()
+    mid_channels: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    same_padding: bool = True
+    std_conv_eps: float = 1e-8
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("layers", "channels", "mid_channels", "strides"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))  # JSON gives lists
+        if self.kind not in ("resnetv2",):
+            raise UnsupportedArchitectureError(f"hybrid backbone kind {self.kind!r} is not supported")
+        n = len(self.layers)
+        if not (len(self.channels) == len(self.mid_channels) == len(self.strides) == n):
+            raise InvalidArgumentError("hybrid backbone: layers, channels, mid_channels and strides differ in length")
+        if any(c % self.norm_groups for c in (self.stem_chs, *self.channels, *self.mid_channels)):
+            raise InvalidArgumentError(f"hybrid backbone: widths must be multiples of norm_groups={self.norm_groups}")
+
+    @property
+    def num_features(self) -> int:
+        """Width of the feature map handed to ``HybridEmbed.proj``."""
+        return self.channels[-1] if self.channels else self.stem_chs
+
+    def feature_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The backbone's output size: every stride-2 step (stem conv, max pool, stage) gives
+        ``ceil(n / 2)``, with 'SAME' padding and with timm's symmetric ``get_padding`` alike."""
+        h, w = image_size
+        for s in (2, 2, *self.strides):
+            h, w = -(-h // s), -(-w // s)
+        return h, w
+
+
 @dataclass(frozen=True)
 class ViTSpec:
     """timm ``VisionTransformer`` / ``VisionTransformerDistilled`` hyperparameters.
@@ -95,11 +153,16 @@ class ViTSpec:
     fuse_out_proj: bool = False  # ParallelScalingBlock's one out_proj (DiffParallelScalingBlock always fuses)
     attn_layer: AttnLayer = "Attention"
     norm_layer: NormLayer = "LayerNorm"
+    backbone: HybridBackbone | None = None  # a hybrid ViT's CNN stem (timm's HybridEmbed)
 
     family = "vit"
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", pair(self.image_size))
+        if isinstance(self.backbone, Mapping):  # the JSON form
+            object.__setattr__(self, "backbone", HybridBackbone(**self.backbone))
+        if self.backbone is not None and self.dynamic_img_size:
+            raise UnsupportedArchitectureError("dynamic_img_size with a hybrid CNN stem is not supported")
         if self.pool not in ("token", "avg", "map", ""):
             raise UnsupportedArchitectureError(f"global_pool={self.pool!r} is not supported "
                                                "(vitport implements 'token', 'avg', 'map' and '')")
@@ -162,7 +225,15 @@ class ViTSpec:
 
     @property
     def grid_size(self) -> tuple[int, int]:
+        if self.backbone is not None:  # HybridEmbed patchifies the backbone's feature map
+            h, w = self.backbone.feature_size(self.image_size)
+            return h // self.patch_size, w // self.patch_size
         return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def patch_in_channels(self) -> int:
+        """Channels entering ``patch_embed.proj``: the image's, or a hybrid backbone's features."""
+        return self.backbone.num_features if self.backbone is not None else self.channels
 
     @property
     def prefix_tokens(self) -> tuple[str, ...]:
@@ -506,9 +577,18 @@ def _square_patch(p) -> int:
     return h
 
 
+def _json_form(v):
+    """Tuples as JSON's lists, also inside nested specs (a hybrid ``backbone``)."""
+    if isinstance(v, tuple):
+        return [_json_form(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_form(x) for k, x in v.items()}
+    return v
+
+
 def spec_to_dict(spec: Spec) -> dict[str, Any]:
     d = dataclasses.asdict(spec)
-    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # JSON's form (image_size, ...)
+    d = {k: _json_form(v) for k, v in d.items()}  # JSON's form (image_size, ...)
     return {"family": spec.family, **d}
 
 
@@ -938,7 +1018,14 @@ def spec_from_timm_model(model) -> Spec:
             "VisionTransformerDistilled, VisionTransformerRelPos, Cait and Eva (hybrid and other "
             "ViT variants are out of scope)")
 
-    patch = check_patch_embed(model.patch_embed)
+    from timm.layers import HybridEmbed
+
+    backbone = None
+    if type(model.patch_embed) is HybridEmbed:
+        patch, backbone = _hybrid_embed(model.patch_embed, need)
+        need(not model.dynamic_img_size, "dynamic_img_size with a hybrid CNN stem is not supported")
+    else:
+        patch = check_patch_embed(model.patch_embed)
     dim = model.embed_dim
     need(model.pos_embed is not None, "pos_embed='none' is not supported")
     norm_kinds: set[str] = set()
@@ -985,7 +1072,7 @@ def spec_from_timm_model(model) -> Spec:
     has_norm, has_fc_norm = not ident(model.norm), not ident(model.fc_norm)
     return ViTSpec(
         image_size=tuple(model.patch_embed.img_size), patch_size=patch,
-        channels=model.patch_embed.proj.in_channels,
+        channels=model.patch_embed.in_chans if backbone is not None else model.patch_embed.proj.in_channels,
         num_classes=model.head.out_features if isinstance(model.head, tnn.Linear) else 0,
         dim=dim, depth=len(model.blocks), heads=fields["heads"], mlp_dim=mlp_dim,
         pool=pool, class_token=model.cls_token is not None, reg_tokens=model.num_reg_tokens,
@@ -999,6 +1086,7 @@ def spec_from_timm_model(model) -> Spec:
         dynamic_img_size=model.dynamic_img_size, mlp_layer=fields["mlp_layer"], mlp_gate_last=fields["mlp_gate_last"],
         block_fn=fields["block_fn"], num_parallel=fields["num_parallel"], fuse_out_proj=fields["fuse_out_proj"],
         attn_layer=fields["attn_layer"], norm_layer=norm_kinds.pop() if norm_kinds else "LayerNorm",
+        backbone=backbone,
     )
 
 
@@ -1110,6 +1198,103 @@ def _vit_block_fields(model, need, ident, norm_eps, check_mlp, activation) -> di
     if f["attn_layer"] == "DiffAttention":
         lambda_inits([b.attns[0].attn if name == "ParallelThingsBlock" else b.attn for b in model.blocks])
     return f
+
+
+def _hybrid_embed(pe, need) -> tuple[int | None, HybridBackbone | None]:
+    """``(patch size, backbone)`` of a timm ``HybridEmbed``; what vitport does not implement is
+    named through ``need``. The backbone is read off the modules (never the tensor values: the
+    registry walk builds on the meta device)."""
+    import torch.nn as tnn
+    from timm.layers import GroupNormAct, StdConv2d, StdConv2dSame
+    from timm.models.resnetv2 import Bottleneck, DownsampleConv, ResNetV2
+
+    problems: list[str] = []
+
+    def want(cond: bool, what: str):
+        if not cond:
+            problems.append(what)
+
+    want(isinstance(pe.proj, tnn.Conv2d), "patch_embed: HybridEmbed without a projection (proj=False, "
+                                          "the MCi ConvStem) is not supported")
+    want(pe.flatten and not pe.dynamic_img_pad, "patch_embed: HybridEmbed with dynamic_img_pad or a non-flat "
+                                                "output_fmt is not supported")
+    patch = None
+    if isinstance(pe.proj, tnn.Conv2d):
+        k = tuple(pe.proj.kernel_size)
+        want(k == tuple(pe.proj.stride) and k[0] == k[1] and pe.proj.padding in ((0, 0), 0, "valid")
+             and pe.proj.groups == 1, "patch_embed.proj: only square non-overlapping patches are supported")
+        patch = k[0]
+    bb = pe.backbone
+    if isinstance(bb, ResNetV2):
+        stem, stages = bb.stem, list(bb.stages)
+        want(isinstance(bb.norm, tnn.Identity), "patch_embed.backbone: pre-activation ResNetV2 (preact=True) "
+                                                "is not supported")
+        want(isinstance(bb.head.fc, tnn.Identity) and bb.head.global_pool.pool_type == "",
+             "patch_embed.backbone: a ResNetV2 with a pooling or classifier head is not supported")
+    elif isinstance(bb, tnn.Sequential) and [n for n, _ in bb.named_children()] == ["conv", "norm", "pool"]:
+        stem, stages = bb, []  # timm's _resnetv2(layers=()): the stem alone (vit_tiny_r_s16_p8)
+    else:
+        problems.append(f"patch_embed: HybridEmbed with a {type(bb).__name__} backbone (hybrid CNN stems other "
+                        "than timm's ResNetV2 are not supported)")
+        for p in problems:
+            need(False, p)
+        return patch, None
+    convs = [m for m in bb.modules() if isinstance(m, tnn.Conv2d)]
+    norms = [m for m in bb.modules() if isinstance(m, (tnn.GroupNorm, tnn.BatchNorm2d, tnn.LayerNorm))]
+    want(all(type(c) in (StdConv2dSame, StdConv2d) for c in convs),
+         "patch_embed.backbone: only weight-standardised convolutions (StdConv2d, StdConv2dSame) are supported")
+    same = all(type(c) is StdConv2dSame for c in convs)
+    want(same or all(type(c) is StdConv2d for c in convs), "patch_embed.backbone: mixed StdConv2d and StdConv2dSame")
+    want(all(c.bias is None and c.groups == 1 and tuple(c.dilation) == (1, 1) for c in convs),
+         "patch_embed.backbone: convolutions with bias, groups or dilation are not supported")
+    want(len({c.eps for c in convs}) == 1, "patch_embed.backbone: StdConv eps differs between convolutions")
+    want(all(type(n) is GroupNormAct and n.affine for n in norms),
+         "patch_embed.backbone: only affine GroupNormAct is supported")
+    want(len({(n.num_groups, n.eps) for n in norms}) == 1, "patch_embed.backbone: GroupNorm groups or eps differ")
+    want(all(isinstance(n.act, (tnn.ReLU, tnn.Identity)) and isinstance(n.drop, tnn.Identity) for n in norms),
+         "patch_embed.backbone: only ReLU GroupNormAct is supported")
+    if not same and convs:
+        want(all(tuple(c.padding) == tuple((s - 1 + k - 1) // 2 for s, k in zip(c.stride, c.kernel_size))
+                 for c in convs), "patch_embed.backbone: StdConv2d with non-default padding")
+    want(type(stem.conv) in (StdConv2dSame, StdConv2d) and tuple(stem.conv.kernel_size) == (7, 7)
+         and tuple(stem.conv.stride) == (2, 2) and hasattr(stem, "norm") and hasattr(stem, "pool")
+         and not hasattr(stem, "pad"), "patch_embed.backbone.stem: only the 7x7 'same' or '' ResNetV2 stem "
+                                       "(not deep, fixed or pre-activation) is supported")
+    pool = getattr(stem, "pool", None)
+    want(pool is not None and tuple(pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,) * 2)
+         == (3, 3) and isinstance(pool, tnn.MaxPool2d), "patch_embed.backbone.stem.pool: only a 3x3 max pool")
+    layers, channels, mids, strides = [], [], [], []
+    for i, stage in enumerate(stages):
+        blocks = list(stage.blocks)
+        want(all(type(b) is Bottleneck for b in blocks), f"patch_embed.backbone.stages.{i}: only the non-pre-"
+                                                         "activation Bottleneck is supported")
+        if not all(type(b) is Bottleneck for b in blocks):
+            continue
+        b0 = blocks[0]
+        want(type(b0.downsample) is DownsampleConv and all(b.downsample is None for b in blocks[1:]),
+             f"patch_embed.backbone.stages.{i}: only a DownsampleConv shortcut on the first block (avg_down is "
+             "not supported)")
+        want(all(tuple(b.conv2.stride) == (1, 1) and tuple(b.conv1.stride) == (1, 1) for b in blocks[1:])
+             and tuple(b0.conv1.stride) == (1, 1), f"patch_embed.backbone.stages.{i}: stride outside conv2 of "
+                                                   "the first block")
+        want(all(isinstance(b.drop_path, tnn.Identity) for b in blocks),
+             f"patch_embed.backbone.stages.{i}: stochastic depth inside the backbone is not supported")
+        layers.append(len(blocks))
+        channels.append(b0.conv3.out_channels)
+        mids.append(b0.conv1.out_channels)
+        strides.append(b0.conv2.stride[0])
+        want(b0.conv2.stride[0] == b0.conv2.stride[1] and b0.downsample.conv.stride == b0.conv2.stride,
+             f"patch_embed.backbone.stages.{i}: non-square or inconsistent strides")
+        want(all(isinstance(b.act3, tnn.ReLU) for b in blocks), f"patch_embed.backbone.stages.{i}: act3 not ReLU")
+    for p in problems:
+        need(False, p)
+    if problems:
+        return patch, None
+    n0 = norms[0]
+    return patch, HybridBackbone(
+        kind="resnetv2", stem_chs=stem.conv.out_channels, layers=tuple(layers), channels=tuple(channels),
+        mid_channels=tuple(mids), strides=tuple(strides), same_padding=same, std_conv_eps=float(convs[0].eps),
+        norm_groups=n0.num_groups, norm_eps=float(n0.eps))
 
 
 def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, check_mlp) -> EvaSpec:

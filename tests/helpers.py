@@ -13,6 +13,22 @@ from timm.layers import GluMlp, SwiGLU
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=10)
 TINY_CAIT = dict(TINY, depth_token_only=2)
 
+def tiny_resnetv2_embed(**kwargs):
+    """timm's ``HybridEmbed`` over a small timm ``ResNetV2`` built as timm's ``_resnetv2`` builds
+    the hybrids' (non-pre-activation, 'same' stem, ``StdConv2dSame`` eps 1e-8, GroupNormAct), with
+    two stages (1 and 2 blocks, the second strided) and 8 GroupNorm groups: every path of the R26/R50
+    stems at a test's cost. A fresh backbone per model (a shared one would share its weights)."""
+    from functools import partial
+
+    from timm.layers import GroupNormAct, HybridEmbed, StdConv2dSame
+    from timm.models.resnetv2 import ResNetV2
+
+    backbone = ResNetV2(layers=(1, 2), channels=(64, 128), stem_chs=16, num_classes=0, global_pool="",
+                        in_chans=kwargs.get("in_chans", 3), preact=False, stem_type="same",
+                        conv_layer=partial(StdConv2dSame, eps=1e-8), norm_layer=partial(GroupNormAct, num_groups=8))
+    return HybridEmbed(backbone, **kwargs)
+
+
 # (timm architecture, extra kwargs) covering every option vitport implements.
 TINY_CASES = {
     "vit_token": ("vit_base_patch16_224", TINY),
@@ -56,6 +72,9 @@ TINY_CASES = {
     "parallel_scaling_rmsnorm_xp": ("vit_base_patch16_xp_224", TINY),
     # Block with DiffAttention (lambda_init from the block index, sub_norm), LayerScale, register token.
     "diff_attention_reg": ("vit_dwee_patch16_reg1_gap_256", TINY),
+    # A hybrid ViT over a small timm ResNetV2 (same code path as vit_small_r26_s32_224's R26 stem).
+    "hybrid_resnetv2_same": ("vit_small_r26_s32_224", dict(TINY, img_size=48, patch_size=2,
+                                                           embed_layer=tiny_resnetv2_embed)),
 }
 
 # Cases timm's own hub writer (``save_for_hf``) can write: a class-valued kwarg (``mlp_layer``)

@@ -123,8 +123,9 @@ def test_wrong_params_tree_is_reported(framework):
     ("vit_base_patch16_224", dict(act_layer="relu"), "ReLU"),
     ("vit_base_patch16_224", dict(pos_embed="none"), "pos_embed='none'"),
     ("vit_base_patch16_224", dict(dynamic_img_pad=True), "dynamic_img_pad"),
-    ("vit_base_r50_s16_224", {}, "hybrid CNN stems"),
     ("vit_base_patch16_xp_224", dict(norm_layer="rmsnormfp32"), "RmsNormFp32"),
+    ("vit_base_mci_224", {}, "hybrid CNN stems other than timm's ResNetV2"),
+    ("vit_base_r50_s16_224", dict(dynamic_img_size=True), "dynamic_img_size with a hybrid CNN stem"),
     ("vit_giant_patch14_dinov2", dict(scale_mlp_norm=True), "scale_mlp_norm"),
     ("vit_base_patch16_rope_mixed_224", {}, "rope_type='mixed'"),
     ("vit_base_patch16_sapiens2", {}, "RmsNorm"),
@@ -154,6 +155,6 @@ def test_relpos_options_not_implemented_are_refused_by_name():
 
 def test_table_names_refused_architectures():
     with pytest.raises(UnsupportedArchitectureError, match="hybrid CNN stems"):
-        vitport.create_model("vit_base_r50_s16_224")
+        vitport.create_model("vit_base_mci_224")
     with pytest.raises(UnsupportedArchitectureError, match="did you mean vit_base_patch16_224"):
         vitport.create_model("vit_bsae_patch16_224")

@@ -339,3 +339,54 @@ def rel_pos_log_coords(grid: tuple[int, int], mode: str):
     c = c.astype(np.float32)
     c.setflags(write=False)
     return c
+
+
+# ------------------------------------------------------------------ convolutional stems
+#
+# The parameter-free maths of timm's hybrid CNN stems (``HybridEmbed.backbone``): padding
+# rules, weight standardisation and pooling. The convolution and normalisation layers that own
+# parameters are front-end primitives (``vitport.structure.Conv`` / ``GroupNorm``).
+
+
+def conv_padding(padding: str | int) -> str | list[tuple[int, int]]:
+    """``'SAME'`` (TF's rule, which timm's ``pad_same`` reproduces: the odd pixel at the end) or a
+    symmetric pixel count on both spatial axes (torch's ``padding=p``), as lax takes it."""
+    if isinstance(padding, str):
+        return padding.upper()
+    return [(padding, padding), (padding, padding)]
+
+
+def standardize_weight(w: jax.Array, eps: float) -> jax.Array:
+    """timm ``StdConv2d``'s weight standardisation of an HWIO kernel: per output channel,
+    ``(w - mean) / sqrt(var + eps)`` over (H, W, I), biased variance, as its
+    ``F.batch_norm(weight.reshape(1, O, -1), training=True)`` computes it."""
+    wf = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+    mean = wf.mean(axis=(0, 1, 2), keepdims=True)
+    var = jnp.square(wf - mean).mean(axis=(0, 1, 2), keepdims=True)
+    return ((wf - mean) * lax.rsqrt(var + eps)).astype(w.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def std_conv_general_dilated(matmul_dtype: str | None, eps: float) -> Callable[..., jax.Array]:
+    """``conv_general_dilated(matmul_dtype)`` on the standardised kernel (timm ``StdConv2d`` /
+    ``StdConv2dSame``): the front-ends keep the raw kernel, so it converts as any conv's."""
+    conv = conv_general_dilated(matmul_dtype)
+
+    def std_conv(lhs, rhs, *args, **kw):
+        return conv(lhs, standardize_weight(rhs, eps), *args, **kw)
+
+    return std_conv
+
+
+def relu(x: jax.Array) -> jax.Array:
+    return jax.nn.relu(x)
+
+
+def max_pool(x: jax.Array, kernel: int, stride: int, padding: str | int) -> jax.Array:
+    """torch's ``MaxPool2d`` (padding with -inf) or timm's ``MaxPool2dSame`` ('SAME': -inf
+    padding by TF's rule) over NHWC."""
+    pad = conv_padding(padding)
+    if not isinstance(pad, str):
+        pad = [(0, 0), *pad, (0, 0)]
+    # A Python scalar init lets lax pick its differentiable max-pool primitive.
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1), pad)

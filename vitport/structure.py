@@ -63,6 +63,32 @@ class Norm:
 
 
 @dataclass(frozen=True)
+class Conv:
+    """A general 2-D convolution (timm's ``nn.Conv2d``, ``StdConv2d``, ``StdConv2dSame``): HWIO
+    kernel, ``padding`` 'SAME' (TF's rule) or a symmetric pixel count, ``groups``; with
+    ``std_eps`` the kernel is weight-standardised before use (``ops.standardize_weight``)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int = 1
+    padding: str | int = 0
+    groups: int = 1
+    bias: bool = False
+    std_eps: float | None = None
+
+
+@dataclass(frozen=True)
+class GroupNorm:
+    """Affine GroupNorm over NHWC channels (timm ``GroupNormAct``'s norm; the activation is wired
+    in the forward): ``groups`` contiguous channel groups, two-pass variance, eps ``eps``."""
+
+    features: int
+    groups: int
+    eps: float
+
+
+@dataclass(frozen=True)
 class Param:
     """A free tensor. ``init``: 'trunc_normal' (std 0.02), 'small_normal' (std 1e-6, timm's
     cls/reg tokens), 'normal' (std ``value``: DiffAttention's lambdas), 'constant' (``value``:
@@ -131,7 +157,7 @@ def _rope_mixed_init(temperature: float) -> Callable[[jax.Array, tuple[int, ...]
 WEIGHT_INIT = jax.nn.initializers.truncated_normal(0.02)  # Linear and conv weights, as timm's ViT init
 
 
-Declaration = Linear | PatchConv | Norm | Param | Dropout | DropPath | Node
+Declaration = Linear | PatchConv | Conv | GroupNorm | Norm | Param | Dropout | DropPath | Node
 
 
 class Layers(Protocol):
@@ -191,7 +217,7 @@ def _block_mlp(cfg: ModelConfig) -> Node:
 def _vit_children(cfg: ModelConfig) -> dict[str, Any]:
     s: ViTSpec = cfg.spec
     d = s.dim
-    c: dict[str, Any] = {"patch_embed": Node("PatchEmbed", cfg)}
+    c: dict[str, Any] = {"patch_embed": Node("PatchEmbed" if s.backbone is None else "HybridEmbed", cfg)}
     inits = {"cls_token": ((1, 1, d), "small_normal"), "reg_token": ((1, s.reg_tokens, d), "small_normal"),
              "dist_token": ((1, 1, d), "trunc_normal")}
     for name in s.prefix_tokens:
@@ -315,10 +341,57 @@ def _cait_children(cfg: ModelConfig) -> dict[str, Any]:
     return c
 
 
+def _std_conv(b, c_in: int, c_out: int, k: int, stride: int = 1) -> Conv:
+    """timm's ``StdConv2dSame`` ('SAME' padding) or ``StdConv2d`` (``get_padding``: symmetric
+    ``(stride - 1 + k - 1) // 2``), without bias."""
+    padding = "SAME" if b.same_padding else (stride - 1 + k - 1) // 2
+    return Conv(c_in, c_out, k, stride, padding, std_eps=b.std_conv_eps)
+
+
+def _hybrid_children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any] | None:
+    """A hybrid ViT's ``HybridEmbed`` and its CNN (``ViTSpec.backbone``), by timm's module names;
+    None for other kinds."""
+    s: ViTSpec = cfg.spec
+    b = s.backbone
+    if kind == "HybridEmbed":  # timm's ResNetV2, or (no stages) its stem alone as the backbone
+        return {"backbone": Node("ResNetV2" if b.layers else "ResNetV2Stem", cfg),
+                "proj": PatchConv(s.patch_in_channels, s.dim, s.patch_size, s.patch_bias)}
+    if kind == "ResNetV2":
+        return {"stem": Node("ResNetV2Stem", cfg),
+                **{f"stages.{i}": Node("ResNetStage", cfg, (i,)) for i in range(len(b.layers))}}
+    if kind == "ResNetV2Stem":
+        return {"conv": _std_conv(b, s.channels, b.stem_chs, 7, 2), "norm": GroupNorm(b.stem_chs, b.norm_groups,
+                                                                                        b.norm_eps)}
+    if kind == "ResNetStage":
+        (i,) = args
+        return {f"blocks.{j}": Node("ResNetV2Bottleneck", cfg, (i, j)) for j in range(b.layers[i])}
+    if kind == "ResNetV2Bottleneck":  # timm resnetv2.Bottleneck (non-pre-activation)
+        i, j = args
+        c_out, mid = b.channels[i], b.mid_channels[i]
+        c_in = c_out if j else (b.channels[i - 1] if i else b.stem_chs)
+        stride = b.strides[i] if j == 0 else 1
+        c: dict[str, Any] = {}
+        if j == 0:
+            c["downsample"] = Node("DownsampleConv", cfg, (c_in, c_out, stride))
+
+        def gn(n: int) -> GroupNorm:
+            return GroupNorm(n, b.norm_groups, b.norm_eps)
+
+        return {**c, "conv1": _std_conv(b, c_in, mid, 1), "norm1": gn(mid),
+                "conv2": _std_conv(b, mid, mid, 3, stride), "norm2": gn(mid),
+                "conv3": _std_conv(b, mid, c_out, 1), "norm3": gn(c_out)}
+    if kind == "DownsampleConv":
+        c_in, c_out, stride = args
+        return {"conv": _std_conv(b, c_in, c_out, 1, stride), "norm": GroupNorm(c_out, b.norm_groups, b.norm_eps)}
+    return None
+
+
 def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
     """The submodules and params of a ``kind`` module, by timm name, in timm's order."""
     s: Spec = cfg.spec
     d = s.dim
+    if kind in HYBRID_KINDS:
+        return _hybrid_children(kind, cfg, *args)
     if kind == "ViT":
         return _vit_children(cfg)
     if kind == "CaiT":
@@ -670,6 +743,52 @@ def class_attention_block(m: Layers, cfg: ModelConfig, x: jax.Array, cls: jax.Ar
     return cls + m.param("gamma_2") * m("mlp")(m("norm2")(cls))
 
 
+# ------------------------------------------------------------------ hybrid CNN stems
+
+
+def hybrid_embed(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``HybridEmbed``: the backbone's last feature map, then ``proj`` (B, h, w, D)."""
+    return m("proj")(m("backbone")(x))
+
+
+def resnetv2(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``ResNetV2(preact=False, num_classes=0, global_pool='')``: stem, stages; its final norm
+    and head are identities there."""
+    x = m("stem")(x)
+    for i, depth in enumerate(cfg.spec.backbone.layers):
+        x = m(f"stages.{i}")(depth, x)
+    return x
+
+
+def resnetv2_stem(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """``conv`` 7x7/2, ``norm`` (GroupNorm + ReLU), ``pool``: 3x3/2 max pool ('SAME': timm's
+    ``MaxPool2dSame``; else ``MaxPool2d(padding=1)``)."""
+    x = ops.relu(m("norm")(m("conv")(x)))
+    return ops.max_pool(x, 3, 2, "SAME" if cfg.spec.backbone.same_padding else 1)
+
+
+def resnet_stage(m: Layers, cfg: ModelConfig, depth: int, x: jax.Array) -> jax.Array:
+    for j in range(depth):
+        x = m(f"blocks.{j}")(x)
+    return x
+
+
+def resnetv2_bottleneck(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``resnetv2.Bottleneck``: ``relu(norm3(conv3(relu(norm2(conv2(relu(norm1(conv1(x)))))))) +
+    shortcut)``, the shortcut ``downsample`` (conv + norm, no activation) on a stage's first block."""
+    shortcut = m("downsample")(x) if m.has("downsample") else x
+    x = ops.relu(m("norm1")(m("conv1")(x)))
+    x = ops.relu(m("norm2")(m("conv2")(x)))
+    return ops.relu(m("norm3")(m("conv3")(x)) + shortcut)
+
+
+def downsample_conv(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    return m("norm")(m("conv")(x))
+
+
+HYBRID_KINDS = ("HybridEmbed", "ResNetV2", "ResNetV2Stem", "ResNetStage", "ResNetV2Bottleneck", "DownsampleConv")
+
+
 def check_input(spec: Spec, x: jax.Array) -> None:
     """timm's ``PatchEmbed`` checks: the trained size, or any multiple of the patch when
     ``dynamic_img_size``."""
@@ -954,6 +1073,8 @@ FORWARD: dict[str, Callable[..., Any]] = {
     "VisionTransformerRelPos": relpos, "RelPosBlock": rel_pos_block, "ResPostRelPosBlock": res_post_rel_pos_block,
     "RelPosAttention": rel_pos_attention, "RelPosBias": rel_pos_bias, "RelPosMlp": rel_pos_mlp,
     "RelPosCoordMlp": rel_pos_coord_mlp,
+    "HybridEmbed": hybrid_embed, "ResNetV2": resnetv2, "ResNetV2Stem": resnetv2_stem, "ResNetStage": resnet_stage,
+    "ResNetV2Bottleneck": resnetv2_bottleneck, "DownsampleConv": downsample_conv,
 }
 
 

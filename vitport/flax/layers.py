@@ -61,6 +61,15 @@ class Layers(structure.LazyLayers):
             return nn.Conv(decl.out_channels, (p, p), strides=(p, p), padding="VALID", use_bias=decl.bias,
                            kernel_init=structure.WEIGHT_INIT,
                            conv_general_dilated=ops.conv_general_dilated(self.cfg.matmul_dtype), **kw)
+        if isinstance(decl, structure.Conv):
+            k = decl.kernel_size
+            conv = (ops.conv_general_dilated(self.cfg.matmul_dtype) if decl.std_eps is None
+                    else ops.std_conv_general_dilated(self.cfg.matmul_dtype, decl.std_eps))
+            return nn.Conv(decl.out_channels, (k, k), strides=(decl.stride, decl.stride),
+                           padding=ops.conv_padding(decl.padding), feature_group_count=decl.groups,
+                           use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT, conv_general_dilated=conv, **kw)
+        if isinstance(decl, structure.GroupNorm):
+            return nn.GroupNorm(num_groups=decl.groups, epsilon=decl.eps, use_fast_variance=False, **kw)
         if isinstance(decl, structure.Dropout):
             return nn.Dropout(decl.rate, deterministic=not self.train, name=name)
         if isinstance(decl, structure.DropPath):

@@ -93,6 +93,7 @@ class ViT(_Root):
     fuse_out_proj: bool = False
     attn_layer: str = "Attention"
     norm_layer: str = "LayerNorm"
+    backbone: Any = None  # a hybrid CNN stem: converters.specs.HybridBackbone (or its dict form)
     dtype: Dtype = None
     param_dtype: Dtype = "float32"
     matmul_dtype: str | None = None

@@ -71,6 +71,27 @@ class PatchConv(hk.Module):
         return y
 
 
+class Conv(hk.Module):
+    """A general 2-D convolution (``structure.Conv``; params ``w`` HWIO and ``b``) through
+    ``ops.conv_general_dilated``, or ``ops.std_conv_general_dilated`` for timm's weight-standardised
+    ``StdConv2d``."""
+
+    def __init__(self, decl: structure.Conv, matmul_dtype: str | None, name: str):
+        super().__init__(name=name)
+        self.decl, self.matmul_dtype = decl, matmul_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, k = self.decl, self.decl.kernel_size
+        w = hk.get_parameter("w", [k, k, d.in_channels // d.groups, d.out_channels], x.dtype, init=WEIGHT_INIT)
+        conv = (ops.conv_general_dilated(self.matmul_dtype) if d.std_eps is None
+                else ops.std_conv_general_dilated(self.matmul_dtype, d.std_eps))
+        y = conv(x, w, (d.stride, d.stride), ops.conv_padding(d.padding), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                 feature_group_count=d.groups)
+        if d.bias:
+            y = y + hk.get_parameter("b", [d.out_channels], x.dtype, init=jnp.zeros)
+        return y
+
+
 class Layers(structure.LazyLayers):
     """``structure.Layers`` inside a Haiku module's ``__call__`` (Haiku names the submodules
     built here under the module being called); ``train`` is Haiku's ``is_training``."""
@@ -98,6 +119,12 @@ class Layers(structure.LazyLayers):
             return lambda x: norm(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
         if isinstance(decl, structure.PatchConv):
             return PatchConv(decl, self.cfg.matmul_dtype, name=name)
+        if isinstance(decl, structure.Conv):
+            return Conv(decl, self.cfg.matmul_dtype, name=name)
+        if isinstance(decl, structure.GroupNorm):
+            gn = hk.GroupNorm(decl.groups, axis=slice(1, None), create_scale=True, create_offset=True, eps=decl.eps,
+                              data_format="channels_last", name=name)
+            return lambda x: gn(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
         if isinstance(decl, structure.Dropout):
             return _dropout(decl.rate, self.train)
         if isinstance(decl, structure.DropPath):

@@ -58,6 +58,15 @@ def _build(decl: Any, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
         return nnx.Conv(decl.in_channels, decl.out_channels, (p, p), strides=(p, p), padding="VALID",
                         use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT,
                         conv_general_dilated=ops.conv_general_dilated(cfg.matmul_dtype), **kw)
+    if isinstance(decl, structure.Conv):
+        k = decl.kernel_size
+        conv = (ops.conv_general_dilated(cfg.matmul_dtype) if decl.std_eps is None
+                else ops.std_conv_general_dilated(cfg.matmul_dtype, decl.std_eps))
+        return nnx.Conv(decl.in_channels, decl.out_channels, (k, k), strides=(decl.stride, decl.stride),
+                        padding=ops.conv_padding(decl.padding), feature_group_count=decl.groups, use_bias=decl.bias,
+                        kernel_init=structure.WEIGHT_INIT, conv_general_dilated=conv, **kw)
+    if isinstance(decl, structure.GroupNorm):
+        return nnx.GroupNorm(decl.features, num_groups=decl.groups, epsilon=decl.eps, use_fast_variance=False, **kw)
     if isinstance(decl, structure.Dropout):
         return nnx.Dropout(decl.rate, deterministic=True, rngs=_stream(rngs, decl.rate))
     if isinstance(decl, structure.DropPath):
