@@ -127,7 +127,7 @@ def test_wrong_params_tree_is_reported(framework):
     ("vit_base_mci_224", {}, "hybrid CNN stems other than timm's ResNetV2"),
     ("vit_base_r50_s16_224", dict(dynamic_img_size=True), "dynamic_img_size with a hybrid CNN stem"),
     ("vit_giant_patch14_dinov2", dict(scale_mlp_norm=True), "scale_mlp_norm"),
-    ("vit_base_patch16_rope_mixed_224", {}, "rope_type='mixed'"),
+    ("vit_base_patch16_rope_224", dict(rope_type="mrope", rope_grid_indexing="ij"), "rope_type='mrope'"),
     ("vit_base_patch16_sapiens2", {}, "RmsNorm"),
     ("vit_large_patch16_sapiens2", {}, "num_kv_heads"),
     ("vit_base_patch16_rope_224", dict(use_post_norm=True), "EvaBlockPostNorm"),
