@@ -9,9 +9,11 @@ names the file (or flag), the key and the value.
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, Mapping
 
 from .errors import InvalidArgumentError
+from .specs import Activation
 
 # Generous ceilings: real checkpoints are far below them; above them, vitport would spend
 # minutes or gigabytes building tables for a model no file can hold.
@@ -143,6 +145,9 @@ _SPEC_BOOLS = ("class_token", "distilled", "no_embed_class", "pre_norm", "final_
                "pool_include_prefix", "patch_bias", "qkv_bias", "qk_norm", "dynamic_img_size", "fuse_out_proj")
 
 
+ACTIVATIONS = typing.get_args(Activation)  # what the spec may name (SwiGLU models use silu)
+
+
 def check_spec(spec: Any, where: str = "spec") -> None:
     """A spec read from a file (a converted folder's config.json): every field of the right type."""
     import dataclasses
@@ -162,8 +167,8 @@ def check_spec(spec: Any, where: str = "spec") -> None:
             bad.append(f"init_values={_show(v)} (must be a number or null)")
         elif f.name == "norm_eps" and not (_is_number(v) and v > 0):
             bad.append(f"norm_eps={_show(v)} (must be a positive number)")
-        elif f.name == "activation" and v not in ("gelu", "gelu_tanh", "quick_gelu"):
-            bad.append(f"activation={_show(v)} (must be 'gelu', 'gelu_tanh' or 'quick_gelu')")
+        elif f.name == "activation" and v not in ACTIVATIONS:
+            bad.append(f"activation={_show(v)} (must be one of {', '.join(map(repr, ACTIVATIONS))})")
     if not bad and any(spec.patch_size > s for s in spec.image_size):
         bad.append(f"patch_size={spec.patch_size} is larger than image_size={list(spec.image_size)}")
     if bad:

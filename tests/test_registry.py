@@ -104,3 +104,18 @@ def test_list_models():
     assert vitport.list_models("cait_*") == [n for n in SUPPORTED if n.startswith("cait_")]
     assert len(vitport.list_models("cait_*")) == 10
     assert not set(vitport.list_models()) & set(REFUSED)
+
+
+def test_every_supported_spec_survives_a_converted_folders_checks():
+    """What `vitport convert` writes into config.json reads back through the same validation a
+    converted folder's spec gets (SwiGLU models name activation 'silu', hybrids a backbone)."""
+    import json
+
+    from converters.specs import spec_from_dict, spec_to_dict
+    from converters.validate import check_spec
+
+    for name in SUPPORTED:
+        spec = arch_spec(name)
+        back = spec_from_dict(json.loads(json.dumps(spec_to_dict(spec))))
+        check_spec(back, name)
+        assert back == spec, name
