@@ -367,12 +367,25 @@ def _reader(progress, description: str) -> Progress | None:
     return lambda done, total: progress(description, done, total)
 
 
-def read_canonical(r, progress: Callable[[str, int, int], None] | None = None) -> dict:
+def read_canonical(r, progress: Callable[[str, int, int], None] | None = None, *, lazy: bool = False) -> dict:
     """A located source's (``converters.locate.Resolved``) canonical tree (numpy), after every
-    check: keys, shapes, finite values. ``progress(description, done, total)``."""
-    from .frameworks import framework_to_canonical, unflatten_keys
-    from .keymap import check_finite, timm_to_canonical
+    check: keys, shapes, finite values. ``progress(description, done, total)``.
 
+    ``lazy``: safetensors sources give ``converters.lazy.LazyTensor`` values instead, checked
+    for keys and shapes from the headers now and read (and checked for finite values) one at a
+    time when materialised: a loader that moves each to the device then holds one tensor of
+    the source at a time, not all of it (``vitport.place.model_from_canonical``)."""
+    from .frameworks import framework_to_canonical, unflatten_keys
+    from .keymap import check_finite, checked_on_load, timm_to_canonical
+    from .lazy import lazy_state_dict
+
+    refs = lazy_state_dict(r.weights) if lazy else None
+    if refs is not None:
+        refs = _counted(refs, progress, f"reading {r.weights.name}")
+        if r.kind == "vitport":
+            params = unflatten_keys(checked_on_load(refs, str(r.weights)), r.framework)
+            return framework_to_canonical(params, r.spec, r.framework)
+        return timm_to_canonical(refs, r.spec, source=str(r.weights))
     if r.kind == "vitport":
         read = read_state_dict if r.weights.name.endswith(".index.json") else read_safetensors
         flat = read(r.weights, progress=_reader(progress, f"reading {r.weights.name}"))
@@ -383,3 +396,17 @@ def read_canonical(r, progress: Callable[[str, int, int], None] | None = None) -
     if progress:
         progress("checking and converting", 0, 0)
     return timm_to_canonical(sd, r.spec, source=str(r.weights))
+
+
+def _counted(refs: dict, progress: Callable[[str, int, int], None] | None, description: str) -> dict:
+    """Lazy tensors that report ``progress(description, done, total)`` as they are read."""
+    if progress is None:
+        return refs
+    done = [0]
+
+    def tick(a):
+        done[0] += 1
+        progress(description, done[0], len(refs))
+        return a
+
+    return {k: v.map(tick) for k, v in refs.items()}

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Literal, Mapping
 import numpy as np
 
 from .errors import ConversionError
+from .lazy import LazyTensor, materialize
 from .specs import CaiTSpec, EvaSpec, RelPosSpec, Spec, ViTSpec
 
 Kind = Literal["linear", "conv", "norm", "param"]
@@ -403,17 +404,34 @@ def _shape_of(a) -> tuple[int, ...]:
     return tuple(int(n) for n in a.shape)
 
 
-def check_finite(tree: Mapping[str, np.ndarray], what: str) -> None:
-    """Raise one ConversionError naming every tensor that holds NaN or Inf."""
+def _non_finite(a: np.ndarray) -> int:
+    if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+        return int(np.size(a) - np.count_nonzero(np.isfinite(a.astype(np.float32))))
+    return 0
+
+
+def check_finite(tree: Mapping[str, Any], what: str) -> None:
+    """Raise one ConversionError naming every tensor that holds NaN or Inf (lazy tensors are
+    read one at a time)."""
     bad = []
     for k, a in tree.items():
-        a = np.asarray(a)
-        if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
-            n = int(np.size(a) - np.count_nonzero(np.isfinite(a.astype(np.float32))))
-            if n:
-                bad.append(f"{k} ({n} of {a.size} values)")
+        a = np.asarray(materialize(a))
+        n = _non_finite(a)
+        if n:
+            bad.append(f"{k} ({n} of {a.size} values)")
     if bad:
         raise ConversionError(f"{what} holds NaN or Inf values", {"non-finite tensors": bad})
+
+
+def checked_on_load(tree: Mapping[str, LazyTensor], what: str) -> dict[str, LazyTensor]:
+    """``tree`` with the finiteness check moved to each tensor's read: the first non-finite
+    tensor read raises ``check_finite``'s error over the whole tree (every bad tensor named)."""
+    def checked(a: np.ndarray) -> np.ndarray:
+        if _non_finite(a):
+            check_finite(tree, what)
+        return a
+
+    return {k: v.map(checked) for k, v in tree.items()}
 
 
 def timm_to_canonical(state_dict: Mapping[str, np.ndarray], spec: Spec, *,
@@ -444,6 +462,9 @@ def timm_to_canonical(state_dict: Mapping[str, np.ndarray], spec: Spec, *,
             {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes": wrong})
         err.fitting_model_args = fit
         raise err
+    if any(isinstance(v, LazyTensor) for v in state_dict.values()):  # read when placed, one at a time
+        lazy = checked_on_load({e.timm_key: state_dict[e.timm_key] for e in table}, source)
+        return {e.key: lazy[e.timm_key].map(e.to_jax, e.jax_shape) for e in table}
     check_finite(state_dict, source)
     return {e.key: e.to_jax(np.asarray(state_dict[e.timm_key])) for e in table}
 

@@ -33,7 +33,7 @@ def to_jax_array(a: Any) -> jax.Array:
     if a.dtype == np.float64 and not jax.config.jax_enable_x64:
         raise InvalidArgumentError("the weights are float64 but jax_enable_x64 is off; call "
                                    "jax.config.update('jax_enable_x64', True) first, or convert a float32 model")
-    return jnp.asarray(a)
+    return jax.device_put(a)  # a plain host-to-device copy; jnp.asarray dispatches a primitive per tensor
 
 
 @dataclass

@@ -58,8 +58,8 @@ def sources_read(r: Resolved | str | os.PathLike) -> list[Path]:
 
 def load_resolved(r: Resolved, framework: str | None = None, *, image_size=None, dtype: str | None = None,
                   progress: ProgressFn | None = None) -> JaxModel:
-    return model_from_canonical(read_canonical(r, progress), r, framework, image_size=image_size, dtype=dtype,
-                                consume=True)
+    return model_from_canonical(read_canonical(r, progress, lazy=True), r, framework, image_size=image_size,
+                                dtype=dtype, consume=True)
 
 
 def load(source: str | os.PathLike, framework: str | None = None, *, arch: str | None = None,

@@ -9,6 +9,7 @@ import numpy as np
 
 from converters import CaiTSpec, Spec, canonical_to_framework
 from converters.errors import InvalidArgumentError
+from converters.lazy import LazyTensor, materialize
 from converters.specs import pair
 
 from .api import JaxModel, check_framework, to_jax_array
@@ -28,7 +29,7 @@ def resize_canonical(tree: dict, spec: Spec, image_size: int | tuple[int, int]) 
     new_spec = dataclasses.replace(spec, image_size=new_size)
     prefix = 0 if isinstance(spec, CaiTSpec) or spec.no_embed_class else spec.num_prefix_tokens
     key = ("", "pos_embed")
-    pe = np.asarray(tree[key])
+    pe = np.asarray(materialize(tree[key]))
     out = resample_pos_embed(pe, new_spec.grid_size, spec.grid_size, prefix)
     tree = dict(tree)
     tree[key] = np.asarray(out).astype(pe.dtype)
@@ -48,6 +49,9 @@ def _cast(tree: dict, dtype: str | None) -> dict:
         target = np.dtype(dtype)
 
     def cast(a):
+        if isinstance(a, LazyTensor):  # cast when it is read
+            floating = a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+            return a.map(cast, dtype=target if floating else a.dtype)
         a = np.asarray(a)
         return a.astype(target) if (a.dtype.kind == "f" or a.dtype.name == "bfloat16") else a
 
@@ -59,7 +63,8 @@ def model_from_canonical(tree: dict, r, framework: str | None = None, *, image_s
     """A JaxModel from a checked canonical tree (``read_canonical``): resized, cast, renamed.
 
     ``consume``: empty ``tree`` as its arrays move to the device, so the weights are never
-    held twice (host and device copies) for large models."""
+    held twice (host and device copies) for large models; with ``read_canonical(lazy=True)``
+    each tensor is read from the file only then, so the source is never held whole either."""
     framework = check_framework(framework or r.framework or "flax")
     spec, cfg = r.spec, dict(r.pretrained_cfg)
     if image_size is not None:
@@ -68,9 +73,9 @@ def model_from_canonical(tree: dict, r, framework: str | None = None, *, image_s
             cfg["input_size"] = [spec.channels, *spec.image_size]
     tree = _cast(tree, dtype)
     if consume:
-        tree = {k: to_jax_array(tree.pop(k)) for k in list(tree)}
+        tree = {k: to_jax_array(materialize(tree.pop(k))) for k in list(tree)}
     else:
-        tree = {k: to_jax_array(v) for k, v in tree.items()}
+        tree = {k: to_jax_array(materialize(v)) for k, v in tree.items()}
     params = canonical_to_framework(tree, spec, framework)
     return JaxModel(spec, framework, params, cfg, r.architecture or None)
 
