@@ -263,9 +263,9 @@ def _eva_children(cfg: ModelConfig) -> dict[str, Any]:
     if s.rope_type == "mixed":  # the only rotary embedding with parameters (learned frequencies)
         c["rope"] = Node("RotaryEmbeddingMixed", cfg)
     if s.pre_norm:
-        c["norm_pre"] = Norm(d, s.norm_eps)
-    for i in range(s.depth):
-        c[f"blocks.{i}"] = Node("EvaBlock", cfg, (cfg.drop_path_rate(i),))
+        c["norm_pre"] = _norm(s, d)
+    for i in range(s.depth):  # each block with its own k/v heads (timm's per-block num_kv_heads)
+        c[f"blocks.{i}"] = Node("EvaBlock", cfg, (cfg.drop_path_rate(i), s.kv_heads(i)))
     return {**c, **_final_norm_and_head(cfg)}
 
 
@@ -428,31 +428,33 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
     if kind == "Mlp":
         hidden, drop, bias, norm = args
         return {"fc1": Linear(d, hidden, bias), "drop1": Dropout(drop),
-                **({"norm": Norm(hidden, s.norm_eps)} if norm else {}),
+                **({"norm": _norm(s, hidden)} if norm else {}),
                 "fc2": Linear(hidden, d, bias), "drop2": Dropout(drop)}
     if kind == "GluMlp":  # fc1 packs [x | gate] (gate_last) or [gate | x] (timm's SwiGLUPacked)
         drop, norm = args
         return {"fc1": Linear(d, s.mlp_dim, s.proj_bias), "drop1": Dropout(drop),
-                **({"norm": Norm(s.mlp_hidden, s.norm_eps)} if norm else {}),
+                **({"norm": _norm(s, s.mlp_hidden)} if norm else {}),
                 "fc2": Linear(s.mlp_hidden, d, s.proj_bias), "drop2": Dropout(drop)}
     if kind == "SwiGLU":
         drop, norm = args
         return {"fc1_g": Linear(d, s.mlp_dim, s.proj_bias), "fc1_x": Linear(d, s.mlp_dim, s.proj_bias),
-                "drop1": Dropout(drop), **({"norm": Norm(s.mlp_dim, s.norm_eps)} if norm else {}),
+                "drop1": Dropout(drop), **({"norm": _norm(s, s.mlp_dim)} if norm else {}),
                 "fc2": Linear(s.mlp_dim, d, s.proj_bias), "drop2": Dropout(drop)}
     if kind == "EvaBlock":
-        (drop_path,) = args
+        drop_path, kv_heads = args
         c = {}
         if s.has_layer_scale:
             c["gamma_1"] = Param((d,), "constant", s.init_values)
             if not s.attn_only_layer_scale:
                 c["gamma_2"] = Param((d,), "constant", s.init_values)
-        return {**c, "norm1": Norm(d, s.norm_eps),
-                "attn": Node("EvaAttention" if s.attn_type == "eva" else "AttentionRope", cfg),
-                "drop_path1": DropPath(drop_path), "norm2": Norm(d, s.norm_eps), "mlp": _block_mlp(cfg),
+        return {**c, "norm1": _norm(s, d),
+                "attn": Node("EvaAttention" if s.attn_type == "eva" else "AttentionRope", cfg, (kv_heads,)),
+                "drop_path1": DropPath(drop_path), "norm2": _norm(s, d), "mlp": _block_mlp(cfg),
                 "drop_path2": DropPath(drop_path)}
     if kind in ("EvaAttention", "AttentionRope"):
         eva = kind == "EvaAttention"  # EvaAttention has no k bias
+        (kv_heads,) = args
+        kv = kv_heads * (d // s.heads)  # timm's kv_dim: grouped-query attention's narrower k/v projections
         c = {}
         if s.qkv_fused:
             if eva and s.qkv_bias:
@@ -460,14 +462,14 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
                 c["v_bias"] = Param((d,), "constant", 0.0)
             c["qkv"] = Linear(d, 3 * d, s.qkv_bias and not eva)
         else:
-            c.update(q_proj=Linear(d, d, s.qkv_bias), k_proj=Linear(d, d, s.qkv_bias and not eva),
-                     v_proj=Linear(d, d, s.qkv_bias))
+            c.update(q_proj=Linear(d, d, s.qkv_bias), k_proj=Linear(d, kv, s.qkv_bias and not eva),
+                     v_proj=Linear(d, kv, s.qkv_bias))
         if s.qk_norm:
-            c["q_norm"] = Norm(d // s.heads, s.norm_eps)
-            c["k_norm"] = Norm(d // s.heads, s.norm_eps)
+            c["q_norm"] = _norm(s, d // s.heads)
+            c["k_norm"] = _norm(s, d // s.heads)
         c["attn_drop"] = Dropout(cfg.attn_dropout)
         if s.scale_attn_inner:
-            c["norm"] = Norm(d, s.norm_eps)
+            c["norm"] = _norm(s, d)
         return {**c, "proj": Linear(d, d), "proj_drop": Dropout(cfg.dropout)}
     if kind == "RotaryEmbeddingMixed":  # timm: freqs (2, depth, heads, head_dim // 2), [x | y] frequencies
         return {"freqs": Param((2, s.depth, s.heads, d // s.heads // 2), "rope_mixed", s.rope_temperature)}
@@ -647,13 +649,17 @@ def eva_attention(m: Layers, cfg: ModelConfig, rope: jax.Array | None, x: jax.Ar
         q, k, v = jnp.split(qkv, 3, axis=-1)
     else:
         q, k, v = m("q_proj")(x), m("k_proj")(x), m("v_proj")(x)
-    q, k, v = _heads(s, q, k, v)
+    kv_heads = k.shape[-1] // (s.dim // s.heads)  # fewer than heads: grouped-query attention
+    q, (k, v) = ops.split_heads(q, s.heads), [ops.split_heads(t, kv_heads) for t in (k, v)]
     if s.qk_norm:
         q, k = m("q_norm")(q), m("k_norm")(k)
     if rope is not None:
         n = s.num_prefix_tokens
         q, k = [jnp.concatenate([t[:, :, :n], ops.apply_rope(t[:, :, n:], rope, s.rope_rotate_half)], axis=2)
                 .astype(v.dtype) for t in (q, k)]
+    if kv_heads != s.heads:
+        # timm: k/v heads repeat_interleave'd after norm and rope, query head h uses kv head h // groups.
+        k, v = (jnp.repeat(t, s.heads // kv_heads, axis=1) for t in (k, v))
     weights = m("attn_drop")(ops.softmax(ops.attention_logits(q, k, cfg.matmul_dtype), axis=-1))
     _record_attention(weights)
     x = ops.merge_heads(ops.attend(weights, v, cfg.matmul_dtype))
