@@ -112,6 +112,16 @@ class DropPath:
 
 
 @dataclass(frozen=True)
+class TrainKey:
+    """A fresh PRNG key from the rng stream ``stream`` in training, ``None`` in evaluation: the
+    random draw of a timm module that is random only in training (Eva's RoPE coordinate
+    augmentation, stream 'rope'). Front-ends: Haiku's key sequence, linen's ``make_rng``, NNX's
+    ``rngs[stream]``."""
+
+    stream: str
+
+
+@dataclass(frozen=True)
 class Node:
     """A composite timm module of ``kind`` (a key of ``FORWARD``) built from ``cfg``.
 
@@ -157,7 +167,7 @@ def _rope_mixed_init(temperature: float) -> Callable[[jax.Array, tuple[int, ...]
 WEIGHT_INIT = jax.nn.initializers.truncated_normal(0.02)  # Linear and conv weights, as timm's ViT init
 
 
-Declaration = Linear | PatchConv | Conv | GroupNorm | Norm | Param | Dropout | DropPath | Node
+Declaration = Linear | PatchConv | Conv | GroupNorm | Norm | Param | Dropout | DropPath | TrainKey | Node
 
 
 class Layers(Protocol):
@@ -262,6 +272,8 @@ def _eva_children(cfg: ModelConfig) -> dict[str, Any]:
     c["pos_drop"] = Dropout(cfg.emb_dropout)
     if s.rope_type == "mixed":  # the only rotary embedding with parameters (learned frequencies)
         c["rope"] = Node("RotaryEmbeddingMixed", cfg)
+    elif s.rope_type and s.rope_aug_active:  # timm's rope draws its coordinate augmentation in training
+        c["rope"] = TrainKey("rope")
     if s.pre_norm:
         c["norm_pre"] = _norm(s, d)
     for i in range(s.depth):  # each block with its own k/v heads (timm's per-block num_kv_heads)
@@ -598,6 +610,22 @@ def attention_maps(intermediates: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k[: -len(".attn")]: v for k, v in intermediates.items() if k.endswith(".attn")}
 
 
+# Test hook: a fixed RoPE coordinate augmentation draw (shift (2,), jitter (2,), rescale (1,))
+# used instead of the random one in training, so timm can be given the same draw (parity tests).
+_FORCED_ROPE_AUG: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("vitport_rope_aug", default=None)
+
+
+@contextlib.contextmanager
+def forced_rope_coord_aug(shift=(0.0, 0.0), jitter=(1.0, 1.0), rescale=1.0) -> Iterator[None]:
+    """Within the block, a training forward pass traced here uses this augmentation draw."""
+    token = _FORCED_ROPE_AUG.set((jnp.asarray(shift, jnp.float32), jnp.asarray(jitter, jnp.float32),
+                                  jnp.asarray([rescale], jnp.float32)))
+    try:
+        yield
+    finally:
+        _FORCED_ROPE_AUG.reset(token)
+
+
 # ---------------------------------------------------------------------------- forward
 
 
@@ -887,8 +915,14 @@ def _eva_features(m: Layers, s: EvaSpec, x: jax.Array, out: dict) -> jax.Array:
     if s.rope_type == "mixed":  # learned: (depth, heads, H*W, 2 * head_dim) from rope.freqs
         rope = m("rope")((h, w)).astype(jnp.promote_types(x.dtype, jnp.float32))
     elif s.rope_type:
-        rope = ops.rope_table(s, (h, w), x.dtype, cached=not s.dynamic_img_size).astype(
-            jnp.promote_types(x.dtype, jnp.float32))
+        key = m("rope")() if m.has("rope") else None  # a key only in training with augmentation
+        if key is not None:
+            forced = _FORCED_ROPE_AUG.get()
+            draw = forced if forced is not None else ops.rope_coord_aug_draw(key, s)
+            table = ops.rope_table_augmented(s, (h, w), x.dtype, draw)
+        else:
+            table = ops.rope_table(s, (h, w), x.dtype, cached=not s.dynamic_img_size)
+        rope = table.astype(jnp.promote_types(x.dtype, jnp.float32))
     if s.pre_norm:
         x = m("norm_pre")(x)
     if s.rope_type == "mixed":
