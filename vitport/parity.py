@@ -343,11 +343,15 @@ def same_rope_coord_aug(spec, seed: int = 0):
         r = math.log(spec.rope_rescale_coords)
         rescale = torch.empty(1).uniform_(-r, r).exp()
     torch.set_rng_state(state)  # timm's forward draws the same values again
+    # The forced draw is read while tracing: jitted functions (JaxModel.apply_fn) traced outside
+    # the block must not be reused inside it, nor those traced inside after it.
+    jax.clear_caches()
     try:
         with structure.forced_rope_coord_aug(shift.numpy(), jitter.numpy(), float(rescale[0])):
             yield jax.random.PRNGKey(seed)
     finally:
         torch.set_rng_state(saved)
+        jax.clear_caches()
 
 
 @contextlib.contextmanager

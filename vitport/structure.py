@@ -617,7 +617,8 @@ _FORCED_ROPE_AUG: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def forced_rope_coord_aug(shift=(0.0, 0.0), jitter=(1.0, 1.0), rescale=1.0) -> Iterator[None]:
-    """Within the block, a training forward pass traced here uses this augmentation draw."""
+    """Within the block, a training forward pass traced here uses this augmentation draw (read at
+    trace time: ``vitport.parity.same_rope_coord_aug`` clears jit caches around it)."""
     token = _FORCED_ROPE_AUG.set((jnp.asarray(shift, jnp.float32), jnp.asarray(jitter, jnp.float32),
                                   jnp.asarray([rescale], jnp.float32)))
     try:
