@@ -1366,7 +1366,10 @@ def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, c
         of an Eva from one norm_layer, so one kind for the whole model."""
         from timm.layers import RmsNorm
 
-        if type(m) is RmsNorm and m.elementwise_affine:
+        if type(m) is RmsNorm:
+            if not m.elementwise_affine:
+                problems.append(f"{where}: RmsNorm without weight (only affine LayerNorm and RmsNorm are supported)")
+                return None
             norm_kinds.add("RmsNorm")
             return float(m.eps)
         eps = affine_layer_norm_eps(m, where)
