@@ -432,8 +432,14 @@ class EvaSpec:
             raise UnsupportedArchitectureError(f"Eva norm_layer={self.norm_layer!r} is not supported "
                                                "(vitport implements LayerNorm and RmsNorm)")
         kv = self.num_kv_heads
+
+        def whole(h) -> bool:
+            return isinstance(h, int) and not isinstance(h, bool)
+
         if kv is not None:
-            kv = (int(kv),) * self.depth if isinstance(kv, int) else tuple(int(h) for h in kv)
+            if not (whole(kv) or (isinstance(kv, (list, tuple)) and all(whole(h) for h in kv))):
+                raise InvalidArgumentError(f"num_kv_heads={kv!r:.80} (must be null, an integer or one per block)")
+            kv = (kv,) * self.depth if whole(kv) else tuple(kv)
             if len(kv) != self.depth:  # timm asserts one entry per block
                 raise UnsupportedArchitectureError(f"num_kv_heads has {len(kv)} entries for depth={self.depth}")
             if any(h <= 0 or self.heads % h for h in kv):
@@ -447,6 +453,8 @@ class EvaSpec:
             v = getattr(self, name)
             if v is not None:
                 import math
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise InvalidArgumentError(f"{name}={v!r:.80} (must be a number or null)")
                 if not math.isfinite(float(v)) or float(v) < low:  # timm's _coord_aug_config
                     raise UnsupportedArchitectureError(f"{name}={v!r} must be finite and >= {low}")
                 object.__setattr__(self, name, float(v) if self.rope_type else None)  # no rope: nothing to augment
