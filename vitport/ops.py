@@ -218,6 +218,17 @@ def _rope_grid(shape: tuple[int, int], indexing: str, offset: float, ref: tuple[
     return grid
 
 
+def _dinov3_periods(spec):
+    """timm's ``RotaryEmbeddingDinoV3._compute_periods`` (temperature form), float32: periods
+    ``T ** (2 arange(Dh/4) / (Dh/2))``. numpy's float32 power; torch's (SLEEF, 1 ulp) differs from
+    it in the last bit for a few exponents once Dh/4 > 8 (docs/design.md, section 3)."""
+    import numpy as np
+
+    dh = spec.dim // spec.heads
+    exponents = (np.float32(2.0) * np.arange(dh // 4, dtype=np.float32) / np.float32(dh // 2)).astype(np.float32)
+    return (np.float32(spec.rope_temperature) ** exponents).astype(np.float32)
+
+
 def rope_table(spec, grid: tuple[int, int], dtype, cached: bool) -> jax.Array:
     """timm's concatenated ``[sin | cos]`` table (H*W, 2 * head_dim) for a patch grid.
 
@@ -230,8 +241,7 @@ def rope_table(spec, grid: tuple[int, int], dtype, cached: bool) -> jax.Array:
     n = dh // 4
     work = np.float32 if cached or np.dtype(dtype) != np.float64 else np.float64
     if spec.rope_type == "dinov3":
-        exponents = (np.float32(2.0) * np.arange(n, dtype=np.float32) / np.float32(dh // 2)).astype(np.float32)
-        periods = (np.float32(spec.rope_temperature) ** exponents).astype(np.float32).astype(work)
+        periods = _dinov3_periods(spec).astype(work)
         coords = _rope_grid(grid, spec.rope_grid_indexing, spec.rope_grid_offset, None, True,
                             spec.rope_normalize_coords).reshape(-1, 2, 1).astype(work)
         angles = (work(2 * np.pi) * coords / periods).reshape(coords.shape[0], -1)
@@ -283,8 +293,7 @@ def rope_table_augmented(spec, grid: tuple[int, int], dtype, draw) -> jax.Array:
     dh = spec.dim // spec.heads
     n = dh // 4
     work = jnp.float64 if np.dtype(dtype) == np.float64 else jnp.float32
-    exponents = (np.float32(2.0) * np.arange(n, dtype=np.float32) / np.float32(dh // 2)).astype(np.float32)
-    periods = jnp.asarray((np.float32(spec.rope_temperature) ** exponents).astype(np.float32), work)
+    periods = jnp.asarray(_dinov3_periods(spec), work)
     coords = jnp.asarray(_rope_grid(grid, spec.rope_grid_indexing, spec.rope_grid_offset, None, True,
                                     spec.rope_normalize_coords).reshape(-1, 2))
     shift, jitter, rescale = (jnp.asarray(t, jnp.float32) for t in draw)
