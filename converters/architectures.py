@@ -88,13 +88,11 @@ def arch_spec(name: str, **overrides: Any) -> Spec:
 
 # Refusal reasons, most specific first: the first that matches names the category.
 REFUSAL_CATEGORIES = (
-    ("num_kv_heads", "`Eva` with grouped-query attention (Sapiens2)"),
     ("VisionTransformerRelPos", "relative-position ViTs (`VisionTransformerRelPos`)"),
     ("HybridEmbed", "hybrid CNN stems other than ResNetV2 (`HybridEmbed`: ResNet-D, MCi)"),
     ("(supported: Block, ResPostBlock", "other ViT blocks"),
     ("GluMlp", "SwiGLU / gated MLPs (DINOv2 giant, TIPSv2)"),
-    ("RmsNorm", "RMSNorm instead of LayerNorm (Sapiens2)"),
-    ("rope coordinate augmentation", "`Eva` RoPE coordinate augmentation"),
+    ("rope coordinate augmentation", "`Eva` RoPE coordinate augmentation with rotary tables other than DINOv3's"),
 )
 
 # Options of supported architectures, as (label, predicate on the spec dict).
@@ -126,7 +124,10 @@ OPTION_CATEGORIES = (
     ("`gelu_tanh`", lambda s: s.get("activation") == "gelu_tanh"),
     ("`quick_gelu`", lambda s: s.get("activation") == "quick_gelu"),
     ("LayerNorm eps 1e-5", lambda s: s["norm_eps"] == 1e-5),
-    ("`RmsNorm` norm layer (xp ViTs)", lambda s: s.get("norm_layer") == "RmsNorm"),
+    ("`RmsNorm` norm layer (xp ViTs, Sapiens2)", lambda s: s.get("norm_layer") == "RmsNorm"),
+    ("grouped-query attention (`num_kv_heads`, Sapiens2)", lambda s: s.get("num_kv_heads") is not None),
+    ("train-time RoPE coordinate augmentation (`rope_*_coords`, Sapiens2)",
+     lambda s: any(s.get(f"rope_{k}_coords") is not None for k in ("shift", "jitter", "rescale"))),
     ("`ResPostBlock` (norm after attention / MLP)", lambda s: s.get("block_fn") == "ResPostBlock"),
     ("`ParallelThingsBlock` (parallel attention / MLP branches)", lambda s: s.get("block_fn") == "ParallelThingsBlock"),
     ("`ParallelScalingBlock` (fused qkv + MLP `in_proj`)", lambda s: s.get("block_fn") in

@@ -95,7 +95,7 @@ def _block_mlp(m: str, s: ViTSpec | EvaSpec) -> Iterator[Entry]:
     else:
         yield from _linear(f"{m}.fc1", s.dim, s.mlp_dim, s.proj_bias)
     if getattr(s, "scale_mlp", False):
-        yield from _norm(f"{m}.norm", s.mlp_hidden)
+        yield from _norm(f"{m}.norm", s.mlp_hidden, getattr(s, "norm_layer", "LayerNorm"))
     yield from _linear(f"{m}.fc2", s.mlp_hidden, s.dim, s.proj_bias)
 
 
@@ -315,14 +315,14 @@ def eva_table(s: EvaSpec) -> list[Entry]:
     if s.rope_type == "mixed":  # timm registers rope after patch_embed, before norm_pre
         t.append(_param("rope.freqs", (2, s.depth, s.heads, dh // 2)))
     if s.pre_norm:
-        t += _norm("norm_pre", d)
+        t += _norm("norm_pre", d, s.norm_layer)
     for i in range(s.depth):
         b = f"blocks.{i}"
         if s.has_layer_scale:
             t.append(_param(f"{b}.gamma_1", (d,)))
             if not s.attn_only_layer_scale:
                 t.append(_param(f"{b}.gamma_2", (d,)))
-        t += _norm(f"{b}.norm1", d)
+        t += _norm(f"{b}.norm1", d, s.norm_layer)
         a = f"{b}.attn"
         eva = s.attn_type == "eva"  # EvaAttention: no k bias (a zero buffer when fused)
         if s.qkv_fused:
@@ -331,15 +331,16 @@ def eva_table(s: EvaSpec) -> list[Entry]:
             t += _linear(f"{a}.qkv", d, 3 * d, s.qkv_bias and not eva)
         else:
             t += _linear(f"{a}.q_proj", d, d, s.qkv_bias)
-            t += _linear(f"{a}.k_proj", d, d, s.qkv_bias and not eva)
-            t += _linear(f"{a}.v_proj", d, d, s.qkv_bias)
+            kv = s.kv_heads(i) * dh  # grouped-query attention: narrower k / v projections
+            t += _linear(f"{a}.k_proj", d, kv, s.qkv_bias and not eva)
+            t += _linear(f"{a}.v_proj", d, kv, s.qkv_bias)
         if s.qk_norm:
-            t += _norm(f"{a}.q_norm", dh)
-            t += _norm(f"{a}.k_norm", dh)
+            t += _norm(f"{a}.q_norm", dh, s.norm_layer)
+            t += _norm(f"{a}.k_norm", dh, s.norm_layer)
         if s.scale_attn_inner:
-            t += _norm(f"{a}.norm", d)
+            t += _norm(f"{a}.norm", d, s.norm_layer)
         t += _linear(f"{a}.proj", d, d)
-        t += _norm(f"{b}.norm2", d)
+        t += _norm(f"{b}.norm2", d, s.norm_layer)
         t += _block_mlp(f"{b}.mlp", s)
     return t + list(_final_norm_and_head(s, s.attn_pool_mlp_dim))
 

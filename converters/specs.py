@@ -368,6 +368,16 @@ class EvaSpec:
     attn_pool_mlp_dim: int = 0
     norm_eps: float = 1e-6
     dynamic_img_size: bool = False
+    # timm's norm_layer for every norm of the model (blocks, q/k norm, scale_mlp / scale_attn_inner,
+    # norm_pre, norm, fc_norm, attn_pool.norm): LayerNorm or RmsNorm (Sapiens2).
+    norm_layer: NormLayer = "LayerNorm"
+    # timm's num_kv_heads (grouped-query attention, AttentionRope unfused only), one entry per block;
+    # None: every block has heads k/v heads.
+    num_kv_heads: tuple[int, ...] | None = None
+    # timm's train-time RoPE coordinate augmentation (None: off); evaluation ignores them.
+    rope_shift_coords: float | None = None
+    rope_jitter_coords: float | None = None
+    rope_rescale_coords: float | None = None
 
     family = "eva"
     # What timm's Eva fixes: GELU in Mlp and the attention pool, SiLU in the gated MLPs
@@ -406,6 +416,7 @@ class EvaSpec:
             object.__setattr__(self, "rope_ref_feat_shape", None)
         if self.mlp_layer not in MLP_LAYERS:
             raise UnsupportedArchitectureError(f"mlp_layer={self.mlp_layer!r} is not supported")
+        self._check_sapiens2_options()
         if self.mlp_layer == "GluMlp" and self.mlp_dim % 2:
             raise UnsupportedArchitectureError(f"GluMlp needs an even fc1 width; mlp_dim={self.mlp_dim}")
         if self.pool != "map":  # only the 'map' head has these; 0 keeps specs comparable
@@ -414,6 +425,52 @@ class EvaSpec:
         else:
             object.__setattr__(self, "attn_pool_heads", self.attn_pool_heads or self.heads)
             object.__setattr__(self, "attn_pool_mlp_dim", self.attn_pool_mlp_dim or self.mlp_hidden)
+
+    def _check_sapiens2_options(self) -> None:
+        """``norm_layer``, ``num_kv_heads`` and the RoPE coordinate augmentation, as timm checks them."""
+        if self.norm_layer not in NORM_LAYERS:
+            raise UnsupportedArchitectureError(f"Eva norm_layer={self.norm_layer!r} is not supported "
+                                               "(vitport implements LayerNorm and RmsNorm)")
+        kv = self.num_kv_heads
+
+        def whole(h) -> bool:
+            return isinstance(h, int) and not isinstance(h, bool)
+
+        if kv is not None:
+            if not (whole(kv) or (isinstance(kv, (list, tuple)) and all(whole(h) for h in kv))):
+                raise InvalidArgumentError(f"num_kv_heads={kv!r:.80} (must be null, an integer or one per block)")
+            kv = (kv,) * self.depth if whole(kv) else tuple(kv)
+            if len(kv) != self.depth:  # timm asserts one entry per block
+                raise UnsupportedArchitectureError(f"num_kv_heads has {len(kv)} entries for depth={self.depth}")
+            if any(h <= 0 or self.heads % h for h in kv):
+                raise UnsupportedArchitectureError(f"num_kv_heads={kv}: each must divide heads={self.heads}")
+            if any(h != self.heads for h in kv) and (self.attn_type != "rope" or self.qkv_fused):
+                # timm: EvaBlock asserts attn_type='rope', AttentionRope asserts qkv_fused=False
+                raise UnsupportedArchitectureError("grouped-query attention (num_kv_heads) needs attn_type='rope' "
+                                                   "and qkv_fused=False (timm refuses it otherwise)")
+            object.__setattr__(self, "num_kv_heads", None if all(h == self.heads for h in kv) else kv)
+        for name, low in (("rope_shift_coords", 0.0), ("rope_jitter_coords", 1.0), ("rope_rescale_coords", 1.0)):
+            v = getattr(self, name)
+            if v is not None:
+                import math
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise InvalidArgumentError(f"{name}={v!r:.80} (must be a number or null)")
+                if not math.isfinite(float(v)) or float(v) < low:  # timm's _coord_aug_config
+                    raise UnsupportedArchitectureError(f"{name}={v!r} must be finite and >= {low}")
+                object.__setattr__(self, name, float(v) if self.rope_type else None)  # no rope: nothing to augment
+        if self.rope_aug_active and self.rope_type != "dinov3":
+            raise UnsupportedArchitectureError(
+                f"RoPE coordinate augmentation (rope_shift/jitter/rescale_coords) with rope_type="
+                f"{self.rope_type!r}: vitport implements it for rope_type='dinov3' only")
+
+    @property
+    def rope_aug_active(self) -> bool:
+        """timm's ``aug_active``: any of the three set (a set no-op value still draws, as timm does)."""
+        return any(v is not None for v in (self.rope_shift_coords, self.rope_jitter_coords, self.rope_rescale_coords))
+
+    def kv_heads(self, block: int) -> int:
+        """Block ``block``'s key/value heads (timm's ``num_kv_heads``; ``heads`` without GQA)."""
+        return self.heads if self.num_kv_heads is None else self.num_kv_heads[block]
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -757,7 +814,9 @@ def _eva_with_timm_kwargs(spec: EvaSpec, kw: dict[str, Any], where: str) -> EvaS
              "use_pre_transformer_norm": "pre_norm", "rope_temperature": "rope_temperature",
              "rope_grid_offset": "rope_grid_offset", "rope_grid_indexing": "rope_grid_indexing",
              "rope_rotate_half": "rope_rotate_half", "ref_feat_shape": "rope_ref_feat_shape",
-             "attn_pool_num_heads": "attn_pool_heads"}
+             "attn_pool_num_heads": "attn_pool_heads", "num_kv_heads": "num_kv_heads",
+             "rope_shift_coords": "rope_shift_coords", "rope_jitter_coords": "rope_jitter_coords",
+             "rope_rescale_coords": "rope_rescale_coords"}
     for k, field in names.items():
         if k in kw:
             v = kw.pop(k)
@@ -954,8 +1013,8 @@ def spec_from_timm_model(model) -> Spec:
             names = ", ".join(k.__name__ for k in kinds)
             problems.append(f"{where}: {type(mlp).__name__} (supported here: {names})")
             return None, None, None, True
-        if allow_norm and not ident(mlp.norm):
-            layer_norm_eps(mlp.norm, f"{where}.norm")
+        if allow_norm and not ident(mlp.norm):  # allow_norm may be the caller's own norm check (Eva)
+            (allow_norm if callable(allow_norm) else layer_norm_eps)(mlp.norm, f"{where}.norm")
         else:
             need(ident(mlp.norm), f"{where}.norm (scale_mlp_norm is not supported)")
         fc1 = mlp.fc1_x if type(mlp) is SwiGLU else mlp.fc1
@@ -1307,6 +1366,26 @@ def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, c
 
     patch = check_patch_embed(model.patch_embed)
     dim = model.embed_dim
+    norm_kinds: set[str] = set()
+    affine_layer_norm_eps = layer_norm_eps
+
+    def eva_norm(m, where: str) -> float | None:
+        """An Eva norm: affine LayerNorm or timm's RmsNorm (Sapiens2); timm builds every norm
+        of an Eva from one norm_layer, so one kind for the whole model."""
+        from timm.layers import RmsNorm
+
+        if type(m) is RmsNorm:
+            if not m.elementwise_affine:
+                problems.append(f"{where}: RmsNorm without weight (only affine LayerNorm and RmsNorm are supported)")
+                return None
+            norm_kinds.add("RmsNorm")
+            return float(m.eps)
+        eps = affine_layer_norm_eps(m, where)
+        if eps is not None:
+            norm_kinds.add("LayerNorm")
+        return eps
+
+    layer_norm_eps = eva_norm  # every Eva norm below goes through it
     pre_norm = not ident(model.norm_pre)
     if pre_norm:
         layer_norm_eps(model.norm_pre, "norm_pre")
@@ -1325,8 +1404,6 @@ def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, c
     if attn_type:
         need(attn.head_dim * heads == dim, "attn_head_dim != dim // num_heads")
         need(getattr(attn, "gate", None) is None, "gated_attn=True is not supported")
-        need(all(getattr(b.attn, "num_kv_groups", 1) == 1 for b in model.blocks),
-             "num_kv_heads (grouped-query attention) is not supported")
         need(attn.proj.bias is not None, "attention projection without bias")
         need(attn.num_prefix_tokens == model.num_prefix_tokens, "attention num_prefix_tokens differs from the model's")
         if attn_type == "eva":
@@ -1339,7 +1416,7 @@ def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, c
         scale_attn_inner = not ident(attn.norm)
         if scale_attn_inner:
             layer_norm_eps(attn.norm, "blocks.0.attn.norm")
-    mlp_dim, act, mlp_layer, _ = check_mlp(b0.mlp, "blocks.0.mlp", dim, allow_norm=True)
+    mlp_dim, act, mlp_layer, _ = check_mlp(b0.mlp, "blocks.0.mlp", dim, allow_norm=eva_norm)
     scale_mlp = hasattr(b0.mlp, "norm") and not ident(b0.mlp.norm)
     if mlp_layer == "Mlp":
         need(act == "gelu", f"blocks.0.mlp.act: {act} (timm's Eva uses GELU)")
@@ -1375,8 +1452,13 @@ def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, c
         name = {"RotaryEmbeddingMRope": "rope_type='mrope'"}
         problems.append(f"rope: {name.get(type(rope).__name__, type(rope).__name__)} is not supported "
                         "(vitport implements rope_type 'cat', 'dinov3' and 'mixed')")
+    aug_kw: dict[str, Any] = {}
+    if rope_type and rope.aug_active:  # train-time only; vitport draws it for the DINOv3 table (Sapiens2)
+        need(rope_type == "dinov3", f"rope coordinate augmentation (shift / jitter / rescale coords) with "
+                                    f"rope_type={rope_type!r} is not supported (only 'dinov3')")
+        aug_kw = dict(rope_shift_coords=rope.shift_coords, rope_jitter_coords=rope.jitter_coords,
+                      rope_rescale_coords=rope.rescale_coords)
     if rope_type:
-        need(not rope.aug_active, "rope coordinate augmentation (shift / jitter / rescale coords) is not supported")
         need(bool(getattr(rope, "rotate_half", False)) == rotate_half, "rope and attention disagree on rotate_half")
         need((rope.feat_shape is None) == bool(model.dynamic_img_size), "rope feat_shape and dynamic_img_size disagree")
         rope_kw.update(rope_temperature=float(rope.temperature),
@@ -1400,6 +1482,9 @@ def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, c
         layer_norm_eps(model.norm, "norm")
     if not ident(model.fc_norm):
         layer_norm_eps(model.fc_norm, "fc_norm")
+    need(len(norm_kinds) <= 1,
+         f"norms of different kinds ({', '.join(sorted(norm_kinds))}): one norm_layer is supported")
+    kv_heads = tuple(getattr(b.attn, "num_kv_heads", heads) for b in model.blocks)
     if problems:
         raise UnsupportedArchitectureError("timm Eva options not supported by vitport:\n  " + "\n  ".join(problems))
     return EvaSpec(
@@ -1414,6 +1499,8 @@ def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, c
         mlp_layer=mlp_layer, scale_mlp=scale_mlp, init_values=init_values,
         attn_only_layer_scale=attn_only_layer_scale, rope_type=rope_type, **rope_kw,
         attn_pool_heads=ap_heads, attn_pool_mlp_dim=ap_mlp, norm_eps=eps, dynamic_img_size=model.dynamic_img_size,
+        norm_layer=norm_kinds.pop() if norm_kinds else "LayerNorm",
+        num_kv_heads=None if all(h == heads for h in kv_heads) else kv_heads, **aug_kw,
     )
 
 

@@ -75,6 +75,9 @@ TINY_CASES = {
     # A hybrid ViT over a small timm ResNetV2 (same code path as vit_small_r26_s32_224's R26 stem).
     "hybrid_resnetv2_same": ("vit_small_r26_s32_224", dict(TINY, img_size=48, patch_size=2,
                                                            embed_layer=tiny_resnetv2_embed)),
+    # Sapiens2: RmsNorm everywhere (blocks, q/k norm, norm), grouped-query attention in one block
+    # (2 k/v heads for 4 query heads, unfused q/k/v), DINOv3 RoPE with train-time rescale_coords=2.
+    "eva_sapiens2_rmsnorm_gqa": ("vit_base_patch16_sapiens2", dict(TINY, num_kv_heads=(2, 4), num_reg_tokens=2)),
 }
 
 # Cases timm's own hub writer (``save_for_hf``) can write: a class-valued kwarg (``mlp_layer``)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import TINY, TINY_CASES, tiny_timm
+from timm.layers import RmsNorm
 
 import vitport
 from converters import (FRAMEWORKS, CaiTSpec, ConversionError, UnsupportedArchitectureError, ViTSpec, canonical_to_framework,
@@ -128,8 +129,8 @@ def test_wrong_params_tree_is_reported(framework):
     ("vit_base_r50_s16_224", dict(dynamic_img_size=True), "dynamic_img_size with a hybrid CNN stem"),
     ("vit_giant_patch14_dinov2", dict(scale_mlp_norm=True), "scale_mlp_norm"),
     ("vit_base_patch16_rope_224", dict(rope_type="mrope", rope_grid_indexing="ij"), "rope_type='mrope'"),
-    ("vit_base_patch16_sapiens2", {}, "RmsNorm"),
-    ("vit_large_patch16_sapiens2", {}, "num_kv_heads"),
+    ("vit_base_patch16_sapiens2", dict(norm_layer=functools.partial(RmsNorm, affine=False)), "RmsNorm without weight"),
+    ("vit_base_patch16_rope_224", dict(rope_rescale_coords=2.0), "rope coordinate augmentation .*'cat'"),
     ("vit_base_patch16_rope_224", dict(use_post_norm=True), "EvaBlockPostNorm"),
 ])
 def test_unsupported_timm_options_are_refused_by_name(arch, kwargs, named):

@@ -55,6 +55,8 @@ def tiny_twin_kwargs(spec) -> dict:
               num_classes=10 if spec.num_classes else 0, mlp_ratio=spec.mlp_dim / spec.dim)
     if spec.family == "cait":
         kw["mlp_ratio_token_only"] = spec.cls_mlp_dim / spec.dim
+    if spec.family == "eva":  # Sapiens2 gives one k/v head count per block of its own depth
+        kw["num_kv_heads"] = (2, 1) if spec.num_kv_heads else (2, 2)  # GQA: full attention, then grouped
     return kw
 
 
@@ -84,7 +86,8 @@ def test_tiny_twin_converts_with_parity(name):
     tiny = spec_from_timm_model(model)
     perturb_weights(model).float().eval()
     extra = {"cait": lambda: {"cls_mlp_dim": tiny.cls_mlp_dim},
-             "eva": lambda: {"attn_pool_mlp_dim": tiny.attn_pool_mlp_dim}}.get(spec.family, dict)()
+             "eva": lambda: {"attn_pool_mlp_dim": tiny.attn_pool_mlp_dim,
+                             "num_kv_heads": tiny.num_kv_heads if spec.num_kv_heads else None}}.get(spec.family, dict)()
     shrunk = dataclasses.replace(spec, image_size=tiny.image_size, dim=32, heads=2, depth=2,
                                  mlp_dim=tiny.mlp_dim, num_classes=tiny.num_classes, **extra)
     assert tiny == shrunk, "the tiny twin must keep every option of the architecture"

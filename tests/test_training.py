@@ -71,6 +71,63 @@ def test_train_mode_without_dropout_equals_eval_and_distilled_switch(framework):
                           framework).set_distilled_training(True)
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_rope_coord_aug_training_equals_timm_with_the_same_draw(framework):
+    """Sapiens2's train-time RoPE coordinate augmentation (shift, jitter and rescale all on):
+    with timm's draw forced on both sides (``vitport.parity.same_rope_coord_aug``), training
+    logits equal timm's in float64; evaluation is unaugmented on both sides; vitport's own draws
+    change with the key."""
+    import torch
+
+    from vitport.parity import same_rope_coord_aug
+
+    arch, kwargs = TINY_CASES["eva_sapiens2_rmsnorm_gqa"]
+    model = tiny_timm(arch, "float64", **dict(kwargs, rope_shift_coords=0.5, rope_jitter_coords=1.5))
+    jm = vitport.from_timm(model, framework)
+    assert (jm.spec.rope_shift_coords, jm.spec.rope_jitter_coords, jm.spec.rope_rescale_coords) == (0.5, 1.5, 2.0)
+    x = images(jm.spec)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        evaluated = model(xt).numpy()
+    with same_rope_coord_aug(jm.spec, seed=3) as key, torch.no_grad():
+        model.train()
+        try:
+            trained = model(xt).numpy()
+        finally:
+            model.eval()
+        ours = np.asarray(jm.apply_fn(jm.params, x, train=True, rng=key))
+    np.testing.assert_allclose(ours, trained, rtol=0, atol=1e-10)
+    assert np.abs(trained - evaluated).max() > 1e-3  # the augmentation is really on
+    np.testing.assert_allclose(np.asarray(jm.apply_fn(jm.params, x)), evaluated, rtol=0, atol=1e-10)
+    a, b = (np.asarray(jm.apply_fn(jm.params, x, train=True, rng=jax.random.PRNGKey(k))) for k in (0, 1))
+    assert np.abs(a - b).max() > 1e-6 and np.abs(a - evaluated).max() > 1e-6
+
+
+def test_rope_coord_aug_draw_distribution():
+    """vitport's draw has timm's distributions: shift U(-s, s), log jitter U(-ln J, ln J) per
+    axis (independent axes), log rescale U(-ln R, ln R); augmentation is refused by name where
+    vitport does not implement it (rotary tables other than DINOv3's)."""
+    import math
+
+    from converters.specs import EvaSpec, UnsupportedArchitectureError
+    from vitport import ops
+
+    spec = EvaSpec(dim=32, heads=4, rope_type="dinov3", rope_shift_coords=0.5, rope_jitter_coords=1.5,
+                   rope_rescale_coords=2.0)
+    keys = jax.random.split(jax.random.PRNGKey(0), 20000)
+    shift, jitter, rescale = (np.asarray(t, np.float64) for t in
+                              jax.vmap(lambda k: ops.rope_coord_aug_draw(k, spec))(keys))
+    for values, bound in ((shift, 0.5), (np.log(jitter), math.log(1.5)), (np.log(rescale), math.log(2.0))):
+        assert np.abs(values).max() <= bound * (1 + 1e-6)
+        assert abs(values.mean()) < 0.03 * bound  # 20000 draws: standard error 0.004 * bound
+        np.testing.assert_allclose(values.var(axis=0), bound ** 2 / 3, rtol=0.05)
+        hist = np.histogram(values.ravel(), bins=10, range=(-bound, bound))[0] / values.size
+        np.testing.assert_allclose(hist, 0.1, atol=0.01)  # uniform
+    assert abs(np.corrcoef(shift.T)[0, 1]) < 0.05 and abs(np.corrcoef(np.log(jitter).T)[0, 1]) < 0.05
+    with pytest.raises(UnsupportedArchitectureError, match="rope_type='dinov3' only"):
+        EvaSpec(dim=32, heads=4, rope_type="cat", rope_rescale_coords=2.0)
+
+
 # ------------------------------------------------------------------------ gradient parity
 
 

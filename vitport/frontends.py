@@ -110,7 +110,7 @@ def _linen_apply(cfg: ModelConfig) -> ApplyFn:
 
     def apply(params, x, *, train=False, rng=None, return_intermediates=False, stage="all"):
         return module.apply(params, x, train=train, return_intermediates=return_intermediates, stage=stage,
-                            rngs={} if rng is None else {"dropout": rng})
+                            rngs={} if rng is None else {"dropout": rng, "rope": rng})
 
     return apply
 
@@ -162,7 +162,7 @@ def _nnx_apply(cfg: ModelConfig) -> ApplyFn:
         model = nnx_module(cfg, params)
         if train:
             model.train()
-        rngs = None if rng is None else nnx.Rngs(dropout=rng)
+        rngs = None if rng is None else nnx.Rngs(dropout=rng, rope=jax.random.fold_in(rng, 1))
         return model(x, rngs=rngs, return_intermediates=return_intermediates, stage=stage)
 
     return apply

@@ -218,6 +218,17 @@ def _rope_grid(shape: tuple[int, int], indexing: str, offset: float, ref: tuple[
     return grid
 
 
+def _dinov3_periods(spec):
+    """timm's ``RotaryEmbeddingDinoV3._compute_periods`` (temperature form), float32: periods
+    ``T ** (2 arange(Dh/4) / (Dh/2))``. numpy's float32 power; torch's (SLEEF, 1 ulp) differs from
+    it in the last bit for a few exponents once Dh/4 > 8 (docs/design.md, section 3)."""
+    import numpy as np
+
+    dh = spec.dim // spec.heads
+    exponents = (np.float32(2.0) * np.arange(dh // 4, dtype=np.float32) / np.float32(dh // 2)).astype(np.float32)
+    return (np.float32(spec.rope_temperature) ** exponents).astype(np.float32)
+
+
 def rope_table(spec, grid: tuple[int, int], dtype, cached: bool) -> jax.Array:
     """timm's concatenated ``[sin | cos]`` table (H*W, 2 * head_dim) for a patch grid.
 
@@ -230,8 +241,7 @@ def rope_table(spec, grid: tuple[int, int], dtype, cached: bool) -> jax.Array:
     n = dh // 4
     work = np.float32 if cached or np.dtype(dtype) != np.float64 else np.float64
     if spec.rope_type == "dinov3":
-        exponents = (np.float32(2.0) * np.arange(n, dtype=np.float32) / np.float32(dh // 2)).astype(np.float32)
-        periods = (np.float32(spec.rope_temperature) ** exponents).astype(np.float32).astype(work)
+        periods = _dinov3_periods(spec).astype(work)
         coords = _rope_grid(grid, spec.rope_grid_indexing, spec.rope_grid_offset, None, True,
                             spec.rope_normalize_coords).reshape(-1, 2, 1).astype(work)
         angles = (work(2 * np.pi) * coords / periods).reshape(coords.shape[0], -1)
@@ -248,6 +258,54 @@ def rope_table(spec, grid: tuple[int, int], dtype, cached: bool) -> jax.Array:
     else:
         sin, cos = np.repeat(sin, 2, -1), np.repeat(cos, 2, -1)
     return jnp.asarray(np.concatenate([sin, cos], -1))
+
+
+def rope_coord_aug_draw(key: jax.Array, spec) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """timm's ``_apply_coord_augs`` draw, float32, one per forward call: (shift (2,), jitter (2,),
+    rescale (1,)); shift U(-s, s) per axis, jitter exp(U(-ln J, ln J)) per axis, rescale
+    exp(U(-ln R, ln R)) shared. A setting that is off draws nothing and is the identity (0 / 1)."""
+    import math
+
+    k_shift, k_jitter, k_rescale = jax.random.split(key, 3)
+    f32 = jnp.float32
+    shift, jitter, rescale = jnp.zeros(2, f32), jnp.ones(2, f32), jnp.ones(1, f32)
+    if spec.rope_shift_coords is not None:
+        s = spec.rope_shift_coords
+        shift = jax.random.uniform(k_shift, (2,), f32, -s, s)
+    if spec.rope_jitter_coords is not None:
+        j = math.log(spec.rope_jitter_coords)
+        jitter = jnp.exp(jax.random.uniform(k_jitter, (2,), f32, -j, j))
+    if spec.rope_rescale_coords is not None:
+        r = math.log(spec.rope_rescale_coords)
+        rescale = jnp.exp(jax.random.uniform(k_rescale, (1,), f32, -r, r))
+    return shift, jitter, rescale
+
+
+def rope_table_augmented(spec, grid: tuple[int, int], dtype, draw) -> jax.Array:
+    """timm's DINOv3 ``[sin | cos]`` table in training with coordinate augmentation
+    (``RotaryEmbeddingDinoV3._create_embed``): the float32 grid shifted, jittered and rescaled
+    (in that order, in float32) by ``draw`` (``rope_coord_aug_draw``), then angles and sin/cos at
+    the periods' dtype (float64 for a float64 model), built per call as timm does in training."""
+    import numpy as np
+
+    if spec.rope_type != "dinov3":
+        raise ValueError("RoPE coordinate augmentation is implemented for rope_type='dinov3' only")
+    dh = spec.dim // spec.heads
+    n = dh // 4
+    work = jnp.float64 if np.dtype(dtype) == np.float64 else jnp.float32
+    periods = jnp.asarray(_dinov3_periods(spec), work)
+    coords = jnp.asarray(_rope_grid(grid, spec.rope_grid_indexing, spec.rope_grid_offset, None, True,
+                                    spec.rope_normalize_coords).reshape(-1, 2))
+    shift, jitter, rescale = (jnp.asarray(t, jnp.float32) for t in draw)
+    coords = ((coords + shift[None, :]) * jitter[None, :]) * rescale
+    coords = coords.astype(work)[:, :, None]
+    angles = (jnp.asarray(2 * np.pi, work) * coords / periods).reshape(coords.shape[0], -1)
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    if spec.rope_rotate_half:
+        sin, cos = jnp.concatenate([sin, sin], -1), jnp.concatenate([cos, cos], -1)
+    else:
+        sin, cos = jnp.repeat(sin, 2, -1), jnp.repeat(cos, 2, -1)
+    return jnp.concatenate([sin, cos], -1)
 
 
 def rope_mixed_table(freqs: jax.Array, grid: tuple[int, int], indexing: str) -> jax.Array:

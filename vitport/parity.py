@@ -313,6 +313,48 @@ def jax_gradients(jm: JaxModel, images_nhwc: np.ndarray, labels: np.ndarray,
 
 
 @contextlib.contextmanager
+def same_rope_coord_aug(spec, seed: int = 0):
+    """timm's train-time RoPE coordinate augmentation (Eva ``rope_shift/jitter/rescale_coords``) is
+    one random draw per forward call. For the block, timm's next draw is fixed (torch seeded with
+    ``seed``) and vitport is given the same values (``structure.forced_rope_coord_aug``): timm's
+    draw is reproduced in its own order (shift U(-s, s), jitter exp(U(-ln J, ln J)) per axis, then
+    rescale exp(U(-ln R, ln R)), float32 on CPU) and torch's rng is put back so timm draws exactly
+    these. Yields the key a training call needs (its draw replaced), ``None`` without augmentation."""
+    if not getattr(spec, "rope_aug_active", False):
+        yield None
+        return
+    import math
+
+    import jax
+    import torch
+
+    from . import structure
+
+    saved = torch.get_rng_state()
+    torch.manual_seed(seed)
+    state = torch.get_rng_state()
+    shift, jitter, rescale = torch.zeros(2), torch.ones(2), torch.ones(1)
+    if spec.rope_shift_coords is not None:
+        shift = torch.empty(2).uniform_(-spec.rope_shift_coords, spec.rope_shift_coords)
+    if spec.rope_jitter_coords is not None:
+        j = math.log(spec.rope_jitter_coords)
+        jitter = torch.empty(2).uniform_(-j, j).exp()
+    if spec.rope_rescale_coords is not None:
+        r = math.log(spec.rope_rescale_coords)
+        rescale = torch.empty(1).uniform_(-r, r).exp()
+    torch.set_rng_state(state)  # timm's forward draws the same values again
+    # The forced draw is read while tracing: jitted functions (JaxModel.apply_fn) traced outside
+    # the block must not be reused inside it, nor those traced inside after it.
+    jax.clear_caches()
+    try:
+        with structure.forced_rope_coord_aug(shift.numpy(), jitter.numpy(), float(rescale[0])):
+            yield jax.random.PRNGKey(seed)
+    finally:
+        torch.set_rng_state(saved)
+        jax.clear_caches()
+
+
+@contextlib.contextmanager
 def _hard_coded_dropout_off(timm_model):
     """timm's ``RelPosMlp`` drops its hidden layer with a fixed p=0.125 in training (no keyword
     sets it), so its training mode is random even with every rate at zero. Gradients are
@@ -336,13 +378,13 @@ def compare_gradients(jm: JaxModel, timm_model, images_nhwc: np.ndarray, labels:
     Rows: 'loss' first, then one per timm key in ``state_dict`` order. A tensor only one side
     has is an error.
     """
-    with _hard_coded_dropout_off(timm_model):
+    with _hard_coded_dropout_off(timm_model), same_rope_coord_aug(jm.spec) as rng:
         ref_loss, ref = timm_gradients(timm_model, images_nhwc, labels,
                                        distilled_training=jm.config.distilled_training)
-    if getattr(jm.spec, "rel_pos_mlp_drop", 0.0):
-        spec = dataclasses.replace(jm.spec, rel_pos_mlp_drop=0.0)
-        jm = dataclasses.replace(jm, spec=spec, config=dataclasses.replace(jm.config, spec=spec))
-    loss, ours = jax_gradients(jm, images_nhwc, labels)
+        if getattr(jm.spec, "rel_pos_mlp_drop", 0.0):
+            spec = dataclasses.replace(jm.spec, rel_pos_mlp_drop=0.0)
+            jm = dataclasses.replace(jm, spec=spec, config=dataclasses.replace(jm.config, spec=spec))
+        loss, ours = jax_gradients(jm, images_nhwc, labels, rng)
     if set(ours) != set(ref):
         raise ValueError(f"gradients for different tensors: only JAX {sorted(set(ours) - set(ref))}, "
                          f"only timm {sorted(set(ref) - set(ours))}")

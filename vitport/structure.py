@@ -112,6 +112,16 @@ class DropPath:
 
 
 @dataclass(frozen=True)
+class TrainKey:
+    """A fresh PRNG key from the rng stream ``stream`` in training, ``None`` in evaluation: the
+    random draw of a timm module that is random only in training (Eva's RoPE coordinate
+    augmentation, stream 'rope'). Front-ends: Haiku's key sequence, linen's ``make_rng``, NNX's
+    ``rngs[stream]``."""
+
+    stream: str
+
+
+@dataclass(frozen=True)
 class Node:
     """A composite timm module of ``kind`` (a key of ``FORWARD``) built from ``cfg``.
 
@@ -157,7 +167,7 @@ def _rope_mixed_init(temperature: float) -> Callable[[jax.Array, tuple[int, ...]
 WEIGHT_INIT = jax.nn.initializers.truncated_normal(0.02)  # Linear and conv weights, as timm's ViT init
 
 
-Declaration = Linear | PatchConv | Conv | GroupNorm | Norm | Param | Dropout | DropPath | Node
+Declaration = Linear | PatchConv | Conv | GroupNorm | Norm | Param | Dropout | DropPath | TrainKey | Node
 
 
 class Layers(Protocol):
@@ -262,10 +272,12 @@ def _eva_children(cfg: ModelConfig) -> dict[str, Any]:
     c["pos_drop"] = Dropout(cfg.emb_dropout)
     if s.rope_type == "mixed":  # the only rotary embedding with parameters (learned frequencies)
         c["rope"] = Node("RotaryEmbeddingMixed", cfg)
+    elif s.rope_type and s.rope_aug_active:  # timm's rope draws its coordinate augmentation in training
+        c["rope"] = TrainKey("rope")
     if s.pre_norm:
-        c["norm_pre"] = Norm(d, s.norm_eps)
-    for i in range(s.depth):
-        c[f"blocks.{i}"] = Node("EvaBlock", cfg, (cfg.drop_path_rate(i),))
+        c["norm_pre"] = _norm(s, d)
+    for i in range(s.depth):  # each block with its own k/v heads (timm's per-block num_kv_heads)
+        c[f"blocks.{i}"] = Node("EvaBlock", cfg, (cfg.drop_path_rate(i), s.kv_heads(i)))
     return {**c, **_final_norm_and_head(cfg)}
 
 
@@ -428,31 +440,33 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
     if kind == "Mlp":
         hidden, drop, bias, norm = args
         return {"fc1": Linear(d, hidden, bias), "drop1": Dropout(drop),
-                **({"norm": Norm(hidden, s.norm_eps)} if norm else {}),
+                **({"norm": _norm(s, hidden)} if norm else {}),
                 "fc2": Linear(hidden, d, bias), "drop2": Dropout(drop)}
     if kind == "GluMlp":  # fc1 packs [x | gate] (gate_last) or [gate | x] (timm's SwiGLUPacked)
         drop, norm = args
         return {"fc1": Linear(d, s.mlp_dim, s.proj_bias), "drop1": Dropout(drop),
-                **({"norm": Norm(s.mlp_hidden, s.norm_eps)} if norm else {}),
+                **({"norm": _norm(s, s.mlp_hidden)} if norm else {}),
                 "fc2": Linear(s.mlp_hidden, d, s.proj_bias), "drop2": Dropout(drop)}
     if kind == "SwiGLU":
         drop, norm = args
         return {"fc1_g": Linear(d, s.mlp_dim, s.proj_bias), "fc1_x": Linear(d, s.mlp_dim, s.proj_bias),
-                "drop1": Dropout(drop), **({"norm": Norm(s.mlp_dim, s.norm_eps)} if norm else {}),
+                "drop1": Dropout(drop), **({"norm": _norm(s, s.mlp_dim)} if norm else {}),
                 "fc2": Linear(s.mlp_dim, d, s.proj_bias), "drop2": Dropout(drop)}
     if kind == "EvaBlock":
-        (drop_path,) = args
+        drop_path, kv_heads = args
         c = {}
         if s.has_layer_scale:
             c["gamma_1"] = Param((d,), "constant", s.init_values)
             if not s.attn_only_layer_scale:
                 c["gamma_2"] = Param((d,), "constant", s.init_values)
-        return {**c, "norm1": Norm(d, s.norm_eps),
-                "attn": Node("EvaAttention" if s.attn_type == "eva" else "AttentionRope", cfg),
-                "drop_path1": DropPath(drop_path), "norm2": Norm(d, s.norm_eps), "mlp": _block_mlp(cfg),
+        return {**c, "norm1": _norm(s, d),
+                "attn": Node("EvaAttention" if s.attn_type == "eva" else "AttentionRope", cfg, (kv_heads,)),
+                "drop_path1": DropPath(drop_path), "norm2": _norm(s, d), "mlp": _block_mlp(cfg),
                 "drop_path2": DropPath(drop_path)}
     if kind in ("EvaAttention", "AttentionRope"):
         eva = kind == "EvaAttention"  # EvaAttention has no k bias
+        (kv_heads,) = args
+        kv = kv_heads * (d // s.heads)  # timm's kv_dim: grouped-query attention's narrower k/v projections
         c = {}
         if s.qkv_fused:
             if eva and s.qkv_bias:
@@ -460,14 +474,14 @@ def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
                 c["v_bias"] = Param((d,), "constant", 0.0)
             c["qkv"] = Linear(d, 3 * d, s.qkv_bias and not eva)
         else:
-            c.update(q_proj=Linear(d, d, s.qkv_bias), k_proj=Linear(d, d, s.qkv_bias and not eva),
-                     v_proj=Linear(d, d, s.qkv_bias))
+            c.update(q_proj=Linear(d, d, s.qkv_bias), k_proj=Linear(d, kv, s.qkv_bias and not eva),
+                     v_proj=Linear(d, kv, s.qkv_bias))
         if s.qk_norm:
-            c["q_norm"] = Norm(d // s.heads, s.norm_eps)
-            c["k_norm"] = Norm(d // s.heads, s.norm_eps)
+            c["q_norm"] = _norm(s, d // s.heads)
+            c["k_norm"] = _norm(s, d // s.heads)
         c["attn_drop"] = Dropout(cfg.attn_dropout)
         if s.scale_attn_inner:
-            c["norm"] = Norm(d, s.norm_eps)
+            c["norm"] = _norm(s, d)
         return {**c, "proj": Linear(d, d), "proj_drop": Dropout(cfg.dropout)}
     if kind == "RotaryEmbeddingMixed":  # timm: freqs (2, depth, heads, head_dim // 2), [x | y] frequencies
         return {"freqs": Param((2, s.depth, s.heads, d // s.heads // 2), "rope_mixed", s.rope_temperature)}
@@ -596,6 +610,23 @@ def attention_maps(intermediates: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k[: -len(".attn")]: v for k, v in intermediates.items() if k.endswith(".attn")}
 
 
+# Test hook: a fixed RoPE coordinate augmentation draw (shift (2,), jitter (2,), rescale (1,))
+# used instead of the random one in training, so timm can be given the same draw (parity tests).
+_FORCED_ROPE_AUG: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("vitport_rope_aug", default=None)
+
+
+@contextlib.contextmanager
+def forced_rope_coord_aug(shift=(0.0, 0.0), jitter=(1.0, 1.0), rescale=1.0) -> Iterator[None]:
+    """Within the block, a training forward pass traced here uses this augmentation draw (read at
+    trace time: ``vitport.parity.same_rope_coord_aug`` clears jit caches around it)."""
+    token = _FORCED_ROPE_AUG.set((jnp.asarray(shift, jnp.float32), jnp.asarray(jitter, jnp.float32),
+                                  jnp.asarray([rescale], jnp.float32)))
+    try:
+        yield
+    finally:
+        _FORCED_ROPE_AUG.reset(token)
+
+
 # ---------------------------------------------------------------------------- forward
 
 
@@ -647,13 +678,17 @@ def eva_attention(m: Layers, cfg: ModelConfig, rope: jax.Array | None, x: jax.Ar
         q, k, v = jnp.split(qkv, 3, axis=-1)
     else:
         q, k, v = m("q_proj")(x), m("k_proj")(x), m("v_proj")(x)
-    q, k, v = _heads(s, q, k, v)
+    kv_heads = k.shape[-1] // (s.dim // s.heads)  # fewer than heads: grouped-query attention
+    q, (k, v) = ops.split_heads(q, s.heads), [ops.split_heads(t, kv_heads) for t in (k, v)]
     if s.qk_norm:
         q, k = m("q_norm")(q), m("k_norm")(k)
     if rope is not None:
         n = s.num_prefix_tokens
         q, k = [jnp.concatenate([t[:, :, :n], ops.apply_rope(t[:, :, n:], rope, s.rope_rotate_half)], axis=2)
                 .astype(v.dtype) for t in (q, k)]
+    if kv_heads != s.heads:
+        # timm: k/v heads repeat_interleave'd after norm and rope, query head h uses kv head h // groups.
+        k, v = (jnp.repeat(t, s.heads // kv_heads, axis=1) for t in (k, v))
     weights = m("attn_drop")(ops.softmax(ops.attention_logits(q, k, cfg.matmul_dtype), axis=-1))
     _record_attention(weights)
     x = ops.merge_heads(ops.attend(weights, v, cfg.matmul_dtype))
@@ -881,8 +916,14 @@ def _eva_features(m: Layers, s: EvaSpec, x: jax.Array, out: dict) -> jax.Array:
     if s.rope_type == "mixed":  # learned: (depth, heads, H*W, 2 * head_dim) from rope.freqs
         rope = m("rope")((h, w)).astype(jnp.promote_types(x.dtype, jnp.float32))
     elif s.rope_type:
-        rope = ops.rope_table(s, (h, w), x.dtype, cached=not s.dynamic_img_size).astype(
-            jnp.promote_types(x.dtype, jnp.float32))
+        key = m("rope")() if m.has("rope") else None  # a key only in training with augmentation
+        if key is not None:
+            forced = _FORCED_ROPE_AUG.get()
+            draw = forced if forced is not None else ops.rope_coord_aug_draw(key, s)
+            table = ops.rope_table_augmented(s, (h, w), x.dtype, draw)
+        else:
+            table = ops.rope_table(s, (h, w), x.dtype, cached=not s.dynamic_img_size)
+        rope = table.astype(jnp.promote_types(x.dtype, jnp.float32))
     if s.pre_norm:
         x = m("norm_pre")(x)
     if s.rope_type == "mixed":

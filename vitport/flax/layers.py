@@ -74,6 +74,8 @@ class Layers(structure.LazyLayers):
             return nn.Dropout(decl.rate, deterministic=not self.train, name=name)
         if isinstance(decl, structure.DropPath):
             return functools.partial(DropPath(decl.rate, name=name), train=self.train)
+        if isinstance(decl, structure.TrainKey):
+            return lambda: self.module.make_rng(decl.stream) if self.train else None
         if isinstance(decl, structure.Node):
             return functools.partial(Node(decl, name=name), train=self.train)
         raise TypeError(f"no linen layer for {decl!r}")

@@ -129,6 +129,8 @@ class Layers(structure.LazyLayers):
             return _dropout(decl.rate, self.train)
         if isinstance(decl, structure.DropPath):
             return _drop_path(decl.rate, self.train)
+        if isinstance(decl, structure.TrainKey):  # Haiku has one key sequence for every stream
+            return lambda: hk.next_rng_key() if self.train else None
         if isinstance(decl, structure.Node):
             return functools.partial(Node(decl, name=name), is_training=self.train)
         raise TypeError(f"no Haiku layer for {decl!r}")

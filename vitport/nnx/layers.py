@@ -41,6 +41,23 @@ class DropPath(nnx.Module):
         return ops.drop_path(x, self.rate, stream())
 
 
+class TrainKey(nnx.Module):
+    """``structure.TrainKey``: a key from rng stream ``stream`` after ``model.train()``, None before."""
+
+    def __init__(self, stream: str, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+        self.stream, self.deterministic = stream, deterministic
+        self.rngs = rngs[stream].fork() if rngs is not None else nnx.data(None)
+
+    def __call__(self, *, rngs: nnx.Rngs | None = None) -> jax.Array | None:
+        if self.deterministic:
+            return None
+        stream = rngs[self.stream] if rngs is not None else self.rngs
+        if stream is None:
+            raise ValueError(f"training mode needs rngs for the {self.stream!r} stream: build the model with "
+                             "rngs=nnx.Rngs(...) or pass rngs= when calling it")
+        return stream()
+
+
 def _build(decl: Any, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     kw = dict(dtype=cfg.dtype, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
     if isinstance(decl, structure.Linear):
@@ -71,6 +88,8 @@ def _build(decl: Any, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
         return nnx.Dropout(decl.rate, deterministic=True, rngs=_stream(rngs, decl.rate))
     if isinstance(decl, structure.DropPath):
         return DropPath(decl.rate, rngs=_stream(rngs, decl.rate))
+    if isinstance(decl, structure.TrainKey):
+        return TrainKey(decl.stream, rngs=rngs)
     if isinstance(decl, structure.Node):
         return Node(decl, rngs=rngs)
     raise TypeError(f"no NNX layer for {decl!r}")
@@ -88,7 +107,7 @@ class Layers:
         layer = getattr(self.module, attr)
         if index:
             layer = layer[int(index)]
-        if isinstance(layer, (nnx.Dropout, DropPath, Node)):
+        if isinstance(layer, (nnx.Dropout, DropPath, TrainKey, Node)):
             return functools.partial(layer, rngs=self.rngs)
         return layer
 
