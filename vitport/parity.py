@@ -51,7 +51,7 @@ def perturb_weights(model, seed: int = 0):
     """Bug-sensitive re-initialisation, in place and deterministic; returns the model.
 
     Linear/conv weights N(0, 1/fan_in), their biases 0.05 N; LayerNorm (and RmsNorm) scale 1 + 0.2 N and
-    bias 0.05 N; LayerScale gammas U(0.05, 0.5); tokens, latents and pos_embed 0.5 N.
+    bias 0.05 N; BatchNorm affine as LayerNorm's, running mean 0.1 N, running var U(0.5, 1.5); LayerScale gammas U(0.05, 0.5); tokens, latents and pos_embed 0.5 N.
     """
     import torch
     from torch import nn
@@ -62,10 +62,18 @@ def perturb_weights(model, seed: int = 0):
         p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).mul(std).add(mean))
 
     with torch.no_grad():
+        # BatchNorm running statistics (buffers, frozen in vitport): mean 0.1 N, var U(0.5, 1.5),
+        # so a swapped or ignored statistic moves the output.
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                normal(module.running_mean, 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen,
+                                                    dtype=torch.float64) + 0.5)
         for name, p in model.named_parameters():
             module_name, _, leaf = name.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
-            if isinstance(module, nn.LayerNorm) or type(module).__name__ == "RmsNorm":
+            if (isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
+                    or type(module).__name__ == "RmsNorm"):
                 normal(p, 0.2, 1.0) if leaf == "weight" else normal(p, 0.05)
             elif isinstance(module, (nn.Linear, nn.Conv2d)):
                 normal(p, p[0].numel() ** -0.5) if leaf == "weight" else normal(p, 0.05)
