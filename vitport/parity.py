@@ -289,6 +289,9 @@ def timm_gradients(timm_model, images_nhwc: np.ndarray, labels: np.ndarray, *,
     if hasattr(timm_model, "set_distilled_training"):
         timm_model.set_distilled_training(distilled_training)
     timm_model.train()
+    for m in timm_model.modules():  # vitport keeps BatchNorm in evaluation mode in training (frozen stats)
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
     timm_model.zero_grad(set_to_none=True)
     try:
         out = timm_model(x)
@@ -317,7 +320,16 @@ def jax_gradients(jm: JaxModel, images_nhwc: np.ndarray, labels: np.ndarray,
 
     x, y = jax.numpy.asarray(images_nhwc, jm.dtype), jax.numpy.asarray(labels)
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(jm.params)  # one compile, apply_fn inlined
-    return float(loss), jm.with_params(grads).to_timm_state_dict()
+    named = jm.with_params(grads).to_timm_state_dict()
+    # Frozen tensors (BatchNorm running statistics: buffers in timm) have no timm gradient; theirs
+    # must be exactly zero here (ops.batch_norm_frozen's stop_gradient).
+    from converters.keymap import FROZEN_KINDS, key_table
+
+    fixed = [e.timm_key for e in key_table(jm.spec) if e.kind in FROZEN_KINDS]
+    moved = [k for k in fixed if np.any(named[k])]
+    if moved:
+        raise ValueError(f"frozen BatchNorm statistics received gradients: {moved}")
+    return float(loss), {k: v for k, v in named.items() if k not in set(fixed)}
 
 
 @contextlib.contextmanager
@@ -341,8 +353,9 @@ def compare_gradients(jm: JaxModel, timm_model, images_nhwc: np.ndarray, labels:
 
     Both sides run in training mode (with zero dropout rates and timm's fixed ``RelPosMlp``
     dropout off, the same function as evaluation); a distilled model follows ``jm.config.distilled_training`` on both sides.
-    Rows: 'loss' first, then one per timm key in ``state_dict`` order. A tensor only one side
-    has is an error.
+    Rows: 'loss' first, then one per trained timm key (``named_parameters``) in ``state_dict``
+    order; BatchNorm stays in evaluation mode on both sides and its running statistics (buffers)
+    get no row (their JAX gradient must be exactly zero). A tensor only one side has is an error.
     """
     with _hard_coded_dropout_off(timm_model):
         ref_loss, ref = timm_gradients(timm_model, images_nhwc, labels,
