@@ -90,7 +90,7 @@ def arch_spec(name: str, **overrides: Any) -> Spec:
 REFUSAL_CATEGORIES = (
     ("num_kv_heads", "`Eva` with grouped-query attention (Sapiens2)"),
     ("VisionTransformerRelPos", "relative-position ViTs (`VisionTransformerRelPos`)"),
-    ("HybridEmbed", "hybrid CNN stems other than ResNetV2 (`HybridEmbed`: ResNet-D, MCi)"),
+    ("HybridEmbed", "hybrid CNN stems other than ResNetV2 and ResNet-D (`HybridEmbed`: MCi `ConvStem`)"),
     ("(supported: Block, ResPostBlock", "other ViT blocks"),
     ("GluMlp", "SwiGLU / gated MLPs (DINOv2 giant, TIPSv2)"),
     ("RmsNorm", "RMSNorm instead of LayerNorm (Sapiens2)"),
@@ -136,6 +136,8 @@ OPTION_CATEGORIES = (
     ("`dynamic_img_size`", lambda s: s.get("dynamic_img_size", False)),
     ("hybrid CNN stem: ResNetV2 (`HybridEmbed`, StdConv + GroupNorm; R26, R50, R-Ti stem)",
      lambda s: (s.get("backbone") or {}).get("kind") == "resnetv2"),
+    ("hybrid CNN stem: ResNet-D (`HybridEmbed`, deep stem, avg-down, frozen BatchNorm; resnet26d, resnet50d)",
+     lambda s: (s.get("backbone") or {}).get("kind") == "resnet"),
 )
 
 

@@ -10,6 +10,7 @@ module     ``params/blocks_3/attn/qkv``  ``blocks/3/attn/qkv`` (int)   ``"vit/bl
 Linear     ``kernel``, ``bias``         ``kernel``, ``bias``          ``w``, ``b``
 conv       ``kernel``, ``bias``         ``kernel``, ``bias``          ``w``, ``b``
 LayerNorm  ``scale``, ``bias``          ``scale``, ``bias``           ``scale``, ``offset``
+BatchNorm  + ``mean``, ``var``          + ``mean``, ``var``           + ``mean``, ``var`` (frozen stats)
 free       its own name                 its own name                  its own name, under its module
 =========  ===========================  ============================  ==============================
 

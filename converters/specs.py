@@ -1252,7 +1252,7 @@ def _hybrid_embed(pe, need) -> tuple[int | None, HybridBackbone | None]:
         return patch, None if problems else backbone
     else:
         problems.append(f"patch_embed: HybridEmbed with a {type(bb).__name__} backbone (hybrid CNN stems other "
-                        "than timm's ResNetV2 are not supported)")
+                        "than timm's ResNetV2 and ResNet-D are not supported)")
         for p in problems:
             need(False, p)
         return patch, None
