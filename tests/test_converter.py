@@ -160,3 +160,14 @@ def test_table_names_refused_architectures():
         vitport.create_model("vit_base_mci_224")
     with pytest.raises(UnsupportedArchitectureError, match="did you mean vit_base_patch16_224"):
         vitport.create_model("vit_bsae_patch16_224")
+
+
+def test_zero_dim_tensors_keep_their_shape(tmp_path):
+    """timm's BatchNorm ``num_batches_tracked`` is an int64 scalar: written as shape (), not (1,)."""
+    from safetensors.numpy import load_file
+
+    from converters.writer import write_safetensors
+
+    write_safetensors({"n": np.zeros((), np.int64), "w": np.ones((2, 3), np.float32)[:, ::2]}, tmp_path / "t.safetensors")
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert back["n"].shape == () and back["n"].dtype == np.int64 and back["w"].shape == (2, 2)
