@@ -168,6 +168,7 @@ def test_zero_dim_tensors_keep_their_shape(tmp_path):
 
     from converters.writer import write_safetensors
 
-    write_safetensors({"n": np.zeros((), np.int64), "w": np.ones((2, 3), np.float32)[:, ::2]}, tmp_path / "t.safetensors")
+    write_safetensors({"n": np.zeros((), np.int64), "w": np.ones((2, 3), np.float32)[:, ::2]},
+                      tmp_path / "t.safetensors")
     back = load_file(str(tmp_path / "t.safetensors"))
     assert back["n"].shape == () and back["n"].dtype == np.int64 and back["w"].shape == (2, 2)

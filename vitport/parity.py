@@ -51,7 +51,8 @@ def perturb_weights(model, seed: int = 0):
     """Bug-sensitive re-initialisation, in place and deterministic; returns the model.
 
     Linear/conv weights N(0, 1/fan_in), their biases 0.05 N; LayerNorm (and RmsNorm) scale 1 + 0.2 N and
-    bias 0.05 N; BatchNorm affine as LayerNorm's, running mean 0.1 N, running var U(0.5, 1.5); LayerScale gammas U(0.05, 0.5); tokens, latents and pos_embed 0.5 N.
+    bias 0.05 N; BatchNorm affine as LayerNorm's, running mean 0.1 N, running var U(0.5, 1.5);
+    LayerScale gammas U(0.05, 0.5); tokens, latents and pos_embed 0.5 N.
     """
     import torch
     from torch import nn
