@@ -172,6 +172,15 @@ def _hybrid_backbone(s: ViTSpec) -> Iterator[Entry]:
     if b.kind == "resnet":
         yield from _resnet_d_backbone(s)
         return
+    if b.kind == "convstem":  # timm's MCi ConvStem: i.conv (bias on the last), i.bn (all but the last)
+        c_in = s.channels
+        for i, (c_out, k) in enumerate(zip(b.channels, b.kernel_sizes)):
+            last = i == len(b.channels) - 1
+            yield from _conv(f"patch_embed.backbone.{i}.conv", c_in, c_out, k, bias=last)
+            if not last:
+                yield from _batch_norm(f"patch_embed.backbone.{i}.bn", c_out)
+            c_in = c_out
+        return
     root = "patch_embed.backbone"
     stem = f"{root}.stem" if b.layers else root
     yield from _conv(f"{stem}.conv", s.channels, b.stem_chs, 7)
@@ -219,7 +228,8 @@ def vit_table(s: ViTSpec) -> list[Entry]:
         t.append(_param("dist_token", (1, 1, d)))
     if s.backbone is not None:
         t += _hybrid_backbone(s)
-    t += _patch_embed(s, s.patch_bias)
+    if s.backbone is None or s.backbone.embed_proj:  # HybridEmbed(proj=False) has no proj
+        t += _patch_embed(s, s.patch_bias)
     if s.pre_norm:
         t += _norm("norm_pre", d, s.norm_layer)
     for i in range(s.depth):

@@ -58,7 +58,7 @@ def _tuple(x) -> tuple:
     return tuple(int(v) for v in x)
 
 
-HybridKind = Literal["resnetv2", "resnet"]
+HybridKind = Literal["resnetv2", "resnet", "convstem"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,12 @@ class HybridBackbone:
     (``downsample = AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)``, 1x1 conv,
     BatchNorm) on each stage's first block; plain convolutions (torch padding), ``BatchNorm2d``
     with eps ``bn_eps`` in evaluation mode (frozen running statistics, also when fine-tuning).
+
+    ``'convstem'``: timm's MCi ``ConvStem`` (``vision_transformer_hybrid.py``), an ``nn.Sequential``
+    of ``ConvNormAct``: per entry ``channels`` out, ``kernel_sizes``, ``strides``, symmetric
+    ``paddings``; every conv but the last without bias and followed by ``BatchNormAct2d`` (eps
+    ``bn_eps``, frozen as above, activation ``act``); the last with bias and no norm. With
+    ``embed_proj=False`` (``HybridEmbed(proj=False)``) its output is the tokens: no ``proj``.
     """
 
     kind: HybridKind = "resnetv2"
@@ -95,13 +101,24 @@ class HybridBackbone:
     norm_groups: int = 32
     norm_eps: float = 1e-5
     stem_width: int = 32  # 'resnet': the deep stem's inner width
-    bn_eps: float = 1e-5  # 'resnet': BatchNorm2d eps
+    bn_eps: float = 1e-5  # 'resnet', 'convstem': BatchNorm2d eps
+    kernel_sizes: tuple[int, ...] = ()  # 'convstem'
+    paddings: tuple[int, ...] = ()  # 'convstem'
+    act: str = "relu"  # 'convstem': the BatchNormAct2d activation (timm's ConvStem act_layer)
+    embed_proj: bool = True  # HybridEmbed's proj (False: the backbone's width is the embedding's)
 
     def __post_init__(self):
-        for name in ("layers", "channels", "mid_channels", "strides"):
+        for name in ("layers", "channels", "mid_channels", "strides", "kernel_sizes", "paddings"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))  # JSON gives lists
-        if self.kind not in ("resnetv2", "resnet"):
+        if self.kind not in ("resnetv2", "resnet", "convstem"):
             raise UnsupportedArchitectureError(f"hybrid backbone kind {self.kind!r} is not supported")
+        if self.kind == "convstem":
+            if not (len(self.channels) == len(self.kernel_sizes) == len(self.strides) == len(self.paddings) >= 1):
+                raise InvalidArgumentError("hybrid ConvStem: channels, kernel_sizes, strides and paddings differ in "
+                                           "length")
+            if self.act not in ("relu", "gelu"):
+                raise UnsupportedArchitectureError(f"hybrid ConvStem activation {self.act!r} is not supported")
+            return
         n = len(self.layers)
         if not (len(self.channels) == len(self.mid_channels) == len(self.strides) == n):
             raise InvalidArgumentError("hybrid backbone: layers, channels, mid_channels and strides differ in length")
@@ -118,6 +135,10 @@ class HybridBackbone:
         """The backbone's output size: every stride-2 step (stem conv, max pool, stage) gives
         ``ceil(n / 2)``, with 'SAME' padding and with timm's symmetric ``get_padding`` alike."""
         h, w = image_size
+        if self.kind == "convstem":  # torch's conv arithmetic, conv by conv
+            for k, st, p in zip(self.kernel_sizes, self.strides, self.paddings):
+                h, w = (h + 2 * p - k) // st + 1, (w + 2 * p - k) // st + 1
+            return h, w
         for s in (2, 2, *self.strides):
             h, w = -(-h // s), -(-w // s)
         return h, w
@@ -1091,7 +1112,7 @@ def spec_from_timm_model(model) -> Spec:
         no_embed_class=model.no_embed_class, pre_norm=not ident(model.norm_pre),
         final_norm=has_norm or has_fc_norm, fc_norm=has_fc_norm,
         pool_include_prefix=model.pool_include_prefix,
-        patch_bias=model.patch_embed.proj.bias is not None,
+        patch_bias=getattr(model.patch_embed.proj, "bias", None) is not None,  # HybridEmbed(proj=False): Identity
         qkv_bias=fields["qkv_bias"], qk_norm=fields["qk_norm"], proj_bias=fields["proj_bias"],
         init_values=fields["init_values"], activation=fields["activation"], norm_eps=fields["norm_eps"],
         dynamic_img_size=model.dynamic_img_size, mlp_layer=fields["mlp_layer"], mlp_gate_last=fields["mlp_gate_last"],
@@ -1225,8 +1246,10 @@ def _hybrid_embed(pe, need) -> tuple[int | None, HybridBackbone | None]:
         if not cond:
             problems.append(what)
 
-    want(isinstance(pe.proj, tnn.Conv2d), "patch_embed: HybridEmbed without a projection (proj=False, "
-                                          "the MCi ConvStem) is not supported")
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    want(isinstance(pe.proj, tnn.Conv2d) or (isinstance(pe.proj, tnn.Identity) and type(pe.backbone) is ConvStem),
+         "patch_embed: HybridEmbed without a projection (proj=False) is only supported over a ConvStem")
     want(pe.flatten and not pe.dynamic_img_pad, "patch_embed: HybridEmbed with dynamic_img_pad or a non-flat "
                                                 "output_fmt is not supported")
     patch = None
@@ -1244,6 +1267,12 @@ def _hybrid_embed(pe, need) -> tuple[int | None, HybridBackbone | None]:
              "patch_embed.backbone: a ResNetV2 with a pooling or classifier head is not supported")
     elif isinstance(bb, tnn.Sequential) and [n for n, _ in bb.named_children()] == ["conv", "norm", "pool"]:
         stem, stages = bb, []  # timm's _resnetv2(layers=()): the stem alone (vit_tiny_r_s16_p8)
+    elif type(bb) is ConvStem:
+        backbone = _conv_stem_backbone(bb, want, embed_proj=isinstance(pe.proj, tnn.Conv2d))
+        patch = patch if patch is not None else 1  # proj=False: the stem's output pixels are the tokens
+        for p in problems:
+            need(False, p)
+        return patch, None if problems else backbone
     elif type(bb).__name__ == "FeatureListNet" and list(dict(bb.named_children()))[:4] == [
             "conv1", "bn1", "act1", "maxpool"]:
         backbone = _resnet_d_backbone(bb, want)
@@ -1312,6 +1341,42 @@ def _hybrid_embed(pe, need) -> tuple[int | None, HybridBackbone | None]:
         kind="resnetv2", stem_chs=stem.conv.out_channels, layers=tuple(layers), channels=tuple(channels),
         mid_channels=tuple(mids), strides=tuple(strides), same_padding=same, std_conv_eps=float(convs[0].eps),
         norm_groups=n0.num_groups, norm_eps=float(n0.eps))
+
+
+def _conv_stem_backbone(bb, want, embed_proj: bool) -> HybridBackbone | None:
+    """timm's MCi ``ConvStem``: ``ConvNormAct`` entries ``0..n-1`` (conv; ``BatchNormAct2d`` and
+    its activation on all but the last, which has a conv bias and no norm)."""
+    import torch.nn as tnn
+    from timm.layers import BatchNormAct2d, ConvNormAct
+
+    items = list(bb)
+    want(all(type(m) is ConvNormAct for m in items), "patch_embed.backbone: ConvStem entries other than "
+                                                     "ConvNormAct are not supported")
+    if not all(type(m) is ConvNormAct for m in items):
+        return None
+    convs = [m.conv for m in items]
+    want(all(type(c) is tnn.Conv2d and c.groups == 1 and tuple(c.dilation) == (1, 1) and c.padding_mode == "zeros"
+             and isinstance(c.padding, tuple) and c.padding[0] == c.padding[1]
+             and c.kernel_size[0] == c.kernel_size[1] and c.stride[0] == c.stride[1] for c in convs),
+         "patch_embed.backbone: ConvStem convolutions with groups, dilation, 'same' or non-square "
+         "padding, kernels or strides are not supported")
+    norms, last = [m.bn for m in items[:-1]], items[-1]
+    want(all(c.bias is None for c in convs[:-1]) and convs[-1].bias is not None
+         and isinstance(last.bn, tnn.Sequential) and len(last.bn) == 0,
+         "patch_embed.backbone: only timm's ConvStem layout (norm and act on all but the last conv, "
+         "bias on the last) is supported")
+    acts = {type(n.act) for n in norms if type(n) is BatchNormAct2d}
+    want(all(type(n) is BatchNormAct2d and n.affine and n.track_running_stats and isinstance(n.drop, tnn.Identity)
+             for n in norms) and len({n.eps for n in norms}) <= 1,
+         "patch_embed.backbone: only affine BatchNormAct2d with running statistics is supported in a ConvStem")
+    gelu = acts == {tnn.GELU} and all(n.act.approximate == "none" for n in norms)
+    want(gelu or acts <= {tnn.ReLU}, "patch_embed.backbone: ConvStem activations other than ReLU or exact GELU "
+                                     "are not supported")
+    return HybridBackbone(kind="convstem", channels=tuple(c.out_channels for c in convs),
+                          kernel_sizes=tuple(c.kernel_size[0] for c in convs),
+                          strides=tuple(c.stride[0] for c in convs),
+                          paddings=tuple(c.padding[0] for c in convs), act="gelu" if gelu else "relu",
+                          bn_eps=float(norms[0].eps) if norms else 1e-5, embed_proj=embed_proj, same_padding=False)
 
 
 def _resnet_d_backbone(bb, want) -> HybridBackbone:

@@ -370,6 +370,17 @@ def _hybrid_children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any] 
                 "proj": PatchConv(s.patch_in_channels, s.dim, s.patch_size, s.patch_bias)}
     if kind in ("ResNet", "ResNetBottleneck"):
         return _resnet_d_children(kind, cfg, *args)
+    if kind == "HybridEmbed" and b.kind == "convstem":  # timm ConvStem (an nn.Sequential) as backbone.i
+        c = {f"backbone.{i}": Node("ConvNormAct", cfg, (i,)) for i in range(len(b.channels))}
+        if b.embed_proj:
+            c["proj"] = PatchConv(s.patch_in_channels, s.dim, s.patch_size, s.patch_bias)
+        return c
+    if kind == "ConvNormAct":  # timm ConvNormAct in a ConvStem: conv, bn (BatchNormAct2d) but on the last
+        (i,) = args
+        last = i == len(b.channels) - 1
+        c_in = b.channels[i - 1] if i else s.channels
+        c = {"conv": Conv(c_in, b.channels[i], b.kernel_sizes[i], b.strides[i], b.paddings[i], bias=last)}
+        return c if last else {**c, "bn": BatchNorm(b.channels[i], b.bn_eps)}
     if kind == "HybridEmbed":  # timm's ResNetV2, or (no stages) its stem alone as the backbone
         return {"backbone": Node("ResNetV2" if b.layers else "ResNetV2Stem", cfg),
                 "proj": PatchConv(s.patch_in_channels, s.dim, s.patch_size, s.patch_bias)}
@@ -792,6 +803,8 @@ def class_attention_block(m: Layers, cfg: ModelConfig, x: jax.Array, cls: jax.Ar
 
 def hybrid_embed(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """timm ``HybridEmbed``: the backbone's last feature map, then ``proj`` (B, h, w, D)."""
+    if cfg.spec.backbone.kind == "convstem":  # its layers are children of the embed (backbone.i)
+        return hybrid_embed_conv_stem(m, cfg, x)
     return m("proj")(m("backbone")(x))
 
 
@@ -830,6 +843,25 @@ def downsample_conv(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return m("norm")(m("conv")(x))
 
 
+def hybrid_embed_conv_stem(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``HybridEmbed`` over a ``ConvStem`` (``backbone.0..n-1``), then ``proj`` unless
+    ``proj=False`` (MCi: the stem's output is the tokens)."""
+    b = cfg.spec.backbone
+    for i in range(len(b.channels)):
+        x = m(f"backbone.{i}")(x)
+    return m("proj")(x) if b.embed_proj else x
+
+
+def conv_norm_act(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``ConvNormAct``: conv, then ``BatchNormAct2d`` (frozen BN + the stem's activation)
+    except on a ConvStem's last conv."""
+    x = m("conv")(x)
+    if not m.has("bn"):
+        return x
+    act = cfg.spec.backbone.act
+    return (ops.relu if act == "relu" else ops.activation(act))(m("bn")(x))
+
+
 def resnet_d(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """timm ``ResNet.forward_features`` up to its last stage (what ``FeatureListNet`` returns last):
     deep stem ``conv1`` (conv, BN, ReLU, conv, BN, ReLU, conv), ``bn1``, ReLU, 3x3/2 max pool
@@ -858,7 +890,7 @@ def resnet_bottleneck(m: Layers, cfg: ModelConfig, stride: int, x: jax.Array) ->
 
 
 HYBRID_KINDS = ("HybridEmbed", "ResNetV2", "ResNetV2Stem", "ResNetStage", "ResNetV2Bottleneck", "DownsampleConv",
-                "ResNet", "ResNetBottleneck")
+                "ResNet", "ResNetBottleneck", "ConvNormAct")
 
 
 def check_input(spec: Spec, x: jax.Array) -> None:
@@ -1147,7 +1179,7 @@ FORWARD: dict[str, Callable[..., Any]] = {
     "RelPosCoordMlp": rel_pos_coord_mlp,
     "HybridEmbed": hybrid_embed, "ResNetV2": resnetv2, "ResNetV2Stem": resnetv2_stem, "ResNetStage": resnet_stage,
     "ResNetV2Bottleneck": resnetv2_bottleneck, "DownsampleConv": downsample_conv,
-    "ResNet": resnet_d, "ResNetBottleneck": resnet_bottleneck,
+    "ResNet": resnet_d, "ResNetBottleneck": resnet_bottleneck, "ConvNormAct": conv_norm_act,
 }
 
 
