@@ -90,7 +90,7 @@ def arch_spec(name: str, **overrides: Any) -> Spec:
 REFUSAL_CATEGORIES = (
     ("num_kv_heads", "`Eva` with grouped-query attention (Sapiens2)"),
     ("VisionTransformerRelPos", "relative-position ViTs (`VisionTransformerRelPos`)"),
-    ("HybridEmbed", "hybrid CNN stems other than ResNetV2 and ResNet-D (`HybridEmbed`: MCi `ConvStem`)"),
+    ("HybridEmbed", "hybrid CNN stems other than ResNetV2, ResNet-D and the MCi `ConvStem` (`HybridEmbed`)"),
     ("(supported: Block, ResPostBlock", "other ViT blocks"),
     ("GluMlp", "SwiGLU / gated MLPs (DINOv2 giant, TIPSv2)"),
     ("RmsNorm", "RMSNorm instead of LayerNorm (Sapiens2)"),
@@ -138,6 +138,8 @@ OPTION_CATEGORIES = (
      lambda s: (s.get("backbone") or {}).get("kind") == "resnetv2"),
     ("hybrid CNN stem: ResNet-D (`HybridEmbed`, deep stem, avg-down, frozen BatchNorm; resnet26d, resnet50d)",
      lambda s: (s.get("backbone") or {}).get("kind") == "resnet"),
+    ("hybrid CNN stem: MCi `ConvStem` (`HybridEmbed(proj=False)`, frozen BatchNorm)",
+     lambda s: (s.get("backbone") or {}).get("kind") == "convstem"),
 )
 
 

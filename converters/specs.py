@@ -1281,7 +1281,7 @@ def _hybrid_embed(pe, need) -> tuple[int | None, HybridBackbone | None]:
         return patch, None if problems else backbone
     else:
         problems.append(f"patch_embed: HybridEmbed with a {type(bb).__name__} backbone (hybrid CNN stems other "
-                        "than timm's ResNetV2 and ResNet-D are not supported)")
+                        "than timm's ResNetV2, ResNet-D and ConvStem are not supported)")
         for p in problems:
             need(False, p)
         return patch, None
@@ -1388,7 +1388,7 @@ def _resnet_d_backbone(bb, want) -> HybridBackbone:
     names = [n for n, _ in bb.named_children()]
     stage_names = names[4:]
     want(len(stage_names) >= 1 and stage_names == [f"layer{i + 1}" for i in range(len(stage_names))]
-         and list(bb.return_layers) == [stage_names[-1]],
+         and list(bb.return_layers)[-1] == stage_names[-1],  # HybridEmbed takes the last feature map
          "patch_embed.backbone: a ResNet feature map other than its last stage's (out_indices) is not supported")
     convs = [m for m in bb.modules() if isinstance(m, tnn.Conv2d)]
     norms = [m for m in bb.modules() if isinstance(m, tnn.modules.batchnorm._NormBase)

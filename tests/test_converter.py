@@ -118,6 +118,17 @@ def test_wrong_params_tree_is_reported(framework):
         framework_to_canonical(params, dataclasses.replace(spec, pool="avg", fc_norm=True), framework)
 
 
+def resnet_embed(name: str, out_indices=(2,)):
+    """An ``embed_layer`` over a timm ``features_only`` backbone other than the hybrids' own."""
+    def embed(**kwargs):
+        import timm
+        from timm.layers import HybridEmbed
+
+        backbone = timm.create_model(name, pretrained=False, features_only=True, out_indices=list(out_indices))
+        return HybridEmbed(backbone, **kwargs)
+    return embed
+
+
 @pytest.mark.parametrize("arch,kwargs,named", [
     ("vit_base_patch16_224", dict(global_pool="avgmax"), "avgmax"),
     ("vit_base_patch16_224", dict(scale_attn_norm=True), "scale_attn_norm"),
@@ -126,7 +137,10 @@ def test_wrong_params_tree_is_reported(framework):
     ("vit_base_patch16_224", dict(pos_embed="none"), "pos_embed='none'"),
     ("vit_base_patch16_224", dict(dynamic_img_pad=True), "dynamic_img_pad"),
     ("vit_base_patch16_xp_224", dict(norm_layer="rmsnormfp32"), "RmsNormFp32"),
-    ("vit_base_mci_224", {}, "hybrid CNN stems other than timm's ResNetV2"),
+    ("vit_small_resnet26d_224", dict(embed_layer=resnet_embed("resnet26")), "only the deep ResNet-D stem"),
+    ("vit_small_resnet26d_224", dict(embed_layer=resnet_embed("convnext_atto", out_indices=[2])),
+     "hybrid CNN stems other than timm's ResNetV2, ResNet-D and ConvStem"),
+    ("vit_base_mci_224", dict(dynamic_img_size=True), "dynamic_img_size with a hybrid CNN stem"),
     ("vit_base_r50_s16_224", dict(dynamic_img_size=True), "dynamic_img_size with a hybrid CNN stem"),
     ("vit_giant_patch14_dinov2", dict(scale_mlp_norm=True), "scale_mlp_norm"),
     ("vit_base_patch16_rope_224", dict(rope_type="mrope", rope_grid_indexing="ij"), "rope_type='mrope'"),
@@ -156,8 +170,8 @@ def test_relpos_options_not_implemented_are_refused_by_name():
 
 
 def test_table_names_refused_architectures():
-    with pytest.raises(UnsupportedArchitectureError, match="hybrid CNN stems"):
-        vitport.create_model("vit_base_mci_224")
+    with pytest.raises(UnsupportedArchitectureError, match="grouped-query attention"):
+        vitport.create_model("vit_large_patch16_sapiens2")
     with pytest.raises(UnsupportedArchitectureError, match="did you mean vit_base_patch16_224"):
         vitport.create_model("vit_bsae_patch16_224")
 

@@ -55,6 +55,9 @@ def tiny_twin_kwargs(spec) -> dict:
               num_classes=10 if spec.num_classes else 0, mlp_ratio=spec.mlp_dim / spec.dim)
     if spec.family == "cait":
         kw["mlp_ratio_token_only"] = spec.cls_mlp_dim / spec.dim
+    b = getattr(spec, "backbone", None)
+    if b is not None and not b.embed_proj:  # HybridEmbed(proj=False): the stem's width is the embedding's
+        kw.update(embed_dim=spec.dim, img_size=2 * spec.image_size[0] // spec.grid_size[0])
     return kw
 
 
@@ -85,7 +88,7 @@ def test_tiny_twin_converts_with_parity(name):
     perturb_weights(model).float().eval()
     extra = {"cait": lambda: {"cls_mlp_dim": tiny.cls_mlp_dim},
              "eva": lambda: {"attn_pool_mlp_dim": tiny.attn_pool_mlp_dim}}.get(spec.family, dict)()
-    shrunk = dataclasses.replace(spec, image_size=tiny.image_size, dim=32, heads=2, depth=2,
+    shrunk = dataclasses.replace(spec, image_size=tiny.image_size, dim=tiny.dim, heads=2, depth=2,
                                  mlp_dim=tiny.mlp_dim, num_classes=tiny.num_classes, **extra)
     assert tiny == shrunk, "the tiny twin must keep every option of the architecture"
     _tiny_models.setdefault(tiny, model)
