@@ -89,7 +89,7 @@ def arch_spec(name: str, **overrides: Any) -> Spec:
 # Refusal reasons, most specific first: the first that matches names the category.
 REFUSAL_CATEGORIES = (
     ("VisionTransformerRelPos", "relative-position ViTs (`VisionTransformerRelPos`)"),
-    ("HybridEmbed", "hybrid CNN stems other than ResNetV2 (`HybridEmbed`: ResNet-D, MCi)"),
+    ("HybridEmbed", "hybrid CNN stems other than ResNetV2, ResNet-D and the MCi `ConvStem` (`HybridEmbed`)"),
     ("(supported: Block, ResPostBlock", "other ViT blocks"),
     ("GluMlp", "SwiGLU / gated MLPs (DINOv2 giant, TIPSv2)"),
     ("rope coordinate augmentation", "`Eva` RoPE coordinate augmentation with rotary tables other than DINOv3's"),
@@ -137,6 +137,10 @@ OPTION_CATEGORIES = (
     ("`dynamic_img_size`", lambda s: s.get("dynamic_img_size", False)),
     ("hybrid CNN stem: ResNetV2 (`HybridEmbed`, StdConv + GroupNorm; R26, R50, R-Ti stem)",
      lambda s: (s.get("backbone") or {}).get("kind") == "resnetv2"),
+    ("hybrid CNN stem: ResNet-D (`HybridEmbed`, deep stem, avg-down, frozen BatchNorm; resnet26d, resnet50d)",
+     lambda s: (s.get("backbone") or {}).get("kind") == "resnet"),
+    ("hybrid CNN stem: MCi `ConvStem` (`HybridEmbed(proj=False)`, frozen BatchNorm)",
+     lambda s: (s.get("backbone") or {}).get("kind") == "convstem"),
 )
 
 
@@ -160,6 +164,7 @@ def support_summary_markdown() -> str:
         if "unsupported" in a:
             cat = refusal_category(a["unsupported"])
             refused[cat] = refused.get(cat, 0) + 1
-    lines += ["", "| refused (out of scope for now) | architectures |", "|---|---:|"]
-    lines += [f"| {label} | {n} |" for label, n in sorted(refused.items(), key=lambda kv: -kv[1])]
+    if refused:
+        lines += ["", "| refused (out of scope for now) | architectures |", "|---|---:|"]
+        lines += [f"| {label} | {n} |" for label, n in sorted(refused.items(), key=lambda kv: -kv[1])]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ module     ``params/blocks_3/attn/qkv``  ``blocks/3/attn/qkv`` (int)   ``"vit/bl
 Linear     ``kernel``, ``bias``         ``kernel``, ``bias``          ``w``, ``b``
 conv       ``kernel``, ``bias``         ``kernel``, ``bias``          ``w``, ``b``
 LayerNorm  ``scale``, ``bias``          ``scale``, ``bias``           ``scale``, ``offset``
+BatchNorm  + ``mean``, ``var``          + ``mean``, ``var``           + ``mean``, ``var`` (frozen stats)
 free       its own name                 its own name                  its own name, under its module
 =========  ===========================  ============================  ==============================
 
@@ -25,7 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import ConversionError, InvalidArgumentError
-from .keymap import CanonicalKey, Entry, key_table
+from .keymap import CanonicalKey, Entry, param_table
 from .specs import Spec
 
 Path = tuple[Any, ...]  # dict keys from the root of a param tree to a leaf (str, or int for NNX lists)
@@ -115,7 +116,7 @@ def framework_path(e: Entry, spec: Spec, framework: str) -> Path:
 def canonical_to_framework(tree: Mapping[CanonicalKey, Any], spec: Spec, framework: str) -> dict:
     rule = layout(framework)
     params: dict = {}
-    for e in key_table(spec):
+    for e in param_table(spec):
         *parents, leaf = rule.path(e, spec)
         node = params
         for p in parents:
@@ -147,7 +148,7 @@ def framework_to_canonical(params: Mapping, spec: Spec, framework: str) -> dict[
     """Inverse of ``canonical_to_framework``; reports every missing, extra or misshapen param."""
     rule = layout(framework)
     flat = _flatten(pure_tree(params))
-    paths = {rule.path(e, spec): e for e in key_table(spec)}
+    paths = {rule.path(e, spec): e for e in param_table(spec)}
     missing = [rule.flat_key(p) for p in paths if p not in flat]
     unexpected = [rule.flat_key(p) for p in flat if p not in paths]
     wrong = [f"{rule.flat_key(p)}: {tuple(np.shape(flat[p]))}, {e.jax_shape} expected"

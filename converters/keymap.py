@@ -22,7 +22,11 @@ from .errors import ConversionError
 from .lazy import LazyTensor, materialize
 from .specs import CaiTSpec, EvaSpec, RelPosSpec, Spec, ViTSpec
 
-Kind = Literal["linear", "conv", "norm", "param"]
+Kind = Literal["linear", "conv", "norm", "param", "stat", "count"]
+# Not trained: BatchNorm running statistics ("stat": held in the params tree, frozen by
+# ``vitport.ops.batch_norm_frozen``'s stop_gradient and masked out of optimizer updates) and
+# ``num_batches_tracked`` ("count": timm's int64 scalar, never in the params; written back as 0).
+FROZEN_KINDS = ("stat", "count")
 CanonicalKey = tuple[str, str]
 
 
@@ -123,12 +127,61 @@ def _conv(m: str, c_in: int, c_out: int, k: int, bias: bool = False) -> Iterator
         yield Entry(f"{m}.bias", m, "bias", "conv", (c_out,))
 
 
+def _batch_norm(m: str, d: int) -> Iterator[Entry]:
+    """torch ``BatchNorm2d``: affine ``weight``, ``bias``, then the buffers ``running_mean``,
+    ``running_var`` (kind "stat") and ``num_batches_tracked`` (kind "count", shape ())."""
+    yield from _norm(m, d)
+    yield Entry(f"{m}.running_mean", m, "mean", "stat", (d,))
+    yield Entry(f"{m}.running_var", m, "var", "stat", (d,))
+    yield Entry(f"{m}.num_batches_tracked", m, "num_batches_tracked", "count", ())
+
+
+def _resnet_d_backbone(s: ViTSpec) -> Iterator[Entry]:
+    """timm ResNet-D as a ``features_only`` backbone (``FeatureListNet`` keeps the ResNet's own
+    module names): the deep stem ``conv1.{0,1,3,4,6}`` (Sequential indices with the ReLUs' gaps),
+    ``bn1``, then ``layerN.j`` blocks ``conv1, bn1, conv2, bn2, conv3, bn3`` and, on the first,
+    ``downsample.{1,2}`` (index 0 is the parameter-free avg pool)."""
+    b, root = s.backbone, "patch_embed.backbone"
+    yield from _conv(f"{root}.conv1.0", s.channels, b.stem_width, 3)
+    yield from _batch_norm(f"{root}.conv1.1", b.stem_width)
+    yield from _conv(f"{root}.conv1.3", b.stem_width, b.stem_width, 3)
+    yield from _batch_norm(f"{root}.conv1.4", b.stem_width)
+    yield from _conv(f"{root}.conv1.6", b.stem_width, b.stem_chs, 3)
+    yield from _batch_norm(f"{root}.bn1", b.stem_chs)
+    c_in = b.stem_chs
+    for i, (depth, c_out, mid) in enumerate(zip(b.layers, b.channels, b.mid_channels)):
+        for j in range(depth):
+            m = f"{root}.layer{i + 1}.{j}"
+            yield from _conv(f"{m}.conv1", c_in, mid, 1)
+            yield from _batch_norm(f"{m}.bn1", mid)
+            yield from _conv(f"{m}.conv2", mid, mid, 3)
+            yield from _batch_norm(f"{m}.bn2", mid)
+            yield from _conv(f"{m}.conv3", mid, c_out, 1)
+            yield from _batch_norm(f"{m}.bn3", c_out)
+            if j == 0:
+                yield from _conv(f"{m}.downsample.1", c_in, c_out, 1)
+                yield from _batch_norm(f"{m}.downsample.2", c_out)
+            c_in = c_out
+
+
 def _hybrid_backbone(s: ViTSpec) -> Iterator[Entry]:
     """A hybrid ViT's CNN (``patch_embed.backbone.*``), in timm's state_dict order: ResNetV2's
     ``stem.{conv,norm}`` (the stem alone is the backbone itself when there are no stages), then
     per block ``downsample.{conv,norm}`` (first block), ``conv1, norm1, conv2, norm2, conv3, norm3``.
     Weight-standardised convolutions have no bias; GroupNorms are affine."""
     b = s.backbone
+    if b.kind == "resnet":
+        yield from _resnet_d_backbone(s)
+        return
+    if b.kind == "convstem":  # timm's MCi ConvStem: i.conv (bias on the last), i.bn (all but the last)
+        c_in = s.channels
+        for i, (c_out, k) in enumerate(zip(b.channels, b.kernel_sizes)):
+            last = i == len(b.channels) - 1
+            yield from _conv(f"patch_embed.backbone.{i}.conv", c_in, c_out, k, bias=last)
+            if not last:
+                yield from _batch_norm(f"patch_embed.backbone.{i}.bn", c_out)
+            c_in = c_out
+        return
     root = "patch_embed.backbone"
     stem = f"{root}.stem" if b.layers else root
     yield from _conv(f"{stem}.conv", s.channels, b.stem_chs, 7)
@@ -176,7 +229,8 @@ def vit_table(s: ViTSpec) -> list[Entry]:
         t.append(_param("dist_token", (1, 1, d)))
     if s.backbone is not None:
         t += _hybrid_backbone(s)
-    t += _patch_embed(s, s.patch_bias)
+    if s.backbone is None or s.backbone.embed_proj:  # HybridEmbed(proj=False) has no proj
+        t += _patch_embed(s, s.patch_bias)
     if s.pre_norm:
         t += _norm("norm_pre", d, s.norm_layer)
     for i in range(s.depth):
@@ -467,7 +521,13 @@ def timm_to_canonical(state_dict: Mapping[str, np.ndarray], spec: Spec, *,
         lazy = checked_on_load({e.timm_key: state_dict[e.timm_key] for e in table}, source)
         return {e.key: lazy[e.timm_key].map(e.to_jax, e.jax_shape) for e in table}
     check_finite(state_dict, source)
-    return {e.key: e.to_jax(np.asarray(state_dict[e.timm_key])) for e in table}
+    # num_batches_tracked ("count") only counts BatchNorm updates, which vitport never makes.
+    return {e.key: e.to_jax(np.asarray(state_dict[e.timm_key])) for e in table if e.kind != "count"}
+
+
+def param_table(spec: Spec) -> list[Entry]:
+    """The entries held in a front-end's params (every one but ``num_batches_tracked``)."""
+    return [e for e in key_table(spec) if e.kind != "count"]
 
 
 def _mismatches(shapes: Mapping[str, tuple[int, ...]], spec: Spec) -> int:
@@ -505,7 +565,7 @@ def canonical_to_timm(tree: Mapping[CanonicalKey, np.ndarray], spec: Spec) -> di
     """Inverse of ``timm_to_canonical``: exact (only transposes); fresh, writable, C-ordered
     arrays, so ``torch.from_numpy`` can take them."""
     table = key_table(spec)
-    expected = {e.key: e for e in table}
+    expected = {e.key: e for e in table if e.kind != "count"}
     missing = [".".join(filter(None, k)) for k in expected if k not in tree]
     unexpected = [".".join(filter(None, k)) for k in tree if k not in expected]
     wrong = [f"{'.'.join(filter(None, k))}: {_shape_of(tree[k])}, {e.jax_shape} expected"
@@ -514,4 +574,5 @@ def canonical_to_timm(tree: Mapping[CanonicalKey, np.ndarray], spec: Spec) -> di
         raise ConversionError(f"params do not match the {spec.family} architecture",
                               {"missing params": missing, "unexpected params": unexpected,
                                "wrong shapes": wrong})
-    return {e.timm_key: np.array(e.to_timm(np.asarray(tree[e.key])), order="C", copy=True) for e in table}
+    return {e.timm_key: (np.zeros((), np.int64) if e.kind == "count"  # timm's value for an untrained BatchNorm
+                         else np.array(e.to_timm(np.asarray(tree[e.key])), order="C", copy=True)) for e in table}

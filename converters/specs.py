@@ -58,7 +58,7 @@ def _tuple(x) -> tuple:
     return tuple(int(v) for v in x)
 
 
-HybridKind = Literal["resnetv2"]
+HybridKind = Literal["resnetv2", "resnet", "convstem"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,20 @@ class HybridBackbone:
     ``DownsampleConv`` shortcut). ``same_padding``: TF 'SAME' padding (timm's default for hybrids)
     instead of torch's symmetric ``get_padding``. Per stage: ``layers`` blocks, ``channels`` out,
     ``mid_channels`` in the bottleneck, ``strides`` of its first block.
+
+    ``'resnet'``: timm's ResNet-D (``resnet26d`` / ``resnet50d`` as ``features_only=True``
+    ``FeatureListNet``, ``timm/models/resnet.py``): the deep stem ``conv1`` (3x3/2 to ``stem_width``,
+    3x3, 3x3 to ``stem_chs``, BatchNorm + ReLU between), ``bn1``, 3x3/2 max pool (padding 1), then
+    ``layer1..`` of ``resnet.Bottleneck`` (stride in conv2) with the avg-down shortcut
+    (``downsample = AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)``, 1x1 conv,
+    BatchNorm) on each stage's first block; plain convolutions (torch padding), ``BatchNorm2d``
+    with eps ``bn_eps`` in evaluation mode (frozen running statistics, also when fine-tuning).
+
+    ``'convstem'``: timm's MCi ``ConvStem`` (``vision_transformer_hybrid.py``), an ``nn.Sequential``
+    of ``ConvNormAct``: per entry ``channels`` out, ``kernel_sizes``, ``strides``, symmetric
+    ``paddings``; every conv but the last without bias and followed by ``BatchNormAct2d`` (eps
+    ``bn_eps``, frozen as above, activation ``act``); the last with bias and no norm. With
+    ``embed_proj=False`` (``HybridEmbed(proj=False)``) its output is the tokens: no ``proj``.
     """
 
     kind: HybridKind = "resnetv2"
@@ -86,16 +100,30 @@ class HybridBackbone:
     std_conv_eps: float = 1e-8
     norm_groups: int = 32
     norm_eps: float = 1e-5
+    stem_width: int = 32  # 'resnet': the deep stem's inner width
+    bn_eps: float = 1e-5  # 'resnet', 'convstem': BatchNorm2d eps
+    kernel_sizes: tuple[int, ...] = ()  # 'convstem'
+    paddings: tuple[int, ...] = ()  # 'convstem'
+    act: str = "relu"  # 'convstem': the BatchNormAct2d activation (timm's ConvStem act_layer)
+    embed_proj: bool = True  # HybridEmbed's proj (False: the backbone's width is the embedding's)
 
     def __post_init__(self):
-        for name in ("layers", "channels", "mid_channels", "strides"):
+        for name in ("layers", "channels", "mid_channels", "strides", "kernel_sizes", "paddings"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))  # JSON gives lists
-        if self.kind not in ("resnetv2",):
+        if self.kind not in ("resnetv2", "resnet", "convstem"):
             raise UnsupportedArchitectureError(f"hybrid backbone kind {self.kind!r} is not supported")
+        if self.kind == "convstem":
+            if not (len(self.channels) == len(self.kernel_sizes) == len(self.strides) == len(self.paddings) >= 1):
+                raise InvalidArgumentError("hybrid ConvStem: channels, kernel_sizes, strides and paddings differ in "
+                                           "length")
+            if self.act not in ("relu", "gelu"):
+                raise UnsupportedArchitectureError(f"hybrid ConvStem activation {self.act!r} is not supported")
+            return
         n = len(self.layers)
         if not (len(self.channels) == len(self.mid_channels) == len(self.strides) == n):
             raise InvalidArgumentError("hybrid backbone: layers, channels, mid_channels and strides differ in length")
-        if any(c % self.norm_groups for c in (self.stem_chs, *self.channels, *self.mid_channels)):
+        if self.kind == "resnetv2" and any(c % self.norm_groups
+                                           for c in (self.stem_chs, *self.channels, *self.mid_channels)):
             raise InvalidArgumentError(f"hybrid backbone: widths must be multiples of norm_groups={self.norm_groups}")
 
     @property
@@ -107,6 +135,10 @@ class HybridBackbone:
         """The backbone's output size: every stride-2 step (stem conv, max pool, stage) gives
         ``ceil(n / 2)``, with 'SAME' padding and with timm's symmetric ``get_padding`` alike."""
         h, w = image_size
+        if self.kind == "convstem":  # torch's conv arithmetic, conv by conv
+            for k, st, p in zip(self.kernel_sizes, self.strides, self.paddings):
+                h, w = (h + 2 * p - k) // st + 1, (w + 2 * p - k) // st + 1
+            return h, w
         for s in (2, 2, *self.strides):
             h, w = -(-h // s), -(-w // s)
         return h, w
@@ -1139,7 +1171,7 @@ def spec_from_timm_model(model) -> Spec:
         no_embed_class=model.no_embed_class, pre_norm=not ident(model.norm_pre),
         final_norm=has_norm or has_fc_norm, fc_norm=has_fc_norm,
         pool_include_prefix=model.pool_include_prefix,
-        patch_bias=model.patch_embed.proj.bias is not None,
+        patch_bias=getattr(model.patch_embed.proj, "bias", None) is not None,  # HybridEmbed(proj=False): Identity
         qkv_bias=fields["qkv_bias"], qk_norm=fields["qk_norm"], proj_bias=fields["proj_bias"],
         init_values=fields["init_values"], activation=fields["activation"], norm_eps=fields["norm_eps"],
         dynamic_img_size=model.dynamic_img_size, mlp_layer=fields["mlp_layer"], mlp_gate_last=fields["mlp_gate_last"],
@@ -1273,8 +1305,10 @@ def _hybrid_embed(pe, need) -> tuple[int | None, HybridBackbone | None]:
         if not cond:
             problems.append(what)
 
-    want(isinstance(pe.proj, tnn.Conv2d), "patch_embed: HybridEmbed without a projection (proj=False, "
-                                          "the MCi ConvStem) is not supported")
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    want(isinstance(pe.proj, tnn.Conv2d) or (isinstance(pe.proj, tnn.Identity) and type(pe.backbone) is ConvStem),
+         "patch_embed: HybridEmbed without a projection (proj=False) is only supported over a ConvStem")
     want(pe.flatten and not pe.dynamic_img_pad, "patch_embed: HybridEmbed with dynamic_img_pad or a non-flat "
                                                 "output_fmt is not supported")
     patch = None
@@ -1292,9 +1326,21 @@ def _hybrid_embed(pe, need) -> tuple[int | None, HybridBackbone | None]:
              "patch_embed.backbone: a ResNetV2 with a pooling or classifier head is not supported")
     elif isinstance(bb, tnn.Sequential) and [n for n, _ in bb.named_children()] == ["conv", "norm", "pool"]:
         stem, stages = bb, []  # timm's _resnetv2(layers=()): the stem alone (vit_tiny_r_s16_p8)
+    elif type(bb) is ConvStem:
+        backbone = _conv_stem_backbone(bb, want, embed_proj=isinstance(pe.proj, tnn.Conv2d))
+        patch = patch if patch is not None else 1  # proj=False: the stem's output pixels are the tokens
+        for p in problems:
+            need(False, p)
+        return patch, None if problems else backbone
+    elif type(bb).__name__ == "FeatureListNet" and list(dict(bb.named_children()))[:4] == [
+            "conv1", "bn1", "act1", "maxpool"]:
+        backbone = _resnet_d_backbone(bb, want)
+        for p in problems:
+            need(False, p)
+        return patch, None if problems else backbone
     else:
         problems.append(f"patch_embed: HybridEmbed with a {type(bb).__name__} backbone (hybrid CNN stems other "
-                        "than timm's ResNetV2 are not supported)")
+                        "than timm's ResNetV2, ResNet-D and ConvStem are not supported)")
         for p in problems:
             need(False, p)
         return patch, None
@@ -1354,6 +1400,115 @@ def _hybrid_embed(pe, need) -> tuple[int | None, HybridBackbone | None]:
         kind="resnetv2", stem_chs=stem.conv.out_channels, layers=tuple(layers), channels=tuple(channels),
         mid_channels=tuple(mids), strides=tuple(strides), same_padding=same, std_conv_eps=float(convs[0].eps),
         norm_groups=n0.num_groups, norm_eps=float(n0.eps))
+
+
+def _conv_stem_backbone(bb, want, embed_proj: bool) -> HybridBackbone | None:
+    """timm's MCi ``ConvStem``: ``ConvNormAct`` entries ``0..n-1`` (conv; ``BatchNormAct2d`` and
+    its activation on all but the last, which has a conv bias and no norm)."""
+    import torch.nn as tnn
+    from timm.layers import BatchNormAct2d, ConvNormAct
+
+    items = list(bb)
+    want(all(type(m) is ConvNormAct for m in items), "patch_embed.backbone: ConvStem entries other than "
+                                                     "ConvNormAct are not supported")
+    if not all(type(m) is ConvNormAct for m in items):
+        return None
+    convs = [m.conv for m in items]
+    want(all(type(c) is tnn.Conv2d and c.groups == 1 and tuple(c.dilation) == (1, 1) and c.padding_mode == "zeros"
+             and isinstance(c.padding, tuple) and c.padding[0] == c.padding[1]
+             and c.kernel_size[0] == c.kernel_size[1] and c.stride[0] == c.stride[1] for c in convs),
+         "patch_embed.backbone: ConvStem convolutions with groups, dilation, 'same' or non-square "
+         "padding, kernels or strides are not supported")
+    norms, last = [m.bn for m in items[:-1]], items[-1]
+    want(all(c.bias is None for c in convs[:-1]) and convs[-1].bias is not None
+         and isinstance(last.bn, tnn.Sequential) and len(last.bn) == 0,
+         "patch_embed.backbone: only timm's ConvStem layout (norm and act on all but the last conv, "
+         "bias on the last) is supported")
+    acts = {type(n.act) for n in norms if type(n) is BatchNormAct2d}
+    want(all(type(n) is BatchNormAct2d and n.affine and n.track_running_stats and isinstance(n.drop, tnn.Identity)
+             for n in norms) and len({n.eps for n in norms}) <= 1,
+         "patch_embed.backbone: only affine BatchNormAct2d with running statistics is supported in a ConvStem")
+    gelu = acts == {tnn.GELU} and all(n.act.approximate == "none" for n in norms)
+    want(gelu or acts <= {tnn.ReLU}, "patch_embed.backbone: ConvStem activations other than ReLU or exact GELU "
+                                     "are not supported")
+    return HybridBackbone(kind="convstem", channels=tuple(c.out_channels for c in convs),
+                          kernel_sizes=tuple(c.kernel_size[0] for c in convs),
+                          strides=tuple(c.stride[0] for c in convs),
+                          paddings=tuple(c.padding[0] for c in convs), act="gelu" if gelu else "relu",
+                          bn_eps=float(norms[0].eps) if norms else 1e-5, embed_proj=embed_proj, same_padding=False)
+
+
+def _resnet_d_backbone(bb, want) -> HybridBackbone:
+    """A timm ResNet-D ``features_only`` backbone (``FeatureListNet`` over ``resnet.ResNet`` with
+    ``stem_type='deep'``, ``avg_down=True``: vit_*_resnet26d/50d); problems go to ``want``."""
+    import torch.nn as tnn
+    from timm.models.resnet import Bottleneck
+
+    names = [n for n, _ in bb.named_children()]
+    stage_names = names[4:]
+    want(len(stage_names) >= 1 and stage_names == [f"layer{i + 1}" for i in range(len(stage_names))]
+         and list(bb.return_layers)[-1] == stage_names[-1],  # HybridEmbed takes the last feature map
+         "patch_embed.backbone: a ResNet feature map other than its last stage's (out_indices) is not supported")
+    convs = [m for m in bb.modules() if isinstance(m, tnn.Conv2d)]
+    norms = [m for m in bb.modules() if isinstance(m, tnn.modules.batchnorm._NormBase)
+             or isinstance(m, (tnn.GroupNorm, tnn.LayerNorm))]
+    want(all(type(c) is tnn.Conv2d and c.bias is None and c.groups == 1 and tuple(c.dilation) == (1, 1)
+             and tuple(c.padding) == (c.kernel_size[0] // 2,) * 2 and c.padding_mode == "zeros" for c in convs),
+         "patch_embed.backbone: ResNet convolutions with bias, groups (cardinality), dilation or non-default "
+         "padding are not supported")
+    want(all(type(n) is tnn.BatchNorm2d and n.affine and n.track_running_stats for n in norms)
+         and len({n.eps for n in norms}) == 1,
+         "patch_embed.backbone: only affine BatchNorm2d with running statistics and one eps is supported")
+    stem = bb.conv1
+    deep = (isinstance(stem, tnn.Sequential) and len(stem) == 7
+            and [type(m) for m in stem] == [tnn.Conv2d, tnn.BatchNorm2d, tnn.ReLU] * 2 + [tnn.Conv2d]
+            and [tuple(stem[i].kernel_size) + tuple(stem[i].stride) for i in (0, 3, 6)]
+            == [(3, 3, 2, 2), (3, 3, 1, 1), (3, 3, 1, 1)])
+    want(deep, "patch_embed.backbone.conv1: only the deep ResNet-D stem (stem_type='deep') is supported")
+    want(isinstance(bb.act1, tnn.ReLU) and isinstance(bb.maxpool, tnn.MaxPool2d)
+         and (bb.maxpool.kernel_size, bb.maxpool.stride, bb.maxpool.padding, bb.maxpool.dilation,
+              bb.maxpool.ceil_mode) == (3, 2, 1, 1, False),
+         "patch_embed.backbone: only a ReLU stem and a 3x3/2 max pool (padding 1) are supported")
+    layers, channels, mids, strides = [], [], [], []
+    c_in = stem[6].out_channels if deep else None
+    for i, name in enumerate(stage_names):
+        blocks = list(getattr(bb, name))
+        ok = all(type(b) is Bottleneck for b in blocks)
+        want(ok, f"patch_embed.backbone.{name}: only the ResNet Bottleneck block is supported")
+        if not ok:
+            continue
+        b0 = blocks[0]
+        ds = b0.downsample
+        stride = b0.conv2.stride[0]
+        avg = (isinstance(ds, tnn.Sequential) and len(ds) == 3 and isinstance(ds[1], tnn.Conv2d)
+               and tuple(ds[1].kernel_size) == (1, 1) and tuple(ds[1].stride) == (1, 1)
+               and (isinstance(ds[0], tnn.Identity) if stride == 1 else
+                    type(ds[0]) is tnn.AvgPool2d and ds[0].kernel_size == 2 and ds[0].stride == stride
+                    and ds[0].padding == 0 and ds[0].ceil_mode and not ds[0].count_include_pad))
+        want(avg and all(b.downsample is None for b in blocks[1:]),
+             f"patch_embed.backbone.{name}: only the avg-down shortcut (avg_down=True) on the first block is "
+             "supported")
+        want(all(tuple(b.conv1.stride) == (1, 1) and tuple(b.conv3.stride) == (1, 1) for b in blocks)
+             and all(tuple(b.conv2.stride) == (1, 1) for b in blocks[1:])
+             and tuple(b0.conv2.stride) == (stride, stride), f"patch_embed.backbone.{name}: stride outside conv2 "
+                                                             "of the first block")
+        want(all(isinstance(b.drop_block, tnn.Identity) and isinstance(b.aa, tnn.Identity) and b.se is None
+                 and (b.drop_path is None or isinstance(b.drop_path, tnn.Identity)) for b in blocks),
+             f"patch_embed.backbone.{name}: drop block, anti-aliasing, attention (se) or stochastic depth "
+             "inside the backbone is not supported")
+        want(all(isinstance(getattr(b, a), tnn.ReLU) for b in blocks for a in ("act1", "act2", "act3")),
+             f"patch_embed.backbone.{name}: activations other than ReLU are not supported")
+        want(c_in == b0.conv1.in_channels, f"patch_embed.backbone.{name}: unexpected input width")
+        layers.append(len(blocks))
+        channels.append(b0.conv3.out_channels)
+        mids.append(b0.conv1.out_channels)
+        strides.append(stride)
+        c_in = b0.conv3.out_channels
+    if not deep or not norms:
+        return None
+    return HybridBackbone(kind="resnet", stem_chs=stem[6].out_channels, stem_width=stem[0].out_channels,
+                          layers=tuple(layers), channels=tuple(channels), mid_channels=tuple(mids),
+                          strides=tuple(strides), same_padding=False, bn_eps=float(norms[0].eps))
 
 
 def _eva_spec(model, problems, need, ident, layer_norm_eps, check_patch_embed, check_mlp) -> EvaSpec:

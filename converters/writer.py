@@ -369,7 +369,8 @@ def atomic_file(target: str | os.PathLike, force: bool = False, *,
 
 
 def _contiguous(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+    # np.require, not np.ascontiguousarray, which turns a 0-d array (num_batches_tracked) into shape (1,)
+    return {k: np.require(np.asarray(v), requirements="C") for k, v in tensors.items()}
 
 
 def write_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike,

@@ -29,6 +29,20 @@ def tiny_resnetv2_embed(**kwargs):
     return HybridEmbed(backbone, **kwargs)
 
 
+def tiny_resnet_d_embed(**kwargs):
+    """timm's ``HybridEmbed`` over a small timm ResNet-D built as ``resnet26d(features_only=True)``
+    builds the hybrids' (deep stem, avg-down shortcuts, BatchNorm2d), with two stages (1 and 2
+    blocks, the second strided, entered at an odd size so the ceil-mode avg pool has a partial
+    window). A fresh backbone per model."""
+    import timm
+    from timm.layers import HybridEmbed
+
+    backbone = timm.create_model("resnet26d", pretrained=False, features_only=True, out_indices=[2],
+                                 layers=(1, 2), channels=(8, 16), stem_width=8,
+                                 in_chans=kwargs.get("in_chans", 3))
+    return HybridEmbed(backbone, **kwargs)
+
+
 # (timm architecture, extra kwargs) covering every option vitport implements.
 TINY_CASES = {
     "vit_token": ("vit_base_patch16_224", TINY),
@@ -78,6 +92,9 @@ TINY_CASES = {
     # Sapiens2: RmsNorm everywhere (blocks, q/k norm, norm), grouped-query attention in one block
     # (2 k/v heads for 4 query heads, unfused q/k/v), DINOv3 RoPE with train-time rescale_coords=2.
     "eva_sapiens2_rmsnorm_gqa": ("vit_base_patch16_sapiens2", dict(TINY, num_kv_heads=(2, 4), num_reg_tokens=2)),
+    # A hybrid ViT over a small timm ResNet-D (vit_small_resnet26d_224's stem: BatchNorm, avg-down).
+    "hybrid_resnet_d": ("vit_small_resnet26d_224", dict(TINY, img_size=44, patch_size=2,
+                                                        embed_layer=tiny_resnet_d_embed)),
 }
 
 # Cases timm's own hub writer (``save_for_hf``) can write: a class-valued kwarg (``mlp_layer``)

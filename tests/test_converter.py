@@ -55,7 +55,9 @@ def test_round_trip_is_bit_exact(tiny, framework, dtype):
     import torch
 
     model, spec, _ = tiny
-    sd = state_dict_to_numpy({k: v.to(getattr(torch, dtype)) for k, v in model.state_dict().items()})
+    # as model.to(dtype) casts: floating tensors only (BatchNorm's num_batches_tracked stays int64)
+    sd = state_dict_to_numpy({k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v
+                              for k, v in model.state_dict().items()})
     jm = vitport.from_state_dict(sd, spec, framework)
     back = jm.to_timm_state_dict()
     assert list(back) == list(sd)
@@ -117,6 +119,17 @@ def test_wrong_params_tree_is_reported(framework):
         framework_to_canonical(params, dataclasses.replace(spec, pool="avg", fc_norm=True), framework)
 
 
+def resnet_embed(name: str, out_indices=(2,)):
+    """An ``embed_layer`` over a timm ``features_only`` backbone other than the hybrids' own."""
+    def embed(**kwargs):
+        import timm
+        from timm.layers import HybridEmbed
+
+        backbone = timm.create_model(name, pretrained=False, features_only=True, out_indices=list(out_indices))
+        return HybridEmbed(backbone, **kwargs)
+    return embed
+
+
 @pytest.mark.parametrize("arch,kwargs,named", [
     ("vit_base_patch16_224", dict(global_pool="avgmax"), "avgmax"),
     ("vit_base_patch16_224", dict(scale_attn_norm=True), "scale_attn_norm"),
@@ -125,7 +138,10 @@ def test_wrong_params_tree_is_reported(framework):
     ("vit_base_patch16_224", dict(pos_embed="none"), "pos_embed='none'"),
     ("vit_base_patch16_224", dict(dynamic_img_pad=True), "dynamic_img_pad"),
     ("vit_base_patch16_xp_224", dict(norm_layer="rmsnormfp32"), "RmsNormFp32"),
-    ("vit_base_mci_224", {}, "hybrid CNN stems other than timm's ResNetV2"),
+    ("vit_small_resnet26d_224", dict(embed_layer=resnet_embed("resnet26")), "only the deep ResNet-D stem"),
+    ("vit_small_resnet26d_224", dict(embed_layer=resnet_embed("convnext_atto", out_indices=[2])),
+     "hybrid CNN stems other than timm's ResNetV2, ResNet-D and ConvStem"),
+    ("vit_base_mci_224", dict(dynamic_img_size=True), "dynamic_img_size with a hybrid CNN stem"),
     ("vit_base_r50_s16_224", dict(dynamic_img_size=True), "dynamic_img_size with a hybrid CNN stem"),
     ("vit_giant_patch14_dinov2", dict(scale_mlp_norm=True), "scale_mlp_norm"),
     ("vit_base_patch16_rope_224", dict(rope_type="mrope", rope_grid_indexing="ij"), "rope_type='mrope'"),
@@ -155,7 +171,19 @@ def test_relpos_options_not_implemented_are_refused_by_name():
 
 
 def test_table_names_refused_architectures():
-    with pytest.raises(UnsupportedArchitectureError, match="hybrid CNN stems"):
-        vitport.create_model("vit_base_mci_224")
+    with pytest.raises(UnsupportedArchitectureError, match="grouped-query attention"):
+        vitport.create_model("vit_large_patch16_sapiens2")
     with pytest.raises(UnsupportedArchitectureError, match="did you mean vit_base_patch16_224"):
         vitport.create_model("vit_bsae_patch16_224")
+
+
+def test_zero_dim_tensors_keep_their_shape(tmp_path):
+    """timm's BatchNorm ``num_batches_tracked`` is an int64 scalar: written as shape (), not (1,)."""
+    from safetensors.numpy import load_file
+
+    from converters.writer import write_safetensors
+
+    write_safetensors({"n": np.zeros((), np.int64), "w": np.ones((2, 3), np.float32)[:, ::2]},
+                      tmp_path / "t.safetensors")
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert back["n"].shape == () and back["n"].dtype == np.int64 and back["w"].shape == (2, 2)

@@ -145,7 +145,7 @@ def test_gradients_equal_timm(case, framework, dtype, record_property):
     jm = vitport.from_timm(model, framework)
     x = images(jm.spec, batch=4, dtype=dtype)
     rows = compare_gradients(jm, model, x, labels_for(jm.spec, 4))
-    assert rows[0].layer == "loss" and len(rows) == len(model.state_dict()) + 1
+    assert rows[0].layer == "loss" and len(rows) == len(dict(model.named_parameters())) + 1
     rel = relative_errors(rows)
     worst = max(rel, key=rel.get)
     record_property(f"grad_max_abs_{dtype}", max(r.max_abs for r in rows))
@@ -425,3 +425,18 @@ def test_train_transform_pixels_equal_torchvision():
             ref = F.hflip(ref)
         ref = F.normalize(F.to_tensor(ref), t.mean, t.std).permute(1, 2, 0).numpy()
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_batch_norm_statistics_stay_frozen_in_a_train_step():
+    """BatchNorm running statistics (hybrid ResNet-D stems) are held in the params but never
+    trained: no weight decay, zero updates (``training.frozen``), while every other tensor moves."""
+    arch, kwargs = TINY_CASES["hybrid_resnet_d"]
+    jm = vitport.from_timm(tiny_timm(arch, "float32", **kwargs), "nnx")
+    trainer = training.Trainer(jm, training.TrainConfig(total_steps=4, lr=1e-2, warmup_steps=0, weight_decay=0.5,
+                                                        layer_decay=0.7, clip_grad=1.0))
+    state, _ = trainer.train_step(trainer.init(jm.params), images(jm.spec, batch=2), np.array([1, 2]))
+    before, after = jm.to_timm_state_dict(), jm.with_params(state.params).to_timm_state_dict()
+    frozen = training.frozen(jm.spec)
+    assert sum(frozen.values()) == 3 * sum(k.endswith("running_var") for k in before) > 0
+    for k in before:
+        assert np.array_equal(before[k], after[k]) == frozen[k], k

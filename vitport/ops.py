@@ -448,3 +448,29 @@ def max_pool(x: jax.Array, kernel: int, stride: int, padding: str | int) -> jax.
         pad = [(0, 0), *pad, (0, 0)]
     # A Python scalar init lets lax pick its differentiable max-pool primitive.
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1), pad)
+
+
+def avg_pool_ceil(x: jax.Array, kernel: int, stride: int) -> jax.Array:
+    """torch's ``AvgPool2d(kernel, stride, padding=0, ceil_mode=True, count_include_pad=False)``
+    over NHWC (timm ResNet-D's avg-down shortcut): ``ceil`` output sizes, each window averaged over
+    the pixels it actually covers (torch drops a last window that would start past the input)."""
+    def out(n: int) -> int:
+        o = -(-(n - kernel) // stride) + 1
+        return o - 1 if (o - 1) * stride >= n else o
+
+    pads = [(0, 0)] + [(0, max((out(n) - 1) * stride + kernel - n, 0)) for n in x.shape[1:3]] + [(0, 0)]
+    window, strides = (1, kernel, kernel, 1), (1, stride, stride, 1)
+    total = lax.reduce_window(x, 0.0, lax.add, window, strides, pads)
+    ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
+    count = lax.reduce_window(ones, 0.0, lax.add, window, strides, pads)
+    return total / count
+
+
+def batch_norm_frozen(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array, bias: jax.Array,
+                      eps: float) -> jax.Array:
+    """torch's ``BatchNorm2d`` in evaluation mode over NHWC channels: ``(x - running_mean) /
+    sqrt(running_var + eps) * weight + bias``. The running statistics are frozen (docs/design.md
+    section 3): ``stop_gradient`` keeps them out of every gradient, also in training mode."""
+    mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32 statistics for 16-bit inputs
+    return ((xf - mean) * lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)

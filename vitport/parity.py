@@ -51,7 +51,8 @@ def perturb_weights(model, seed: int = 0):
     """Bug-sensitive re-initialisation, in place and deterministic; returns the model.
 
     Linear/conv weights N(0, 1/fan_in), their biases 0.05 N; LayerNorm (and RmsNorm) scale 1 + 0.2 N and
-    bias 0.05 N; LayerScale gammas U(0.05, 0.5); tokens, latents and pos_embed 0.5 N.
+    bias 0.05 N; BatchNorm affine as LayerNorm's, running mean 0.1 N, running var U(0.5, 1.5);
+    LayerScale gammas U(0.05, 0.5); tokens, latents and pos_embed 0.5 N.
     """
     import torch
     from torch import nn
@@ -62,10 +63,18 @@ def perturb_weights(model, seed: int = 0):
         p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).mul(std).add(mean))
 
     with torch.no_grad():
+        # BatchNorm running statistics (buffers, frozen in vitport): mean 0.1 N, var U(0.5, 1.5),
+        # so a swapped or ignored statistic moves the output.
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                normal(module.running_mean, 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen,
+                                                    dtype=torch.float64) + 0.5)
         for name, p in model.named_parameters():
             module_name, _, leaf = name.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
-            if isinstance(module, nn.LayerNorm) or type(module).__name__ == "RmsNorm":
+            if (isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
+                    or type(module).__name__ == "RmsNorm"):
                 normal(p, 0.2, 1.0) if leaf == "weight" else normal(p, 0.05)
             elif isinstance(module, (nn.Linear, nn.Conv2d)):
                 normal(p, p[0].numel() ** -0.5) if leaf == "weight" else normal(p, 0.05)
@@ -281,6 +290,9 @@ def timm_gradients(timm_model, images_nhwc: np.ndarray, labels: np.ndarray, *,
     if hasattr(timm_model, "set_distilled_training"):
         timm_model.set_distilled_training(distilled_training)
     timm_model.train()
+    for m in timm_model.modules():  # vitport keeps BatchNorm in evaluation mode in training (frozen stats)
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
     timm_model.zero_grad(set_to_none=True)
     try:
         out = timm_model(x)
@@ -309,7 +321,16 @@ def jax_gradients(jm: JaxModel, images_nhwc: np.ndarray, labels: np.ndarray,
 
     x, y = jax.numpy.asarray(images_nhwc, jm.dtype), jax.numpy.asarray(labels)
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(jm.params)  # one compile, apply_fn inlined
-    return float(loss), jm.with_params(grads).to_timm_state_dict()
+    named = jm.with_params(grads).to_timm_state_dict()
+    # Frozen tensors (BatchNorm running statistics: buffers in timm) have no timm gradient; theirs
+    # must be exactly zero here (ops.batch_norm_frozen's stop_gradient).
+    from converters.keymap import FROZEN_KINDS, key_table
+
+    fixed = [e.timm_key for e in key_table(jm.spec) if e.kind in FROZEN_KINDS]
+    moved = [k for k in fixed if np.any(named[k])]
+    if moved:
+        raise ValueError(f"frozen BatchNorm statistics received gradients: {moved}")
+    return float(loss), {k: v for k, v in named.items() if k not in set(fixed)}
 
 
 @contextlib.contextmanager
@@ -375,8 +396,9 @@ def compare_gradients(jm: JaxModel, timm_model, images_nhwc: np.ndarray, labels:
 
     Both sides run in training mode (with zero dropout rates and timm's fixed ``RelPosMlp``
     dropout off, the same function as evaluation); a distilled model follows ``jm.config.distilled_training`` on both sides.
-    Rows: 'loss' first, then one per timm key in ``state_dict`` order. A tensor only one side
-    has is an error.
+    Rows: 'loss' first, then one per trained timm key (``named_parameters``) in ``state_dict``
+    order; BatchNorm stays in evaluation mode on both sides and its running statistics (buffers)
+    get no row (their JAX gradient must be exactly zero). A tensor only one side has is an error.
     """
     with _hard_coded_dropout_off(timm_model), same_rope_coord_aug(jm.spec) as rng:
         ref_loss, ref = timm_gradients(timm_model, images_nhwc, labels,

@@ -89,6 +89,18 @@ class GroupNorm:
 
 
 @dataclass(frozen=True)
+class BatchNorm:
+    """torch ``BatchNorm2d`` over NHWC channels, always in evaluation mode (``ops.batch_norm_frozen``):
+    affine ``scale`` / ``bias`` (trained) and the running statistics ``mean`` / ``var`` (timm's
+    ``running_mean`` / ``running_var``), which are held next to them in the params tree but frozen:
+    no gradient reaches them and ``vitport.training`` masks them out of the optimizer. Training mode
+    does not switch to batch statistics (as is usual when fine-tuning a hybrid ViT's CNN stem)."""
+
+    features: int
+    eps: float
+
+
+@dataclass(frozen=True)
 class Param:
     """A free tensor. ``init``: 'trunc_normal' (std 0.02), 'small_normal' (std 1e-6, timm's
     cls/reg tokens), 'normal' (std ``value``: DiffAttention's lambdas), 'constant' (``value``:
@@ -167,7 +179,7 @@ def _rope_mixed_init(temperature: float) -> Callable[[jax.Array, tuple[int, ...]
 WEIGHT_INIT = jax.nn.initializers.truncated_normal(0.02)  # Linear and conv weights, as timm's ViT init
 
 
-Declaration = Linear | PatchConv | Conv | GroupNorm | Norm | Param | Dropout | DropPath | TrainKey | Node
+Declaration = Linear | PatchConv | Conv | GroupNorm | BatchNorm | Norm | Param | Dropout | DropPath | TrainKey | Node
 
 
 class Layers(Protocol):
@@ -365,6 +377,22 @@ def _hybrid_children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any] 
     None for other kinds."""
     s: ViTSpec = cfg.spec
     b = s.backbone
+    if kind == "HybridEmbed" and b.kind == "resnet":  # timm ResNet-D as a features_only FeatureListNet
+        return {"backbone": Node("ResNet", cfg),
+                "proj": PatchConv(s.patch_in_channels, s.dim, s.patch_size, s.patch_bias)}
+    if kind in ("ResNet", "ResNetBottleneck"):
+        return _resnet_d_children(kind, cfg, *args)
+    if kind == "HybridEmbed" and b.kind == "convstem":  # timm ConvStem (an nn.Sequential) as backbone.i
+        c = {f"backbone.{i}": Node("ConvNormAct", cfg, (i,)) for i in range(len(b.channels))}
+        if b.embed_proj:
+            c["proj"] = PatchConv(s.patch_in_channels, s.dim, s.patch_size, s.patch_bias)
+        return c
+    if kind == "ConvNormAct":  # timm ConvNormAct in a ConvStem: conv, bn (BatchNormAct2d) but on the last
+        (i,) = args
+        last = i == len(b.channels) - 1
+        c_in = b.channels[i - 1] if i else s.channels
+        c = {"conv": Conv(c_in, b.channels[i], b.kernel_sizes[i], b.strides[i], b.paddings[i], bias=last)}
+        return c if last else {**c, "bn": BatchNorm(b.channels[i], b.bn_eps)}
     if kind == "HybridEmbed":  # timm's ResNetV2, or (no stages) its stem alone as the backbone
         return {"backbone": Node("ResNetV2" if b.layers else "ResNetV2Stem", cfg),
                 "proj": PatchConv(s.patch_in_channels, s.dim, s.patch_size, s.patch_bias)}
@@ -396,6 +424,33 @@ def _hybrid_children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any] 
         c_in, c_out, stride = args
         return {"conv": _std_conv(b, c_in, c_out, 1, stride), "norm": GroupNorm(c_out, b.norm_groups, b.norm_eps)}
     return None
+
+
+def _resnet_d_children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
+    """timm ResNet-D (``resnet.ResNet``, deep stem, avg-down) by its module names, Sequential
+    indices included: ``conv1.{0,1,3,4,6}`` skip the ReLUs (2, 5) and ``downsample.{1,2}`` the avg
+    pool (0), so parameter paths read exactly like timm's keys."""
+    b = cfg.spec.backbone
+
+    def bn(n: int) -> BatchNorm:
+        return BatchNorm(n, b.bn_eps)
+
+    if kind == "ResNet":
+        c: dict[str, Any] = {"conv1.0": Conv(cfg.spec.channels, b.stem_width, 3, 2, 1), "conv1.1": bn(b.stem_width),
+                             "conv1.3": Conv(b.stem_width, b.stem_width, 3, 1, 1), "conv1.4": bn(b.stem_width),
+                             "conv1.6": Conv(b.stem_width, b.stem_chs, 3, 1, 1), "bn1": bn(b.stem_chs)}
+        for i, depth in enumerate(b.layers):
+            c.update({f"layer{i + 1}.{j}": Node("ResNetBottleneck", cfg, (i, j)) for j in range(depth)})
+        return c
+    i, j = args  # ResNetBottleneck: timm resnet.Bottleneck, stride in conv2
+    c_out, mid = b.channels[i], b.mid_channels[i]
+    c_in = c_out if j else (b.channels[i - 1] if i else b.stem_chs)
+    stride = b.strides[i] if j == 0 else 1
+    c = {"conv1": Conv(c_in, mid, 1), "bn1": bn(mid), "conv2": Conv(mid, mid, 3, stride, 1), "bn2": bn(mid),
+         "conv3": Conv(mid, c_out, 1), "bn3": bn(c_out)}
+    if j == 0:
+        c.update({"downsample.1": Conv(c_in, c_out, 1), "downsample.2": bn(c_out)})
+    return c
 
 
 def children(kind: str, cfg: ModelConfig, *args: Any) -> dict[str, Any]:
@@ -783,6 +838,8 @@ def class_attention_block(m: Layers, cfg: ModelConfig, x: jax.Array, cls: jax.Ar
 
 def hybrid_embed(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """timm ``HybridEmbed``: the backbone's last feature map, then ``proj`` (B, h, w, D)."""
+    if cfg.spec.backbone.kind == "convstem":  # its layers are children of the embed (backbone.i)
+        return hybrid_embed_conv_stem(m, cfg, x)
     return m("proj")(m("backbone")(x))
 
 
@@ -821,7 +878,54 @@ def downsample_conv(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return m("norm")(m("conv")(x))
 
 
-HYBRID_KINDS = ("HybridEmbed", "ResNetV2", "ResNetV2Stem", "ResNetStage", "ResNetV2Bottleneck", "DownsampleConv")
+def hybrid_embed_conv_stem(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``HybridEmbed`` over a ``ConvStem`` (``backbone.0..n-1``), then ``proj`` unless
+    ``proj=False`` (MCi: the stem's output is the tokens)."""
+    b = cfg.spec.backbone
+    for i in range(len(b.channels)):
+        x = m(f"backbone.{i}")(x)
+    return m("proj")(x) if b.embed_proj else x
+
+
+def conv_norm_act(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``ConvNormAct``: conv, then ``BatchNormAct2d`` (frozen BN + the stem's activation)
+    except on a ConvStem's last conv."""
+    x = m("conv")(x)
+    if not m.has("bn"):
+        return x
+    act = cfg.spec.backbone.act
+    return (ops.relu if act == "relu" else ops.activation(act))(m("bn")(x))
+
+
+def resnet_d(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """timm ``ResNet.forward_features`` up to its last stage (what ``FeatureListNet`` returns last):
+    deep stem ``conv1`` (conv, BN, ReLU, conv, BN, ReLU, conv), ``bn1``, ReLU, 3x3/2 max pool
+    (padding 1), the stages."""
+    x = ops.relu(m("conv1.1")(m("conv1.0")(x)))
+    x = ops.relu(m("conv1.4")(m("conv1.3")(x)))
+    x = ops.relu(m("bn1")(m("conv1.6")(x)))
+    x = ops.max_pool(x, 3, 2, 1)
+    for i, depth in enumerate(cfg.spec.backbone.layers):
+        for j in range(depth):
+            x = m(f"layer{i + 1}.{j}")(cfg.spec.backbone.strides[i] if j == 0 else 1, x)
+    return x
+
+
+def resnet_bottleneck(m: Layers, cfg: ModelConfig, stride: int, x: jax.Array) -> jax.Array:
+    """timm ``resnet.Bottleneck`` (``stride``: its conv2's): ``relu(bn3(conv3(relu(bn2(conv2(
+    relu(bn1(conv1(x)))))))) + shortcut)``; the avg-down shortcut ``downsample`` = avg pool (2,
+    stride, ceil_mode, count_include_pad=False; identity at stride 1), 1x1 conv, BN."""
+    shortcut = x
+    if m.has("downsample.1"):
+        pooled = ops.avg_pool_ceil(x, 2, stride) if stride > 1 else x
+        shortcut = m("downsample.2")(m("downsample.1")(pooled))
+    x = ops.relu(m("bn1")(m("conv1")(x)))
+    x = ops.relu(m("bn2")(m("conv2")(x)))
+    return ops.relu(m("bn3")(m("conv3")(x)) + shortcut)
+
+
+HYBRID_KINDS = ("HybridEmbed", "ResNetV2", "ResNetV2Stem", "ResNetStage", "ResNetV2Bottleneck", "DownsampleConv",
+                "ResNet", "ResNetBottleneck", "ConvNormAct")
 
 
 def check_input(spec: Spec, x: jax.Array) -> None:
@@ -1116,6 +1220,7 @@ FORWARD: dict[str, Callable[..., Any]] = {
     "RelPosCoordMlp": rel_pos_coord_mlp,
     "HybridEmbed": hybrid_embed, "ResNetV2": resnetv2, "ResNetV2Stem": resnetv2_stem, "ResNetStage": resnet_stage,
     "ResNetV2Bottleneck": resnetv2_bottleneck, "DownsampleConv": downsample_conv,
+    "ResNet": resnet_d, "ResNetBottleneck": resnet_bottleneck, "ConvNormAct": conv_norm_act,
 }
 
 

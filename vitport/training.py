@@ -13,6 +13,9 @@
   (timm's ``--clip-grad``), optional bfloat16 compute over float32 params, optional
   rematerialisation of the transformer blocks.
 
+- BatchNorm (hybrid ResNet-D stems) stays in evaluation mode in training: its running statistics
+  are frozen (no gradient, no weight decay, zero updates through a mask, ``frozen``).
+
 Masks and scales are written once per timm key and mapped through the converter's canonical
 tree (``timm_keyed_tree``), so they fit every front-end's params.
 """
@@ -34,7 +37,7 @@ import optax
 
 from converters import canonical_to_framework
 from converters.errors import InvalidArgumentError
-from converters.keymap import key_table
+from converters.keymap import FROZEN_KINDS, key_table
 from converters.specs import CaiTSpec, Spec
 
 from .api import JaxModel
@@ -133,7 +136,7 @@ def layer_ids(spec: Spec) -> dict[str, int]:
     """timm key -> layer id, as ``timm.models.group_parameters(model, model.group_matcher(),
     reverse=True)`` computes it: sort the matcher's ordinals and number them consecutively."""
     ordinal = _cait_ordinal if isinstance(spec, CaiTSpec) else _vit_ordinal
-    keys = [e.timm_key for e in key_table(spec)]
+    keys = [e.timm_key for e in key_table(spec) if e.kind not in FROZEN_KINDS]  # timm's named_parameters
     ordinals = {k: ordinal(spec, k) for k in keys}
     ids, lid = {}, -1
     for o in sorted(set(ordinals.values())):
@@ -153,15 +156,24 @@ def lr_scales(spec: Spec, layer_decay: float | None) -> dict[str, float]:
 
 
 def decays(spec: Spec) -> dict[str, bool]:
-    """timm key -> whether AdamW decays it (not 1-D tensors, not ``no_weight_decay()``)."""
+    """timm key -> whether AdamW decays it (not 1-D tensors, not ``no_weight_decay()``); over timm's
+    parameters (frozen BatchNorm statistics are not among them)."""
     names = NO_WEIGHT_DECAY[spec.family]
     return {e.timm_key: len(e.timm_shape) > 1 and not any(fnmatch.fnmatch(e.timm_key, n) for n in names)
-            for e in key_table(spec)}
+            for e in key_table(spec) if e.kind not in FROZEN_KINDS}
 
 
-def timm_keyed_tree(jm: JaxModel, values: Mapping[str, Any]) -> Any:
-    """A tree shaped like ``jm.params`` from one value per timm key (through the canonical tree)."""
-    canonical = {e.key: values[e.timm_key] for e in key_table(jm.spec)}
+def frozen(spec: Spec) -> dict[str, bool]:
+    """timm key -> whether it is frozen: BatchNorm running statistics (buffers in timm, held in
+    vitport's params, see ``converters.keymap.FROZEN_KINDS``) never change in fine-tuning."""
+    return {e.timm_key: e.kind in FROZEN_KINDS for e in key_table(spec)}
+
+
+def timm_keyed_tree(jm: JaxModel, values: Mapping[str, Any], frozen_value: Any = False) -> Any:
+    """A tree shaped like ``jm.params`` from one value per timm key (through the canonical tree);
+    frozen tensors without a value (BatchNorm statistics: not timm parameters) get ``frozen_value``."""
+    canonical = {e.key: values[e.timm_key] if e.kind not in FROZEN_KINDS else values.get(e.timm_key, frozen_value)
+                 for e in key_table(jm.spec)}
     return canonical_to_framework(canonical, jm.spec, jm.framework)
 
 
@@ -200,7 +212,10 @@ def optimizer(jm: JaxModel, cfg: TrainConfig) -> optax.GradientTransformation:
               optax.add_decayed_weights(cfg.weight_decay, mask=timm_keyed_tree(jm, decays(jm.spec))),
               optax.scale_by_learning_rate(lr_schedule(cfg))]
     if cfg.layer_decay is not None:
-        parts.append(_scale_by_tree(timm_keyed_tree(jm, lr_scales(jm.spec, cfg.layer_decay))))
+        parts.append(_scale_by_tree(timm_keyed_tree(jm, lr_scales(jm.spec, cfg.layer_decay), 0.0)))
+    fixed = frozen(jm.spec)
+    if any(fixed.values()):  # BatchNorm running statistics: no update at all (their gradient is 0 too)
+        parts.append(optax.masked(optax.set_to_zero(), timm_keyed_tree(jm, fixed)))
     return optax.chain(*parts)
 
 
@@ -325,5 +340,5 @@ def with_new_head(jm: JaxModel, num_classes: int, seed: int = 0) -> JaxModel:
                                params=canonical_to_framework(tree, spec, jm.framework), pretrained_cfg=cfg)
 
 
-__all__ = ["TrainConfig", "TrainState", "Trainer", "trainer_for", "classification_loss", "decays", "layer_ids", "lr_scales",
+__all__ = ["TrainConfig", "TrainState", "Trainer", "trainer_for", "classification_loss", "decays", "frozen", "layer_ids", "lr_scales",
            "lr_schedule", "optimizer", "timm_keyed_tree", "with_new_head"]

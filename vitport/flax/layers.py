@@ -29,6 +29,25 @@ class DropPath(nn.Module):
         return ops.drop_path(x, self.rate, self.make_rng("dropout"))
 
 
+class BatchNorm(nn.Module):
+    """torch ``BatchNorm2d`` in evaluation mode (``structure.BatchNorm``): params ``scale``,
+    ``bias`` and the frozen running statistics ``mean``, ``var``, held in the ``params`` collection
+    (one tree carries the checkpoint; ``ops.batch_norm_frozen`` stops their gradient and
+    ``vitport.training`` masks them)."""
+
+    features: int
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, dt = (self.features,), self.param_dtype
+        return ops.batch_norm_frozen(x, self.param("mean", jax.nn.initializers.zeros, n, dt),
+                                     self.param("var", jax.nn.initializers.ones, n, dt),
+                                     self.param("scale", jax.nn.initializers.ones, n, dt),
+                                     self.param("bias", jax.nn.initializers.zeros, n, dt), self.eps)
+
+
 class Layers(structure.LazyLayers):
     """``structure.Layers`` for a linen module inside its compact ``__call__`` (linen binds the
     submodules built here to the module being called)."""
@@ -70,6 +89,8 @@ class Layers(structure.LazyLayers):
                            use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT, conv_general_dilated=conv, **kw)
         if isinstance(decl, structure.GroupNorm):
             return nn.GroupNorm(num_groups=decl.groups, epsilon=decl.eps, use_fast_variance=False, **kw)
+        if isinstance(decl, structure.BatchNorm):
+            return BatchNorm(decl.features, decl.eps, jnp.dtype(self.cfg.param_dtype), name=name)
         if isinstance(decl, structure.Dropout):
             return nn.Dropout(decl.rate, deterministic=not self.train, name=name)
         if isinstance(decl, structure.DropPath):

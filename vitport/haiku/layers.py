@@ -92,6 +92,24 @@ class Conv(hk.Module):
         return y
 
 
+class BatchNorm(hk.Module):
+    """torch ``BatchNorm2d`` in evaluation mode (``structure.BatchNorm``): params ``scale``,
+    ``offset`` and the frozen running statistics ``mean``, ``var`` (plain parameters here so that
+    one params tree carries the checkpoint; ``ops.batch_norm_frozen`` stops their gradient)."""
+
+    def __init__(self, decl: structure.BatchNorm, name: str):
+        super().__init__(name=name)
+        self.decl = decl
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n = [self.decl.features]
+        dt = jnp.promote_types(x.dtype, jnp.float32)
+        return ops.batch_norm_frozen(x, hk.get_parameter("mean", n, dt, init=jnp.zeros),
+                                     hk.get_parameter("var", n, dt, init=jnp.ones),
+                                     hk.get_parameter("scale", n, dt, init=jnp.ones),
+                                     hk.get_parameter("offset", n, dt, init=jnp.zeros), self.decl.eps)
+
+
 class Layers(structure.LazyLayers):
     """``structure.Layers`` inside a Haiku module's ``__call__`` (Haiku names the submodules
     built here under the module being called); ``train`` is Haiku's ``is_training``."""
@@ -125,6 +143,8 @@ class Layers(structure.LazyLayers):
             gn = hk.GroupNorm(decl.groups, axis=slice(1, None), create_scale=True, create_offset=True, eps=decl.eps,
                               data_format="channels_last", name=name)
             return lambda x: gn(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
+        if isinstance(decl, structure.BatchNorm):
+            return BatchNorm(decl, name=name)
         if isinstance(decl, structure.Dropout):
             return _dropout(decl.rate, self.train)
         if isinstance(decl, structure.DropPath):

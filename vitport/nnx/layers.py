@@ -58,6 +58,26 @@ class TrainKey(nnx.Module):
         return stream()
 
 
+class BatchNorm(nnx.Module):
+    """torch ``BatchNorm2d`` in evaluation mode (``structure.BatchNorm``): ``nnx.Param``s ``scale``,
+    ``bias`` and the frozen running statistics ``mean``, ``var`` (Params so that ``JaxModel.params``
+    carries the checkpoint; ``ops.batch_norm_frozen`` stops their gradient and ``vitport.training``
+    masks them)."""
+
+    def __init__(self, decl: structure.BatchNorm, param_dtype: Any):
+        n, self.eps = (decl.features,), decl.eps
+        self.mean, self.var = nnx.Param(jnp.zeros(n, param_dtype)), nnx.Param(jnp.ones(n, param_dtype))
+        self.scale, self.bias = nnx.Param(jnp.ones(n, param_dtype)), nnx.Param(jnp.zeros(n, param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return ops.batch_norm_frozen(x, self.mean[...], self.var[...], self.scale[...], self.bias[...], self.eps)
+
+
+class _Gap(nnx.Module):
+    """A stateless placeholder at a timm Sequential index without parameters (a ReLU or pool),
+    so ``nnx.List`` indices are timm's (``conv1.3``, ``downsample.1``)."""
+
+
 def _build(decl: Any, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     kw = dict(dtype=cfg.dtype, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
     if isinstance(decl, structure.Linear):
@@ -84,6 +104,8 @@ def _build(decl: Any, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
                         kernel_init=structure.WEIGHT_INIT, conv_general_dilated=conv, **kw)
     if isinstance(decl, structure.GroupNorm):
         return nnx.GroupNorm(decl.features, num_groups=decl.groups, epsilon=decl.eps, use_fast_variance=False, **kw)
+    if isinstance(decl, structure.BatchNorm):
+        return BatchNorm(decl, jnp.dtype(cfg.param_dtype))
     if isinstance(decl, structure.Dropout):
         return nnx.Dropout(decl.rate, deterministic=True, rngs=_stream(rngs, decl.rate))
     if isinstance(decl, structure.DropPath):
@@ -123,7 +145,7 @@ class Node(nnx.Module):
 
     def __init__(self, node: structure.Node, *, rngs: nnx.Rngs):
         self.node = node
-        lists: dict[str, list] = {}
+        lists: dict[str, dict[int, Any]] = {}
         for name, decl in node.children().items():
             if isinstance(decl, structure.Param):
                 init = structure.initializer(decl)
@@ -132,11 +154,11 @@ class Node(nnx.Module):
             layer = _build(decl, node.cfg, rngs)
             attr, _, index = name.partition(".")
             if index:
-                lists.setdefault(attr, []).append(layer)
+                lists.setdefault(attr, {})[int(index)] = layer
             else:
                 setattr(self, attr, layer)
         for attr, layers in lists.items():
-            setattr(self, attr, nnx.List(layers))
+            setattr(self, attr, nnx.List([layers.get(i, _Gap()) for i in range(max(layers) + 1)]))
 
     def __call__(self, *inputs: jax.Array, rngs: nnx.Rngs | None = None) -> Any:
         return structure.FORWARD[self.node.kind](Layers(self, rngs), self.node.cfg, *inputs)
