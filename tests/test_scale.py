@@ -27,6 +27,9 @@ from test_checkpoints import populate_hub_cache, save_hub_dir, timm_logits, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# One xdist worker runs the whole module: the autouse fixtures start the 8-device checks once.
+pytestmark = pytest.mark.xdist_group("scale")
+
 
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT / "tests"))
@@ -312,7 +315,8 @@ def test_two_process_embed_equals_one_process(tmp_path):
     with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
         assert list(one["paths"]) == list(two["paths"]) and len(one["paths"]) == 7
         assert one["features"].dtype == two["features"].dtype
-        assert np.max(np.abs(one["features"] - two["features"])) <= 1e-6
+        # each process runs its own slice (other batch sizes, other XLA kernels): equal to float32 rounding
+        np.testing.assert_allclose(one["features"], two["features"], rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["one.npz", "two.npz"]  # nothing else written
 
 
