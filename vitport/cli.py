@@ -223,7 +223,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_output(args.out, args.force, reading=sources_read(r))  # never the source itself
     from .hub import memory_line
 
-    err_console.print(escape(memory_line(r, args.dtype)))
+    err_console.print(escape(memory_line(r, args.dtype)), soft_wrap=True)
     with progress_bars() as bar:
         jm = load_resolved(r, args.framework, image_size=_image_size(args.img_size), dtype=args.dtype,
                            progress=bar)
@@ -401,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return rc
             raise KeyboardInterrupt  # a library swallowed the signal's exception: still a failed run
         except VitportError as e:  # a deliberate error: one paragraph, no traceback; anything else is a bug
-            err_console.print("[bold red]error:[/]", escape(str(e)))
+            # soft_wrap: no line breaks inside the paths the message names (they stay copyable)
+            err_console.print("[bold red]error:[/]", escape(str(e)), soft_wrap=True)
             return 2
         except KeyboardInterrupt:
             signum = received_signal()

@@ -25,7 +25,7 @@ def _load(args: argparse.Namespace):
     from .hub import load_resolved, memory_line, resolve
 
     r = resolve(args.source, arch=args.arch, model_args=cli._model_args(args.model_args), revision=args.revision)
-    cli.err_console.print(escape(memory_line(r)))
+    cli.err_console.print(escape(memory_line(r)), soft_wrap=True)
     with cli.progress_bars() as bar:
         return load_resolved(r, args.framework, progress=bar)
 

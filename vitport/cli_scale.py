@@ -41,7 +41,7 @@ def start(args: argparse.Namespace):
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     r = resolve(args.source, arch=args.arch, model_args=cli._model_args(args.model_args), revision=args.revision)
     if distributed.is_writer():
-        cli.err_console.print(escape(memory_line(r)))
+        cli.err_console.print(escape(memory_line(r)), soft_wrap=True)
     jm = load_resolved(r, args.framework)
     return jm.shard(strategy=args.shard or "dp")
 
