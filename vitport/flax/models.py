@@ -136,25 +136,15 @@ class CaiT(_Root):
     distilled_training: bool = False
 
 
-def _eva_namespace() -> dict[str, Any]:
-    """``Eva``'s linen fields: every ``EvaSpec`` field and run-time setting, with its default."""
+def _namespace(spec_type: type, family: str, doc: str) -> dict[str, Any]:
+    """A linen root's fields: every field of ``spec_type`` and every run-time setting, with its default."""
     runtime = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in RUNTIME_FIELDS}
-    fields = {f.name: f.default for f in dataclasses.fields(EvaSpec)} | runtime
-    return {"__annotations__": {k: Any for k in fields}, **fields, "family": "eva", "__module__": __name__,
-            "__doc__": "timm's ``Eva`` (EVA-02, RoPE ViTs, DINOv3, Perception Encoder) as a linen module; "
-                       "fields: ``converters.specs.EvaSpec`` and ``vitport.config.ModelConfig``."}
+    fields = {f.name: f.default for f in dataclasses.fields(spec_type)} | runtime
+    return {"__annotations__": {k: Any for k in fields}, **fields, "family": family, "__module__": __name__,
+            "__doc__": f"{doc} as a linen module; fields: ``converters.specs.{spec_type.__name__}`` and "
+                       "``vitport.config.ModelConfig``."}
 
 
-Eva = type("Eva", (_Root,), _eva_namespace())
-
-
-def _relpos_namespace() -> dict[str, Any]:
-    """``VisionTransformerRelPos``'s linen fields: every ``RelPosSpec`` field and run-time setting."""
-    runtime = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in RUNTIME_FIELDS}
-    fields = {f.name: f.default for f in dataclasses.fields(RelPosSpec)} | runtime
-    return {"__annotations__": {k: Any for k in fields}, **fields, "family": "relpos", "__module__": __name__,
-            "__doc__": "timm's ``VisionTransformerRelPos`` (relative-position ViTs) as a linen module; "
-                       "fields: ``converters.specs.RelPosSpec`` and ``vitport.config.ModelConfig``."}
-
-
-VisionTransformerRelPos = type("VisionTransformerRelPos", (_Root,), _relpos_namespace())
+Eva = type("Eva", (_Root,), _namespace(EvaSpec, "eva", "timm's ``Eva`` (EVA-02, RoPE ViTs, DINOv3, Perception Encoder)"))
+VisionTransformerRelPos = type("VisionTransformerRelPos", (_Root,), _namespace(
+    RelPosSpec, "relpos", "timm's ``VisionTransformerRelPos`` (relative-position ViTs)"))
