@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                    help="vitport precisions: float32, bfloat16 (weights and compute), mixed (float32 "
                         "weights, bfloat16 matmuls)")
+    p.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=list(FRAMEWORKS),
+                   help="vitport front-ends to time (default: all)")
     p.add_argument("--no-compile", action="store_true", help="skip the timm + torch.compile row")
     p.add_argument("--no-convert", action="store_true", help="skip the conversion measurement")
     p.add_argument("--bf16-rtol", type=float, default=1e-2,
@@ -246,7 +248,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, console
     torch.manual_seed(args.seed)
     model = timm.create_model(name, pretrained=False).eval().float()
     h, w = model.pretrained_cfg["input_size"][1:]
-    converted = {fw: vitport.from_timm(model, framework=fw) for fw in FRAMEWORKS}
+    converted = {fw: vitport.from_timm(model, framework=fw) for fw in args.frameworks}
     spec = next(iter(converted.values())).spec
     flops = model_flops(spec)
     console.log(f"{name}: {flops / 1e9:.2f} GFLOP per image (matmuls, from the spec)")

@@ -19,7 +19,7 @@ POOL_ALIASES = {"cls": "token", "token": "token", "mean": "avg", "avg": "avg", "
 
 # Constructor keywords that are run-time settings rather than spec fields.
 RUNTIME_FIELDS = ("dropout", "emb_dropout", "layer_dropout", "attn_dropout", "head_dropout", "dtype", "param_dtype",
-                  "matmul_dtype", "distilled_training")
+                  "matmul_dtype", "distilled_training", "scan_blocks")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ class ModelConfig:
         float32-accumulating products without it (``vitport.ops``).
       distilled_training: timm's ``set_distilled_training``: a distilled DeiT in training
         returns ``(logits, logits_dist)`` instead of their average (other models ignore it).
+      scan_blocks: in evaluation, run a stack of identical blocks as one ``jax.lax.scan`` over
+        their weights (stacked inside the call), so trace and compile time do not grow with
+        depth. Params stay one subtree per block (timm's layout); training, attention capture
+        and blocks that differ in shape run block by block (``vitport.structure._blocks``).
     """
 
     spec: Spec
@@ -55,6 +59,7 @@ class ModelConfig:
     param_dtype: Any = "float32"
     matmul_dtype: str | None = None
     distilled_training: bool = False
+    scan_blocks: bool = True
 
     def __post_init__(self):
         if self.matmul_dtype is not None:

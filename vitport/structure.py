@@ -195,6 +195,12 @@ class Layers(Protocol):
     def has(self, name: str) -> bool:
         """Whether the module declares ``name`` (an optional submodule, e.g. ``Mlp.norm``)."""
 
+    def scan(self, prefix: str, count: int, x: jax.Array, *extra: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+        """Blocks ``prefix.0`` ... ``prefix.{count-1}`` (each called as ``block(*extra, x)``) as one
+        ``lax.scan`` of ``scan_step`` over their stacked weights: ``(output, scan_step's stacked
+        outputs)``, or None when they must run one by one (``scannable`` says no, or params are
+        being created)."""
+
 
 class LazyLayers:
     """``Layers`` for front-ends that create submodules inside the parent's call (Haiku, linen):
@@ -947,8 +953,61 @@ def _head(m: Layers, spec: Spec, pooled: jax.Array) -> jax.Array:
     return m("head")(m("head_drop")(pooled)) if spec.num_classes else pooled
 
 
+def scannable(declarations: dict[str, Any], cfg: ModelConfig, train: bool, prefix: str, count: int) -> Node | None:
+    """The declaration of block ``prefix.0`` when ``prefix.0`` ... ``prefix.{count-1}`` may run as
+    one ``lax.scan`` (``ModelConfig.scan_blocks``); None when they must run one by one.
+
+    They scan in evaluation only (training draws per-block rngs at per-block stochastic-depth
+    rates), and when every block is the same module but for its stochastic-depth rate, which
+    evaluation does not use (Sapiens2's per-block key/value head counts, for one, differ).
+    """
+    if not cfg.scan_blocks or train or count < 2:
+        return None
+    blocks = [declarations.get(f"{prefix}.{i}") for i in range(count)]
+    if not all(isinstance(b, Node) for b in blocks):
+        return None
+    shapes = {_without_drop_path(b) for b in blocks}
+    return blocks[0] if len(shapes) == 1 else None
+
+
+def _without_drop_path(block: Node) -> tuple:
+    return block.kind, tuple(sorted((k, DropPath(0.0) if isinstance(v, DropPath) else v)
+                                    for k, v in block.children().items()))
+
+
+def stack_blocks(per_block: list[Any], x: jax.Array, cfg: ModelConfig) -> tuple[Any, jax.Array]:
+    """``(the blocks' param trees stacked on a new leading axis, x in the dtype the blocks return)``:
+    a scan's carry keeps one dtype, so 16-bit inputs to a float32 model are promoted up front, as
+    the first block would promote them."""
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
+    dtype = cfg.dtype or jnp.result_type(x.dtype, *[leaf.dtype for leaf in jax.tree.leaves(stacked)
+                                                    if jnp.issubdtype(leaf.dtype, jnp.floating)])
+    return stacked, x.astype(dtype)
+
+
+def scan_step(prefix: str, run: Callable[[Any, jax.Array], jax.Array]) -> Callable:
+    """The ``lax.scan`` step ``(x, weights) -> (y, (y, attention maps))`` around a front-end's
+    ``run(weights, x)`` of one block: what ``capturing`` would record in the block comes out as a
+    scan output (``_blocks`` files it under each block's name)."""
+    def step(x, weights):
+        with capturing() as maps, _in_block(f"{prefix}.0"):
+            y = run(weights, x)
+        return y, (y, dict(maps))
+    return step
+
+
 def _blocks(m: Layers, prefix: str, count: int, x: jax.Array, out: dict, *extra: jax.Array) -> jax.Array:
-    """Run ``prefix.0`` ... ``prefix.{count-1}``, recording each output under its timm name."""
+    """Run ``prefix.0`` ... ``prefix.{count-1}``, recording each output under its timm name: as one
+    ``lax.scan`` where the front-end can (``Layers.scan``, see ``scannable``), else block by block."""
+    scanned = m.scan(prefix, count, x, *extra)
+    if scanned is not None:
+        x, (outputs, maps) = scanned
+        out.update({f"{prefix}.{i}": outputs[i] for i in range(count)})
+        captured = _CAPTURED.get()
+        if captured is not None:
+            first = f"{prefix}.0."
+            captured.update({f"{prefix}.{i}.{key[len(first):]}": v[i] for key, v in maps.items() for i in range(count)})
+        return x
     for i in range(count):
         name = f"{prefix}.{i}"
         with _in_block(name):

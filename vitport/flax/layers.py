@@ -59,6 +59,19 @@ class Layers(structure.LazyLayers):
     def has(self, name: str) -> bool:
         return name in self.declarations
 
+    def scan(self, prefix: str, count: int, x: jax.Array, *extra: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+        block = structure.scannable(self.declarations, self.cfg, self.train, prefix, count)
+        if block is None or self.module.is_initializing():
+            return None
+        params = self.module.variables["params"]
+        stacked, x = structure.stack_blocks([params[f"{prefix}_{i}"] for i in range(count)], x, self.cfg)
+        node = Node(block, parent=None)  # unbound: applied to each step's slice of the weights
+
+        def run(weights, x):
+            return node.apply({"params": weights}, *extra, x, train=False)
+
+        return jax.lax.scan(structure.scan_step(prefix, run), x, stacked)
+
     def param(self, name: str) -> jax.Array:
         decl = self.declarations[name]
         return self.module.param(name, structure.initializer(decl), decl.shape, jnp.dtype(self.cfg.param_dtype))

@@ -98,6 +98,7 @@ class ViT(_Root):
     param_dtype: Dtype = "float32"
     matmul_dtype: str | None = None
     distilled_training: bool = False
+    scan_blocks: bool = True
 
 
 class CaiT(_Root):
@@ -134,6 +135,7 @@ class CaiT(_Root):
     param_dtype: Dtype = "float32"
     matmul_dtype: str | None = None
     distilled_training: bool = False
+    scan_blocks: bool = True
 
 
 def _namespace(spec_type: type, family: str, doc: str) -> dict[str, Any]:

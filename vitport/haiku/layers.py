@@ -117,6 +117,28 @@ class Layers(structure.LazyLayers):
     def has(self, name: str) -> bool:
         return name in self.declarations
 
+    def scan(self, prefix: str, count: int, x: jax.Array, *extra: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+        block = structure.scannable(self.declarations, self.cfg, self.train, prefix, count)
+        if block is None or hk.running_init():
+            return None
+        # Block i's params, keyed by their full name below the block ("/attn/qkv/w"); block 0's
+        # module runs in the scan with a getter that hands it the slice of the step's block.
+        params, scope = hk.get_params(), hk.current_name()
+        names = [f"{scope}/{prefix}_{i}" for i in range(count)]
+        per_block = [{f"{module[len(name):]}/{leaf}": v for module, leaves in params.items()
+                      if module == name or module.startswith(name + "/") for leaf, v in leaves.items()}
+                     for name in names]
+        stacked, x = structure.stack_blocks(per_block, x, self.cfg)
+
+        def run(weights, x):
+            def getter(next_getter, value, context):
+                return next_getter(weights[context.full_name[len(names[0]):]])
+
+            with hk.custom_getter(getter):
+                return Node(block, name=f"{prefix}_0")(*extra, x, is_training=False)
+
+        return hk.scan(structure.scan_step(prefix, run), x, stacked)
+
     def param(self, name: str) -> jax.Array:
         decl = self.declarations[name]
         return hk.get_parameter(name, decl.shape, jnp.dtype(self.cfg.param_dtype),

@@ -136,6 +136,22 @@ class Layers:
     def has(self, name: str) -> bool:
         return hasattr(self.module, name.partition(".")[0])
 
+    def scan(self, prefix: str, count: int, x: jax.Array, *extra: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+        blocks = getattr(self.module, prefix, None)
+        train = blocks is not None and any(getattr(layer, "deterministic", True) is False
+                                           for _, layer in nnx.iter_modules(blocks))
+        node = self.module.node
+        if blocks is None or structure.scannable(node.children(), node.cfg, train, prefix, count) is None:
+            return None
+        # Block 0's graph and non-parameter state, each step's slice of the stacked weights.
+        graph, _, rest = nnx.split(blocks[0], nnx.Param, ...)
+        stacked, x = structure.stack_blocks([nnx.state(b, nnx.Param) for b in blocks], x, node.cfg)
+
+        def run(weights, x):
+            return nnx.merge(graph, weights, rest)(*extra, x)
+
+        return jax.lax.scan(structure.scan_step(prefix, run), x, stacked)
+
     def param(self, name: str) -> jax.Array:
         return getattr(self.module, name)[...]
 
