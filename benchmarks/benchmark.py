@@ -306,6 +306,43 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, console
     return rows
 
 
+# ------------------------------------------------------------------ first call vs depth
+
+_FIRST_CALL_CHILD = r"""
+import json, sys, time
+import jax, jax.numpy as jnp, numpy as np
+jax.jit(lambda a: a + 1)(jnp.zeros(1)).block_until_ready()  # the XLA client's own start-up is not the model's
+import dataclasses, vitport
+framework, depth, scan = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+jm = vitport.create_model("cait_s24_224", framework, depth=depth)
+jm = dataclasses.replace(jm, config=dataclasses.replace(jm.config, scan_blocks=scan))
+x = jax.device_put(jm.as_input(np.zeros((1, 224, 224, 3), np.float32)))
+t0 = time.perf_counter()
+jm.apply_fn(jm.params, x).block_until_ready()
+first = time.perf_counter() - t0
+t0 = time.perf_counter()
+jm.apply_fn(jm.params, x).block_until_ready()
+print(json.dumps({"first_call_s": first, "second_call_s": time.perf_counter() - t0}))
+"""
+
+
+def bench_first_call(console: Console, frameworks: list[str], depths: list[int]) -> list[dict]:
+    """First call (trace + compile + run) of cait_s24_224 at several depths, batch 1, each in a
+    fresh process, with the blocks scanned (``ModelConfig.scan_blocks``, the default) and unrolled."""
+    import subprocess
+
+    rows = []
+    for fw in frameworks:
+        for scan in (True, False):
+            for depth in depths:
+                proc = subprocess.run([sys.executable, "-c", _FIRST_CALL_CHILD, fw, str(depth), str(int(scan))],
+                                      capture_output=True, text=True, check=True)
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                rows.append({"framework": fw, "scan_blocks": scan, "depth": depth, **r})
+                console.log(f"first call {fw} depth {depth} scan_blocks={scan}: {r['first_call_s']:.2f} s")
+    return rows
+
+
 # -------------------------------------------------------------------------- conversion
 
 _CONVERT_CHILD = r"""

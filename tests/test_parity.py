@@ -218,3 +218,55 @@ def test_full_size(name, count, record_property):
     jm = vitport.create_model(name, "haiku")
     assert jm.num_params() == count
     assert vitport.create_model(name, "flax").num_params() == count
+
+
+# Blocks that differ in shape (Sapiens2's per-block k/v heads), take per-block inputs (mixed
+# RoPE's per-block tables) or depend on their index (DiffAttention) run one by one even with
+# scan_blocks.
+UNSCANNED_CASES = {"eva_sapiens2_rmsnorm_gqa", "eva_rope_mixed_ape", "diff_attention_reg"}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_scan_blocks_float64_every_layer(case, framework):
+    """``scan_blocks``: the blocks as one lax.scan give timm's numbers at every layer, attention
+    maps included (scan outputs filed under each block's name), in every front-end."""
+    import jax
+
+    arch, kwargs = TINY_CASES[case]
+    model = tiny_timm(arch, "float64", **kwargs)
+    jm = vitport.from_timm(model, framework).set_scan_blocks()
+    x = jm.as_input(images(jm.spec, dtype="float64"))
+    scanned = "scan[" in str(jax.make_jaxpr(lambda p: jm.apply_fn(p, x))(jm.params))
+    assert scanned == (case not in UNSCANNED_CASES), f"{case}: blocks scanned={scanned}"
+    rows = compare(jm, model, images(jm.spec, dtype="float64"))
+    assert_within(rows, tolerance(jm.spec, "float64"), f"{case}/{framework} float64, scan_blocks")
+    unrolled = vitport.from_timm(model, framework)
+    _, ours = jm(x, return_intermediates=True)
+    _, ref = unrolled(x, return_intermediates=True)
+    assert sorted(ours) == sorted(ref)
+    for name in ref:
+        np.testing.assert_allclose(np.asarray(ours[name]), np.asarray(ref[name]), rtol=1e-12, atol=1e-12,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_scan_blocks_gradients_and_training(framework):
+    """Gradients flow through the stacked weights to every block's own params (float64, equal to
+    the unrolled model's), and training (per-block stochastic depth) runs block by block."""
+    import jax
+    import jax.numpy as jnp
+
+    arch, kwargs = TINY_CASES["cait"]
+    model = tiny_timm(arch, "float64", **kwargs)
+    scanned, unrolled = vitport.from_timm(model, framework).set_scan_blocks(), vitport.from_timm(model, framework)
+    x = jnp.asarray(images(scanned.spec, dtype="float64"))
+    grads = {}
+    for name, jm in (("scanned", scanned), ("unrolled", unrolled)):
+        grads[name] = jax.grad(lambda p: jnp.sum(jm.apply_fn(p, x) ** 2))(jm.params)
+    for a, b in zip(jax.tree.leaves(grads["scanned"]), jax.tree.leaves(grads["unrolled"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-13)
+    assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["scanned"]))
+    train_jaxpr = str(jax.make_jaxpr(lambda p: scanned.apply_fn(p, x, train=True, rng=jax.random.key(0)))(
+        scanned.params))
+    assert "scan[" not in train_jaxpr

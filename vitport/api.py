@@ -80,8 +80,18 @@ class JaxModel:
         if not getattr(self.spec, "distilled", False):
             raise InvalidArgumentError("set_distilled_training is for distilled models (two heads); "
                                        f"this {self.spec.family} model has one")
-        self.config = dataclasses.replace(self.config, distilled_training=enable)
-        self.__dict__.pop("apply_fn", None)  # jitted for the old config
+        return self._set_config(distilled_training=enable)
+
+    def set_scan_blocks(self, enable: bool = True) -> "JaxModel":
+        """Run identical blocks as one ``lax.scan`` in evaluation (``ModelConfig.scan_blocks``):
+        a shorter first call for deep models, a copy of the block weights on every call. Changes
+        this model in place and returns it."""
+        return self._set_config(scan_blocks=bool(enable))
+
+    def _set_config(self, **settings: Any) -> "JaxModel":
+        self.config = dataclasses.replace(self.config, **settings)
+        for built_for_old_config in ("apply_fn", "front_end_apply"):
+            self.__dict__.pop(built_for_old_config, None)
         return self
 
     @property

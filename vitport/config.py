@@ -44,9 +44,11 @@ class ModelConfig:
       distilled_training: timm's ``set_distilled_training``: a distilled DeiT in training
         returns ``(logits, logits_dist)`` instead of their average (other models ignore it).
       scan_blocks: in evaluation, run a stack of identical blocks as one ``jax.lax.scan`` over
-        their weights (stacked inside the call), so trace and compile time do not grow with
-        depth. Params stay one subtree per block (timm's layout); training, attention capture
-        and blocks that differ in shape run block by block (``vitport.structure._blocks``).
+        their weights, stacked inside the call: the blocks are traced once, so the first call of
+        a deep model is shorter, but every call copies the block weights (a large cost at batch
+        1 on CPU; ``benchmarks/README.md`` has the figures). Params stay one subtree per block
+        (timm's layout); training and blocks that differ in shape run block by block
+        (``vitport.structure._blocks``). Off by default.
     """
 
     spec: Spec
@@ -59,7 +61,7 @@ class ModelConfig:
     param_dtype: Any = "float32"
     matmul_dtype: str | None = None
     distilled_training: bool = False
-    scan_blocks: bool = True
+    scan_blocks: bool = False
 
     def __post_init__(self):
         if self.matmul_dtype is not None:

@@ -958,16 +958,27 @@ def scannable(declarations: dict[str, Any], cfg: ModelConfig, train: bool, prefi
     one ``lax.scan`` (``ModelConfig.scan_blocks``); None when they must run one by one.
 
     They scan in evaluation only (training draws per-block rngs at per-block stochastic-depth
-    rates), and when every block is the same module but for its stochastic-depth rate, which
-    evaluation does not use (Sapiens2's per-block key/value head counts, for one, differ).
+    rates), when every block is the same module but for its stochastic-depth rate, which
+    evaluation does not use (Sapiens2's per-block key/value head counts, for one, differ), and
+    when no module in them depends on the block's index (DiffAttention's ``lambda_init``).
     """
     if not cfg.scan_blocks or train or count < 2:
         return None
     blocks = [declarations.get(f"{prefix}.{i}") for i in range(count)]
-    if not all(isinstance(b, Node) for b in blocks):
+    if not all(isinstance(b, Node) for b in blocks) or _reads_block_index(blocks[0]):
         return None
     shapes = {_without_drop_path(b) for b in blocks}
     return blocks[0] if len(shapes) == 1 else None
+
+
+# Modules whose maths depends on the index of the block they run in (``_block_depth``, read at
+# trace time): a scan traces one block for all of them.
+_READS_BLOCK_INDEX = ("DiffAttention", "DiffParallelScalingBlock")
+
+
+def _reads_block_index(block: Node) -> bool:
+    return block.kind in _READS_BLOCK_INDEX or any(
+        isinstance(c, Node) and _reads_block_index(c) for c in block.children().values())
 
 
 def _without_drop_path(block: Node) -> tuple:

@@ -98,7 +98,7 @@ class ViT(_Root):
     param_dtype: Dtype = "float32"
     matmul_dtype: str | None = None
     distilled_training: bool = False
-    scan_blocks: bool = True
+    scan_blocks: bool = False
 
 
 class CaiT(_Root):
@@ -135,7 +135,7 @@ class CaiT(_Root):
     param_dtype: Dtype = "float32"
     matmul_dtype: str | None = None
     distilled_training: bool = False
-    scan_blocks: bool = True
+    scan_blocks: bool = False
 
 
 def _namespace(spec_type: type, family: str, doc: str) -> dict[str, Any]:
