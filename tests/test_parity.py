@@ -267,6 +267,7 @@ def test_scan_blocks_gradients_and_training(framework):
     for a, b in zip(jax.tree.leaves(grads["scanned"]), jax.tree.leaves(grads["unrolled"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-13)
     assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["scanned"]))
-    train_jaxpr = str(jax.make_jaxpr(lambda p: scanned.apply_fn(p, x, train=True, rng=jax.random.key(0)))(
-        scanned.params))
-    assert "scan[" not in train_jaxpr
+    x3 = jnp.asarray(images(scanned.spec, batch=3, dtype="float64"))  # batch 3: no scan of length depth (2) but blocks'
+    for train, rng in ((False, None), (True, jax.random.key(0))):
+        jaxpr = str(jax.make_jaxpr(lambda p: scanned.apply_fn(p, x3, train=train, rng=rng))(scanned.params))
+        assert (f"length={scanned.spec.depth}" in jaxpr) == (not train), f"train={train}"

@@ -59,6 +59,12 @@ class Layers(structure.LazyLayers):
     def has(self, name: str) -> bool:
         return name in self.declarations
 
+    def linear(self, name: str, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        if self.module.is_initializing():
+            self(name)(x)  # creates the layer's params
+        params = self.module.variables["params"][name.replace(".", "_")]
+        return params["kernel"], params.get("bias")
+
     def scan(self, prefix: str, count: int, x: jax.Array, *extra: jax.Array) -> tuple[jax.Array, jax.Array] | None:
         block = structure.scannable(self.declarations, self.cfg, self.train, prefix, count)
         if block is None or self.module.is_initializing():

@@ -45,12 +45,15 @@ class Linear(hk.Module):
         super().__init__(name=name)
         self.output_size, self.with_bias, self.matmul_dtype = output_size, with_bias, matmul_dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def weights(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """``(w, b)`` as a call on ``x`` uses them (b None without bias)."""
         w = hk.get_parameter("w", [x.shape[-1], self.output_size], x.dtype, init=WEIGHT_INIT)
+        return w, hk.get_parameter("b", [self.output_size], x.dtype, init=jnp.zeros) if self.with_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w, b = self.weights(x)
         y = ops.dot_general(self.matmul_dtype)(x, w, (((x.ndim - 1,), (0,)), ((), ())))
-        if self.with_bias:
-            y = y + hk.get_parameter("b", [self.output_size], x.dtype, init=jnp.zeros)
-        return y
+        return y if b is None else y + b
 
 
 class PatchConv(hk.Module):
@@ -116,6 +119,9 @@ class Layers(structure.LazyLayers):
 
     def has(self, name: str) -> bool:
         return name in self.declarations
+
+    def linear(self, name: str, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        return self(name).weights(x)
 
     def scan(self, prefix: str, count: int, x: jax.Array, *extra: jax.Array) -> tuple[jax.Array, jax.Array] | None:
         block = structure.scannable(self.declarations, self.cfg, self.train, prefix, count)

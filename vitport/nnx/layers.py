@@ -136,6 +136,10 @@ class Layers:
     def has(self, name: str) -> bool:
         return hasattr(self.module, name.partition(".")[0])
 
+    def linear(self, name: str, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        layer = self(name)
+        return layer.kernel[...], (layer.bias[...] if layer.bias is not None else None)
+
     def scan(self, prefix: str, count: int, x: jax.Array, *extra: jax.Array) -> tuple[jax.Array, jax.Array] | None:
         blocks = getattr(self.module, prefix, None)
         train = blocks is not None and any(getattr(layer, "deterministic", True) is False
