@@ -114,17 +114,33 @@ class JaxModel:
     def dtype(self):
         return jax.tree.leaves(self.params)[0].dtype
 
-    def astype(self, dtype: Any, *, matmul_dtype: Any = None) -> "JaxModel":
-        """The same model with its floating params cast to ``dtype`` (and inputs cast to it when
-        called). ``jm.astype(jnp.bfloat16)``: weights and compute in bf16, every matmul and
-        attention product accumulating in float32 (the fast form of XLA's CPU dot).
+    @property
+    def input_dtype(self):
+        """The dtype images (and features) are cast to when called: the params' dtype, or at least
+        float32 when the matmuls run in 16 bits (``ModelConfig.matmul_dtype``), so that the
+        activations between them, norms and softmax stay float32, as under ``torch.autocast``."""
+        if self.config.matmul_dtype is not None:
+            return jnp.promote_types(self.dtype, jnp.float32)
+        return self.dtype
+
+    def astype(self, dtype: Any, *, matmul_dtype: Any = "same") -> "JaxModel":
+        """The same model with its floating params cast to ``dtype``.
+
+        ``jm.astype(jnp.bfloat16)``: bf16 weights and bf16 matmuls, every matmul, attention
+        product and the patch convolution accumulating in float32 (the fast form of XLA's CPU
+        dot); the activations between them, norms and softmax stay float32, as under
+        ``torch.autocast`` (a bf16 residual stream alone moves ViT-B's logits by about 1 %).
         ``jm.astype(jnp.float32, matmul_dtype=jnp.bfloat16)``: the mixed mode, float32 weights,
-        norms and softmax, bf16 matmuls (``ModelConfig.matmul_dtype``)."""
+        bf16 matmuls (``ModelConfig.matmul_dtype``). ``matmul_dtype=None`` with a 16-bit
+        ``dtype``: everything in that dtype, the residual stream included. The default
+        ``'same'``: ``dtype`` itself for 16-bit dtypes, None otherwise."""
         dtype = jnp.dtype(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise InvalidArgumentError(f"astype takes a floating dtype; got {dtype}")
         params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
                               self.params)
+        if isinstance(matmul_dtype, str) and matmul_dtype == "same":
+            matmul_dtype = dtype if dtype.itemsize == 2 else None
         md = None if matmul_dtype is None else jnp.dtype(matmul_dtype).name
         config = dataclasses.replace(self.config, param_dtype=dtype.name, matmul_dtype=md)
         return dataclasses.replace(self, params=params, config=config)
@@ -138,7 +154,7 @@ class JaxModel:
         return self.apply_fn(self.params, self.as_input(images), return_intermediates=return_intermediates)
 
     def as_input(self, images: Any) -> jax.Array:
-        """Check NHWC float images and cast them to the params' dtype."""
+        """Check NHWC float images and cast them to ``input_dtype``."""
         arr = images if isinstance(images, jax.Array) else np.asarray(images)
         if arr.dtype.kind not in "fc" and arr.dtype.name != "bfloat16":
             raise InvalidArgumentError(
@@ -147,7 +163,7 @@ class JaxModel:
         if arr.ndim != 4 or arr.shape[-1] != self.spec.channels:
             raise InvalidArgumentError(f"expected NHWC images with {self.spec.channels} channels, "
                                        f"got shape {tuple(arr.shape)}")
-        return jnp.asarray(arr, dtype=self.dtype)
+        return jnp.asarray(arr, dtype=self.input_dtype)
 
     # timm's feature API (vitport.features)
     def forward_features(self, images: Any) -> jax.Array:

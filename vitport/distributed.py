@@ -127,7 +127,7 @@ def global_batches(jm: "ShardedModel", items: Sequence[tuple[Any, str]], batch_s
                 ok[row] = 1
             except (ImageError, MissingFileError) as e:  # reported, not fatal
                 on_skip and on_skip(name, str(e))
-        xg = jax.make_array_from_process_local_data(batch_sharding, x.astype(jm.dtype))
+        xg = jax.make_array_from_process_local_data(batch_sharding, x.astype(jm.input_dtype))
         logits, pre_logits = forward(jm.params, xg)
         ok_all = np.asarray(multihost_utils.process_allgather(ok, tiled=True))  # process order = item order
         keep = [r for r in range(step) if ok_all[r] and start + r < len(items)]

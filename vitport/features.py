@@ -60,7 +60,7 @@ def forward_features(jm: "JaxModel", images: Any) -> jax.Array:
 def forward_head(jm: "JaxModel", features: Any, pre_logits: bool = False) -> Any:
     """timm ``forward_head`` on ``forward_features`` output: pool, fc_norm, head. With
     ``pre_logits`` the pooled features before the classifier."""
-    x = jnp.asarray(features, dtype=jm.dtype)
+    x = jnp.asarray(features, dtype=jm.input_dtype)
     if x.ndim != 3 or x.shape[-1] != jm.spec.dim:
         raise InvalidArgumentError(f"forward_head takes forward_features output (B, tokens, {jm.spec.dim}); "
                                    f"got shape {tuple(x.shape)}")

@@ -74,7 +74,7 @@ def _run(jm: "JaxModel", x: np.ndarray, what: str):
     array that is not waited for (JAX dispatches asynchronously)."""
     import jax.numpy as jnp
 
-    logits, pre_logits = _forward_fn(jm)(jm.params, jnp.asarray(x, dtype=jm.dtype))
+    logits, pre_logits = _forward_fn(jm)(jm.params, jnp.asarray(x, dtype=jm.input_dtype))
     return logits if what == "logits" else pre_logits
 
 
@@ -233,7 +233,7 @@ def write_embeddings(jm: "JaxModel", sources: Sequence[str | os.PathLike], out: 
         raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
     size = min(batch_size, len(files))
     shape = jax.eval_shape(_forward_fn(jm), jm.params,
-                           jax.ShapeDtypeStruct((size, *transform.input_size, 3), jm.dtype))[1].shape
+                           jax.ShapeDtypeStruct((size, *transform.input_size, 3), jm.input_dtype))[1].shape
     dim = int(np.prod(shape[1:]))
     dtype = np.float64 if np.dtype(jm.dtype) == np.float64 else np.float32  # bf16/f16 stored as float32
     skipped: list[tuple[str, str]] = []

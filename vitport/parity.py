@@ -319,7 +319,7 @@ def jax_gradients(jm: JaxModel, images_nhwc: np.ndarray, labels: np.ndarray,
     def loss_fn(params):
         return classification_loss(jm.apply_fn(params, x, train=True, rng=rng), y)
 
-    x, y = jax.numpy.asarray(images_nhwc, jm.dtype), jax.numpy.asarray(labels)
+    x, y = jax.numpy.asarray(images_nhwc, jm.input_dtype), jax.numpy.asarray(labels)
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(jm.params)  # one compile, apply_fn inlined
     named = jm.with_params(grads).to_timm_state_dict()
     # Frozen tensors (BatchNorm running statistics: buffers in timm) have no timm gradient; theirs

@@ -838,9 +838,13 @@ def _talking_heads_per_image(m: Layers, cfg: ModelConfig, q: jax.Array, k: jax.A
     mixes = [m.linear(name, heads) for name in ("proj_l", "proj_w")]
 
     def mix(a, weights):
+        # In at least float32 whatever the model's precision: 8x8 multiply-adds per element are no
+        # cost, and XLA's CPU dot has no bf16-in, float32-out kernel for this contraction.
         kernel, bias = weights
-        a = ops.einsum("hqk,hg->gqk", a, kernel, md)
-        return a if bias is None else a + bias[:, None, None]
+        dtype = jnp.result_type(a, kernel, *([] if bias is None else [bias]))
+        wide = jnp.promote_types(dtype, jnp.float32)
+        a = jnp.einsum("hqk,hg->gqk", a.astype(wide), kernel.astype(wide))
+        return (a if bias is None else a + bias.astype(wide)[:, None, None]).astype(dtype)
 
     def one_image(qkv):
         q, k, v = (t[None] for t in qkv)
