@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="vitport front-ends to time (default: all)")
     p.add_argument("--no-compile", action="store_true", help="skip the timm + torch.compile row")
     p.add_argument("--no-convert", action="store_true", help="skip the conversion measurement")
+    p.add_argument("--depths", nargs="*", type=int, default=[12, 24, 36], metavar="N",
+                   help="first call of cait_s24_224 at these depths, scanned and unrolled (none: skip)")
     p.add_argument("--bf16-rtol", type=float, default=1e-2,
                    help="as --rtol, for bfloat16 rows (against timm's float32 logits)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per (model, batch, implementation)")
@@ -312,10 +314,9 @@ _FIRST_CALL_CHILD = r"""
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 jax.jit(lambda a: a + 1)(jnp.zeros(1)).block_until_ready()  # the XLA client's own start-up is not the model's
-import dataclasses, vitport
+import vitport
 framework, depth, scan = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
-jm = vitport.create_model("cait_s24_224", framework, depth=depth)
-jm = dataclasses.replace(jm, config=dataclasses.replace(jm.config, scan_blocks=scan))
+jm = vitport.create_model("cait_s24_224", framework, depth=depth).set_scan_blocks(scan)
 x = jax.device_put(jm.as_input(np.zeros((1, 224, 224, 3), np.float32)))
 t0 = time.perf_counter()
 jm.apply_fn(jm.params, x).block_until_ready()
@@ -328,12 +329,12 @@ print(json.dumps({"first_call_s": first, "second_call_s": time.perf_counter() - 
 
 def bench_first_call(console: Console, frameworks: list[str], depths: list[int]) -> list[dict]:
     """First call (trace + compile + run) of cait_s24_224 at several depths, batch 1, each in a
-    fresh process, with the blocks scanned (``ModelConfig.scan_blocks``, the default) and unrolled."""
+    fresh process, with the blocks one by one (the default) and scanned (``ModelConfig.scan_blocks``)."""
     import subprocess
 
     rows = []
     for fw in frameworks:
-        for scan in (True, False):
+        for scan in (False, True):
             for depth in depths:
                 proc = subprocess.run([sys.executable, "-c", _FIRST_CALL_CHILD, fw, str(depth), str(int(scan))],
                                       capture_output=True, text=True, check=True)
@@ -470,6 +471,21 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
     console.print(f"'of peak': the row's GFLOP/s over the machine's peak for its precision (bfloat16 rows: the "
                   f"bfloat16 peak). max |Δlogit| is against timm's float32 logits on the same input; a row fails "
                   f"above {args.rtol:g} (bfloat16 rows {args.bf16_rtol:g}) × max |timm logit|.")
+    depth_rows = info.get("first_call_vs_depth")
+    if depth_rows:
+        t = Table(title="First call (trace + compile + run) of cait_s24_224 against depth, batch 1, fresh process")
+        depths = sorted({r["depth"] for r in depth_rows})
+        for col in ("front-end", "blocks", *[f"depth {d} (s)" for d in depths], f"{depths[-1]} / {depths[0]}",
+                    f"steady call, depth {depths[0]} (ms)"):
+            t.add_column(col, justify="left" if col in ("front-end", "blocks") else "right")
+        for fw in dict.fromkeys(r["framework"] for r in depth_rows):
+            for scan in (False, True):
+                by = {r["depth"]: r for r in depth_rows if r["framework"] == fw and r["scan_blocks"] == scan}
+                t.add_row(fw, "lax.scan (scan_blocks)" if scan else "one by one (default)",
+                          *[f"{by[d]['first_call_s']:.2f}" for d in depths],
+                          f"{by[depths[-1]]['first_call_s'] / by[depths[0]]['first_call_s']:.2f}×",
+                          f"{by[depths[0]]['second_call_s'] * 1e3:.0f}")
+        console.print(t)
     conv = info.get("convert")
     if conv:
         console.print(f"[bold]convert cait_s24_224[/] from safetensors: {conv['convert_s']:.2f} s, peak extra memory "
@@ -496,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models:
         rows += bench_model(name, args.batches, args, console, peak, info["matmul_peak_gflops"])
+    if args.depths:
+        info["first_call_vs_depth"] = bench_first_call(console, args.frameworks, args.depths)
     if not args.no_convert:
         import tempfile
 
