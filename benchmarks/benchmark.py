@@ -413,8 +413,9 @@ def cpu_snapshot() -> tuple[float, float, float] | None:
         return None
     hz = os.sysconf("SC_CLK_TCK")
     idle = fields[3] + fields[4]  # idle + iowait
-    own = os.times()
-    return (sum(fields[:8]) - idle) / hz, sum(fields[:8]) / hz, own.user + own.system
+    own = os.times()  # with the finished child processes this run started (first-call probes, convert)
+    return (sum(fields[:8]) - idle) / hz, sum(fields[:8]) / hz, own.user + own.system + own.children_user + \
+        own.children_system
 
 
 def other_cpu_share(before, after) -> float | None:
@@ -499,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         args.batches = [1, 2, 4, 8, 16, 32]
     # timm runs on all cores like XLA's CPU backend does by default, so the comparison is fair.
     torch.set_num_threads(os.cpu_count() or 1)
+    # torch.compile's worker pool would count as "other processes"; compile in this process.
+    import torch._inductor.config as inductor_config
+    inductor_config.compile_threads = 1
     # Piped output (logs, README) would otherwise be squeezed to 80 columns and wrap the table.
     console = Console() if sys.stdout.isatty() else Console(width=150)
     info = machine_info()
