@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="batch sizes")
     p.add_argument("--sweep", action="store_true", help="batch sizes 1 2 4 8 16 32 (overrides --batches)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
-                   help="vitport precisions: float32, bfloat16 (weights and compute), mixed (float32 "
+                   help="vitport precisions: float32, bfloat16 (bf16 weights and matmuls), mixed (float32 "
                         "weights, bfloat16 matmuls)")
     p.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=list(FRAMEWORKS),
                    help="vitport front-ends to time (default: all)")
@@ -236,8 +236,8 @@ def model_flops(spec: Spec) -> float:
 
 
 def vitport_variant(jm: Any, mode: str) -> Any:
-    """float32: as converted; bfloat16: weights and compute in bf16; mixed: float32 weights,
-    bf16 matmuls accumulating in float32."""
+    """float32: as converted; bfloat16: bf16 weights and matmuls (float32 activations between
+    them); mixed: float32 weights, bf16 matmuls accumulating in float32."""
     if mode == "float32":
         return jm
     if mode == "bfloat16":

@@ -1,5 +1,5 @@
-"""bfloat16 modes (issue 11): ``jm.astype(jnp.bfloat16)`` (weights and compute in bf16) and the
-mixed mode (float32 weights, ``matmul_dtype='bfloat16'``) agree with float32 timm within 1e-2
+"""bfloat16 modes (issue 11): ``jm.astype(jnp.bfloat16)`` (bf16 weights and matmuls, float32
+activations between them) and the mixed mode (float32 weights, ``matmul_dtype='bfloat16'``) agree with float32 timm within 1e-2
 of the largest logit in every front-end, and every matmul, attention product and the patch
 convolution take the fast XLA CPU form: bf16 inputs accumulating into float32."""
 
@@ -121,6 +121,8 @@ def test_astype_keeps_layout_and_round_trips():
     assert half.input_dtype == jnp.float32  # activations between the bf16 matmuls stay float32
     pure = jm.astype(jnp.bfloat16, matmul_dtype=None)
     assert pure.config.matmul_dtype is None and pure.input_dtype == jnp.bfloat16
+    x = images(jm.spec, dtype="float32")
+    assert pure(x).dtype == jnp.bfloat16 and half(x).dtype == jnp.float32
     assert half.astype(jnp.float32).dtype == jnp.float32
     sd = half.to_timm_state_dict()
     assert set(sd) == set(jm.to_timm_state_dict())
