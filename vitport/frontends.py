@@ -32,6 +32,7 @@ from . import flax as vflax
 from . import haiku as vhaiku
 from . import nnx as vnnx
 from .config import ModelConfig
+from .nnx import layers as nnx_layers
 
 # apply(params, images, *, train=False, rng=None, return_intermediates=False, stage="all")
 ApplyFn = Callable[..., Any]
@@ -128,23 +129,14 @@ def _nnx_build(cfg: ModelConfig, key: jax.Array):
             "relpos": vnnx.VisionTransformerRelPos}[cfg.family].from_config(cfg, rngs=nnx.Rngs(key))
 
 
-def _concrete(state: Any) -> Any:
-    """Concrete placeholders for the rng state of an abstract model (keys are overridden by
-    the ``rng`` given to apply; only models with dropout have any)."""
-    def leaf(s):
-        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0)
-        return jnp.zeros(s.shape, s.dtype)
-
-    return jax.tree.map(leaf, state)
-
-
 @functools.lru_cache(maxsize=64)
 def _nnx_graph(cfg: ModelConfig):
-    """The model's graph and non-param state, built abstractly: no weights are initialised."""
-    abstract = nnx.eval_shape(lambda: _nnx_build(cfg, jax.random.key(0)))
-    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
-    return graphdef, _concrete(rest)
+    """The model's graph and non-param state, built without weights (the rng state is real; the
+    ``rng`` given to apply overrides it)."""
+    with nnx_layers.abstract_weights():
+        model = _nnx_build(cfg, jax.random.key(0))
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, rest
 
 
 def nnx_module(cfg: ModelConfig, params: Any) -> nnx.Module:
