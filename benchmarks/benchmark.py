@@ -49,7 +49,7 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="timm architecture names")
+    p.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS), help="timm architecture names (none: skip)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="batch sizes")
     p.add_argument("--sweep", action="store_true", help="batch sizes 1 2 4 8 16 32 (overrides --batches)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
@@ -465,13 +465,14 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
                       f"{r['fraction_of_peak']:.0%}", f"{r['vs_timm_eager']:.2f}×",
                       "" if compile_ratio is None else f"{compile_ratio:.2f}×",
                       diff if r["outputs_match"] else f"[bold red]{diff} MISMATCH[/]")
-    console.print(table)
-    if "torch_bfloat16_note" in pk:
-        console.print("timm autocast bf16 not timed: torch's bf16 matmul on this CPU is a scalar fallback "
-                      f"({pk['torch_bfloat16']:.1f} GFLOP/s).")
-    console.print(f"'of peak': the row's GFLOP/s over the machine's peak for its precision (bfloat16 rows: the "
-                  f"bfloat16 peak). max |Δlogit| is against timm's float32 logits on the same input; a row fails "
-                  f"above {args.rtol:g} (bfloat16 rows {args.bf16_rtol:g}) × max |timm logit|.")
+    if rows:
+        console.print(table)
+        if "torch_bfloat16_note" in pk:
+            console.print("timm autocast bf16 not timed: torch's bf16 matmul on this CPU is a scalar fallback "
+                          f"({pk['torch_bfloat16']:.1f} GFLOP/s).")
+        console.print(f"'of peak': the row's GFLOP/s over the machine's peak for its precision (bfloat16 rows: "
+                      f"the bfloat16 peak). max |Δlogit| is against timm's float32 logits on the same input; a "
+                      f"row fails above {args.rtol:g} (bfloat16 rows {args.bf16_rtol:g}) × max |timm logit|.")
     depth_rows = info.get("first_call_vs_depth")
     if depth_rows:
         t = Table(title="First call (trace + compile + run) of cait_s24_224 against depth, batch 1, fresh process")
