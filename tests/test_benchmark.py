@@ -1,0 +1,29 @@
+"""``benchmarks/benchmark.py`` (the source of the README's speed figures) runs end to end and
+writes its JSON: a smoke run on a small model, every front-end, every precision, one timed round."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_runs_and_checks_every_row(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--models", "vit_tiny_patch16_224",
+         "--batches", "2", "--iters", "1", "--warmup", "0", "--no-compile", "--no-convert", "--depths",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    impls = {r["impl"] for r in result["results"]}
+    assert {f"{fw} {mode}" for fw in ("haiku", "flax", "nnx") for mode in ("float32", "bfloat16", "mixed")} <= impls
+    assert "timm eager" in impls
+    for r in result["results"]:
+        assert r["outputs_match"], r
+        assert 0 < r["fraction_of_peak"] and r["images_per_s"] > 0
+    assert result["machine"]["machine_peak_gflops"]["float32"] > 0
