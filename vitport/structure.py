@@ -830,7 +830,7 @@ def talking_head_attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Arr
 def _talking_heads_per_image(m: Layers, cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """The talking-heads core (logits, ``proj_l``, softmax, ``proj_w``, weights @ v) one image at a
     time: an image's (heads, N, N) maps stay in cache through the five passes over them, where
-    the batch's would go to memory and back each time (3x faster on a 2-core EPYC at batch 16,
+    the batch's would go to memory and back each time (2.5-3x faster on a 2-core EPYC at batch 16,
     ``benchmarks/README.md``). ``proj_l`` / ``proj_w`` mix the heads as timm's Linear layers on
     the heads axis do: ``out[g] = sum_h a[h] W[g, h] + b[g]``."""
     md = cfg.matmul_dtype
