@@ -129,7 +129,8 @@ class JaxModel:
         ``jm.astype(jnp.bfloat16)``: bf16 weights and bf16 matmuls, every matmul, attention
         product and the patch convolution accumulating in float32 (the fast form of XLA's CPU
         dot); the activations between them, norms and softmax stay float32, as under
-        ``torch.autocast`` (a bf16 residual stream alone moves ViT-B's logits by about 1 %).
+        ``torch.autocast`` (a bf16 residual stream alone moved ViT-B's logits by 1.2-1.4 % of the
+        largest, ``benchmarks/README.md``).
         ``jm.astype(jnp.float32, matmul_dtype=jnp.bfloat16)``: the mixed mode, float32 weights,
         bf16 matmuls (``ModelConfig.matmul_dtype``). ``matmul_dtype=None`` with a 16-bit
         ``dtype``: everything in that dtype, the residual stream included. The default
