@@ -20,8 +20,9 @@ list of front-ends is written (``vitport.frontends`` pairs each with its modules
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -144,10 +145,84 @@ def pure_tree(params: Any) -> Any:
     return params
 
 
-def framework_to_canonical(params: Mapping, spec: Spec, framework: str) -> dict[CanonicalKey, Any]:
-    """Inverse of ``canonical_to_framework``; reports every missing, extra or misshapen param."""
+def _unflatten(flat: Mapping[Path, Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+    return tree
+
+
+# ------------------------------------------------------------------ stacked block lists
+#
+# A model that runs its blocks as one ``lax.scan`` (``vitport``'s ``ModelConfig.scan_blocks``)
+# stores each scanned list's weights stacked on a new leading axis under the list's own name:
+# ``params/blocks/attn/qkv/kernel`` of shape (depth, D, 3D) in place of ``blocks_0`` ...
+# ``blocks_{depth-1}`` (linen), ``blocks/attn/...`` in place of ``blocks/0/attn/...`` (NNX),
+# ``"cait/blocks/attn/qkv"`` (Haiku). It is an in-memory layout: files and the canonical tree
+# keep one entry per block.
+
+
+def _block_groups(spec: Spec, lists: Mapping[str, int]) -> dict[tuple[Entry, ...], Entry]:
+    """``{(block 0's entry, ..., block n-1's entry): the stacked entry}`` of every tensor in the
+    block lists ``lists`` (``{"blocks": depth}``)."""
+    groups: dict[tuple[str, str, str], list] = {}
+    for e in param_table(spec):
+        prefix, _, rest = e.module.partition(".")
+        index, _, below = rest.partition(".")
+        if prefix in lists and index.isdigit():
+            groups.setdefault((prefix, below, e.leaf), [None] * lists[prefix])[int(index)] = e
+    return {tuple(entries): dataclasses.replace(entries[0], module=".".join(filter(None, (prefix, below))))
+            for (prefix, below, _), entries in groups.items()}
+
+
+def block_lists(spec: Spec) -> dict[str, int]:
+    """Every top-level list of modules in the architecture (``blocks``, CaiT's
+    ``blocks_token_only``) with its length."""
+    lists: dict[str, int] = {}
+    for e in param_table(spec):
+        prefix, _, rest = e.module.partition(".")
+        index = rest.partition(".")[0]
+        if index.isdigit():
+            lists[prefix] = max(lists.get(prefix, 0), int(index) + 1)
+    return lists
+
+
+def stack_blocks(params: Mapping, spec: Spec, framework: str, lists: Mapping[str, int],
+                 stack: Callable[[Sequence[Any]], Any] = np.stack) -> dict:
+    """``params`` with the block lists ``lists`` stacked (the layout above); lists already
+    stacked stay as they are. ``stack`` joins one tensor's per-block values (``jnp.stack`` for
+    device arrays; a tree of shardings joins shardings)."""
     rule = layout(framework)
     flat = _flatten(pure_tree(params))
+    for entries, stacked in _block_groups(spec, lists).items():
+        paths = [rule.path(e, spec) for e in entries]
+        if all(p in flat for p in paths):
+            flat[rule.path(stacked, spec)] = stack([flat.pop(p) for p in paths])
+    return _unflatten(flat)
+
+
+def unstack_blocks(params: Mapping, spec: Spec, framework: str) -> Any:
+    """Inverse of ``stack_blocks`` for whatever lists are stacked; ``params`` itself when none is."""
+    rule = layout(framework)
+    flat = _flatten(pure_tree(params))
+    groups = {rule.path(stacked, spec): entries for entries, stacked in _block_groups(spec, block_lists(spec)).items()}
+    if not any(path in flat for path in groups):
+        return params
+    for path, entries in groups.items():
+        if path in flat:
+            values = flat.pop(path)
+            flat.update({rule.path(e, spec): values[i] for i, e in enumerate(entries)})
+    return _unflatten(flat)
+
+
+def framework_to_canonical(params: Mapping, spec: Spec, framework: str) -> dict[CanonicalKey, Any]:
+    """Inverse of ``canonical_to_framework`` (stacked block lists are split again); reports every
+    missing, extra or misshapen param."""
+    rule = layout(framework)
+    flat = _flatten(unstack_blocks(pure_tree(params), spec, framework))
     paths = {rule.path(e, spec): e for e in param_table(spec)}
     missing = [rule.flat_key(p) for p in paths if p not in flat]
     unexpected = [rule.flat_key(p) for p in flat if p not in paths]

@@ -7,12 +7,14 @@ the test report (``pytest -rA`` / junit ``record_property``).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from helpers import TINY_CAIT, TINY_CASES, images, tiny_timm
 
 import vitport
-from converters import FRAMEWORKS
+from converters import FRAMEWORKS, InvalidArgumentError, flat_keys
 from vitport.parity import TOLERANCES, compare, perturb_weights, tolerance, verify_architecture
 
 
@@ -246,14 +248,26 @@ def test_scan_blocks_float64_every_layer(case, framework):
     ours = jax.eval_shape(lambda p: jm.apply_fn(p, x, return_intermediates=True)[1], jm.params)
     ref = jax.eval_shape(lambda p: unrolled.apply_fn(p, x, return_intermediates=True)[1], unrolled.params)
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+    # Scanned lists are stored stacked (one entry per tensor, leading axis = blocks), so no call
+    # stacks them; timm's per-block layout comes back bit for bit.
+    keys = flat_keys(jm.params, framework)
+    per_block = [k for k in keys if re.match(r"(params/|[a-z]+/)?blocks(_token_only)?[_/]0/", k)]  # top-level lists
+    assert bool(per_block) == (case in UNSCANNED_CASES), per_block[:3]
+    if scanned:
+        assert len(keys) < len(flat_keys(unrolled.params, framework))
+    ours, ref = jm.to_timm_state_dict(), unrolled.to_timm_state_dict()
+    assert ours.keys() == ref.keys() and all(np.array_equal(ours[k], ref[k]) for k in ref)
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_scan_blocks_gradients_and_training(framework):
-    """Gradients flow through the stacked weights to every block's own params (float64, equal to
-    the unrolled model's), and training (per-block stochastic depth) runs block by block."""
+    """Gradients through the stacked weights equal the unrolled model's, block for block
+    (float64). Training names the stacked layout as the problem and the fix, and after
+    ``set_scan_blocks(False)`` runs block by block (per-block stochastic depth) again."""
     import jax
     import jax.numpy as jnp
+
+    from vitport.training import TrainConfig, Trainer
 
     arch, kwargs = TINY_CASES["cait"]
     model = tiny_timm(arch, "float64", **kwargs)
@@ -261,11 +275,17 @@ def test_scan_blocks_gradients_and_training(framework):
     x = jnp.asarray(images(scanned.spec, dtype="float64"))
     grads = {}
     for name, jm in (("scanned", scanned), ("unrolled", unrolled)):
-        grads[name] = jax.grad(lambda p: jnp.sum(jm.apply_fn(p, x) ** 2))(jm.params)
-    for a, b in zip(jax.tree.leaves(grads["scanned"]), jax.tree.leaves(grads["unrolled"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-13)
-    assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["scanned"]))
+        grads[name] = jm.with_params(jax.grad(lambda p: jnp.sum(jm.apply_fn(p, x) ** 2))(jm.params)).canonical()
+    assert grads["scanned"].keys() == grads["unrolled"].keys()
+    for k, g in grads["unrolled"].items():
+        np.testing.assert_allclose(np.asarray(grads["scanned"][k]), np.asarray(g), rtol=1e-11, atol=1e-13, err_msg=str(k))
+    assert all(np.any(np.asarray(g)) for g in grads["scanned"].values())
     x3 = jnp.asarray(images(scanned.spec, batch=3, dtype="float64"))  # batch 3: no scan of length depth (2) but blocks'
+    with pytest.raises(InvalidArgumentError, match=r"stacked.*set_scan_blocks\(False\)"):
+        scanned.apply_fn(scanned.params, x3, train=True, rng=jax.random.key(0))
+    with pytest.raises(InvalidArgumentError, match=r"set_scan_blocks\(False\)"):
+        Trainer(scanned, TrainConfig(total_steps=10))
+    scanned.set_scan_blocks(False)
     for train, rng in ((False, None), (True, jax.random.key(0))):
         jaxpr = str(jax.make_jaxpr(lambda p: scanned.apply_fn(p, x3, train=train, rng=rng))(scanned.params))
-        assert (f"length={scanned.spec.depth}" in jaxpr) == (not train), f"train={train}"
+        assert f"length={scanned.spec.depth}" not in jaxpr, f"train={train}"

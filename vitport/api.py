@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters import (FRAMEWORKS, Spec, canonical_to_framework, canonical_to_timm, framework_to_canonical,
-                        timm_to_canonical)
+                        stack_blocks, timm_to_canonical, unstack_blocks)
 from converters.errors import InvalidArgumentError
 from converters.frameworks import layout, pure_tree as _pure
 
 from . import features
 from .config import ModelConfig
 from .frontends import FrontEnd, front_end
+from .structure import scanned_lists
 
 Framework = str  # one of converters.FRAMEWORKS
 
@@ -54,11 +55,11 @@ class JaxModel:
 
     def __post_init__(self):
         check_framework(self.framework)
-        self.params = _pure(self.params)
         if self.config is None:
             self.config = ModelConfig(self.spec)
         elif self.config.spec != self.spec:
             raise InvalidArgumentError("config.spec differs from spec")
+        self.params = self.in_layout(_pure(self.params))
 
     @property
     def front_end(self) -> FrontEnd:
@@ -83,10 +84,24 @@ class JaxModel:
         return self._set_config(distilled_training=enable)
 
     def set_scan_blocks(self, enable: bool = True) -> "JaxModel":
-        """Run identical blocks as one ``lax.scan`` in evaluation (``ModelConfig.scan_blocks``):
-        a shorter first call for deep models, a copy of the block weights on every call. Changes
-        this model in place and returns it."""
-        return self._set_config(scan_blocks=bool(enable))
+        """Run the blocks as one ``lax.scan`` in evaluation (``ModelConfig.scan_blocks``), their
+        weights stored stacked on a leading axis (``params["params"]["blocks"]`` in linen; see
+        ``converters.frameworks.stack_blocks``): the blocks are traced and compiled once, so the
+        first call hardly grows with depth, and steady calls run as fast as block by block.
+        ``canonical()``, ``to_timm_state_dict()``, ``save`` and ``to()`` give timm's per-block
+        layout as always; training needs ``set_scan_blocks(False)``. Changes this model in place
+        and returns it."""
+        self._set_config(scan_blocks=bool(enable))
+        self.params = self.in_layout(self.params)
+        return self
+
+    def in_layout(self, tree: Any) -> Any:
+        """A tree shaped like ``params`` in either layout, in this model's: the scanned block
+        lists stacked when ``config.scan_blocks`` is on, one subtree per block otherwise."""
+        if not self.config.scan_blocks:
+            return unstack_blocks(tree, self.spec, self.framework)
+        # lists already stacked are kept as they are (and where they are: a sharded model's)
+        return stack_blocks(tree, self.spec, self.framework, scanned_lists(self.config), stack=jnp.stack)
 
     def _set_config(self, **settings: Any) -> "JaxModel":
         self.config = dataclasses.replace(self.config, **settings)
@@ -104,7 +119,7 @@ class JaxModel:
         """The same model with another tree shaped like ``params`` (new weights, gradients,
         optimizer moments): ``jm.with_params(grads).to_timm_state_dict()`` names them with
         timm's keys."""
-        tree = _pure(tree)
+        tree = self.in_layout(_pure(tree))
         if jax.tree.structure(tree) != jax.tree.structure(self.params):
             framework_to_canonical(tree, self.spec, self.framework)  # names what differs
             raise InvalidArgumentError("the tree is not shaped like this model's params")

@@ -133,7 +133,9 @@ def _nnx_build(cfg: ModelConfig, key: jax.Array):
 def _nnx_graph(cfg: ModelConfig):
     """The model's graph and non-param state, built without weights (the rng state is real; the
     ``rng`` given to apply overrides it)."""
-    with nnx_layers.abstract_weights():
+    # Eagerly even when first asked inside a jit trace: the cached graph must hold no tracers,
+    # and traced rng counters made each new layer ask jax for a costly error message.
+    with jax.ensure_compile_time_eval(), nnx_layers.abstract_weights():
         model = _nnx_build(cfg, jax.random.key(0))
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, rest

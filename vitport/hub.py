@@ -27,7 +27,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from converters import ConversionError, Spec, canonical_to_timm, flat_keys, framework_to_canonical, unflatten_keys
+from converters import (ConversionError, Spec, canonical_to_timm, flat_keys, framework_to_canonical, unflatten_keys,
+                        unstack_blocks)
 from converters.architectures import arch_spec
 from converters.checkpoint_io import check_shapes, preprocessing, read_canonical, read_state_dict, safetensors_header
 from converters.errors import (CheckpointError, HubError, HubUnreachableError,  # noqa: F401  (re-exported)
@@ -137,7 +138,8 @@ def save(jm: JaxModel, out: str | os.PathLike, *, force: bool = False, source: s
     Weights over ``max_shard_size`` (default 2 GB or ``$VITPORT_MAX_SHARD_SIZE``) are written
     as ``model-0000K-of-0000N.safetensors`` shards with ``model.safetensors.index.json``.
     """
-    tensors = {k: np.asarray(v) for k, v in flat_keys(jm.params, jm.framework).items()}
+    per_block = unstack_blocks(jm.params, jm.spec, jm.framework)  # files keep timm's one entry per block
+    tensors = {k: np.asarray(v) for k, v in flat_keys(per_block, jm.framework).items()}
     with atomic_dir(out, force, reading=reading) as tmp:
         if progress:
             progress(f"writing {Path(out).name}", 0, 0)

@@ -47,10 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from converters import Entry, Spec, canonical_to_framework, key_table
+from converters import Entry, Spec, canonical_to_framework, key_table, stack_blocks
 from converters.errors import InvalidArgumentError
 
 from .api import JaxModel
+from .structure import scanned_lists
 
 STRATEGIES = ("dp", "fsdp", "tp")
 DATA, MODEL = "data", "model"
@@ -128,6 +129,16 @@ def param_shardings(spec: Spec, framework: str, mesh: Mesh, strategy: str = "dp"
                                    for e in key_table(spec)}, spec, framework)
 
 
+def model_shardings(jm: JaxModel, mesh: Mesh, strategy: str) -> Any:
+    """``param_shardings`` in ``jm``'s layout: a stacked block list (``set_scan_blocks``) takes
+    each tensor's sharding with its leading block axis unsplit."""
+    shardings = param_shardings(jm.spec, jm.framework, mesh, strategy)
+    if not jm.config.scan_blocks:
+        return shardings
+    return stack_blocks(shardings, jm.spec, jm.framework, scanned_lists(jm.config),
+                        stack=lambda per_block: NamedSharding(mesh, P(None, *per_block[0].spec)))
+
+
 def place(tree: Any, shardings: Any) -> Any:
     """Put every array of ``tree`` on its sharding. ``make_array_from_callback`` hands each
     device only its slice, and works in multi-process jobs too (every process holds the same
@@ -186,13 +197,11 @@ class ShardedModel(JaxModel):
 
     def with_params(self, tree: Any) -> "ShardedModel":
         out = super().with_params(tree)
-        return dataclasses.replace(out, params=place(out.params, param_shardings(
-            self.spec, self.framework, self.mesh, self.strategy)))
+        return dataclasses.replace(out, params=place(out.params, model_shardings(out, self.mesh, self.strategy)))
 
     def to(self, framework: str) -> "ShardedModel":
         out = super().to(framework)
-        return dataclasses.replace(out, params=place(out.params, param_shardings(
-            out.spec, framework, self.mesh, self.strategy)))
+        return dataclasses.replace(out, params=place(out.params, model_shardings(out, self.mesh, self.strategy)))
 
     def unshard(self) -> JaxModel:
         """The same model on one device (numpy weights gathered from every shard)."""
@@ -206,9 +215,9 @@ def shard(jm: JaxModel, mesh: Mesh | None = None, *, strategy: str = "dp") -> Sh
     if strategy not in STRATEGIES:
         raise InvalidArgumentError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     mesh = default_mesh(strategy, jm.spec) if mesh is None else mesh
-    shardings = param_shardings(jm.spec, jm.framework, mesh, strategy)
+    _check(mesh, strategy)
     fields = {f.name: getattr(jm, f.name) for f in dataclasses.fields(JaxModel)}
-    fields["params"] = place(jm.params, shardings)
+    fields["params"] = place(jm.params, model_shardings(jm, mesh, strategy))
     return ShardedModel(**fields, mesh=mesh, strategy=strategy)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
@@ -1023,13 +1024,40 @@ def _without_drop_path(block: Node) -> tuple:
 
 
 def stack_blocks(per_block: list[Any], x: jax.Array, cfg: ModelConfig) -> tuple[Any, jax.Array]:
-    """``(the blocks' param trees stacked on a new leading axis, x in the dtype the blocks return)``:
-    a scan's carry keeps one dtype, so 16-bit inputs to a float32 model are promoted up front, as
-    the first block would promote them."""
+    """``(the blocks' param trees stacked on a new leading axis, carry_dtype(x))``: the stack made
+    inside the call, for params kept one subtree per block."""
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
+    return stacked, carry(x, stacked, cfg)
+
+
+def carry(x: jax.Array, stacked: Any, cfg: ModelConfig) -> jax.Array:
+    """``x`` in the dtype the blocks return: a scan's carry keeps one dtype, so 16-bit inputs to
+    a float32 model are promoted up front, as the first block would promote them."""
     dtype = cfg.dtype or jnp.result_type(x.dtype, *[leaf.dtype for leaf in jax.tree.leaves(stacked)
                                                     if jnp.issubdtype(leaf.dtype, jnp.floating)])
-    return stacked, x.astype(dtype)
+    return x.astype(dtype)
+
+
+def scanned_lists(cfg: ModelConfig) -> dict[str, int]:
+    """``{prefix: count}``: the block lists that ``_blocks`` runs as one ``lax.scan`` each in
+    evaluation when ``cfg.scan_blocks`` is on, and that ``JaxModel.set_scan_blocks`` stores
+    stacked (``converters.frameworks.stack_blocks``). Lists ``scannable`` refuses, and Eva's
+    mixed-RoPE blocks (one rotary table per block), stay one subtree per block."""
+    s = cfg.spec
+    lists = {"blocks": s.depth}
+    if cfg.family == "cait":
+        lists["blocks_token_only"] = s.cls_depth
+    if cfg.family == "eva" and s.rope_type == "mixed":
+        del lists["blocks"]
+    on = cfg if cfg.scan_blocks else dataclasses.replace(cfg, scan_blocks=True)
+    declarations = root(on).children()
+    return {p: n for p, n in lists.items() if scannable(declarations, on, False, p, n) is not None}
+
+
+def stacked_in_training(prefix: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"the weights of {prefix!r} are stored stacked for a scan (set_scan_blocks), which runs in "
+        "evaluation only; call jm.set_scan_blocks(False) to train (or run with train=False)")
 
 
 def scan_step(prefix: str, run: Callable[[Any, jax.Array], jax.Array]) -> Callable:

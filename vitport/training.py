@@ -275,6 +275,9 @@ class Trainer:
     """
 
     def __init__(self, jm: JaxModel, cfg: TrainConfig):
+        if jm.config.scan_blocks:
+            raise InvalidArgumentError("this model stores its blocks stacked for a scan in evaluation "
+                                       "(set_scan_blocks); call jm.set_scan_blocks(False) before training it")
         self.cfg = cfg  # holds no params: only structure (jm's config and framework) and settings
         self.tx = optimizer(jm, cfg)
         self.schedule = lr_schedule(cfg)

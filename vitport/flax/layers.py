@@ -67,10 +67,15 @@ class Layers(structure.LazyLayers):
 
     def scan(self, prefix: str, count: int, x: jax.Array, *extra: jax.Array) -> tuple[jax.Array, jax.Array] | None:
         block = structure.scannable(self.declarations, self.cfg, self.train, prefix, count)
-        if block is None or self.module.is_initializing():
+        params = {} if self.module.is_initializing() else self.module.variables["params"]
+        if prefix in params:  # stored stacked (JaxModel.set_scan_blocks)
+            if block is None:
+                raise structure.stacked_in_training(prefix)
+            stacked, x = params[prefix], structure.carry(x, params[prefix], self.cfg)
+        elif block is None or not params:
             return None
-        params = self.module.variables["params"]
-        stacked, x = structure.stack_blocks([params[f"{prefix}_{i}"] for i in range(count)], x, self.cfg)
+        else:
+            stacked, x = structure.stack_blocks([params[f"{prefix}_{i}"] for i in range(count)], x, self.cfg)
         node = Node(block, parent=None)  # unbound: applied to each step's slice of the weights
 
         def run(weights, x):

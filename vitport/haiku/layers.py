@@ -125,11 +125,29 @@ class Layers(structure.LazyLayers):
 
     def scan(self, prefix: str, count: int, x: jax.Array, *extra: jax.Array) -> tuple[jax.Array, jax.Array] | None:
         block = structure.scannable(self.declarations, self.cfg, self.train, prefix, count)
-        if block is None or hk.running_init():
+        if hk.running_init():
+            return None
+        params, scope = hk.get_params(), hk.current_name()
+        stacked_name = f"{scope}/{prefix}"
+        # Stored stacked (JaxModel.set_scan_blocks): {"blocks/attn/qkv": {"w": (depth, ...)}}.
+        stacked = {module[len(scope) + 1:]: leaves for module, leaves in params.items()
+                   if module == stacked_name or module.startswith(stacked_name + "/")}
+        if stacked:
+            if block is None:
+                raise structure.stacked_in_training(prefix)
+            x = structure.carry(x, stacked, self.cfg)
+            # Each step applies a block of its own transform to its slice: the slices are named
+            # as that block's params, and this frame's params hold no block to fetch.
+            one_block = hk.transform(lambda *inputs: Node(block, name=prefix)(*inputs, is_training=False))
+
+            def run(weights, x):
+                return one_block.apply(weights, None, *extra, x)
+
+            return jax.lax.scan(structure.scan_step(prefix, run), x, stacked)
+        if block is None:
             return None
         # Block i's params, keyed by their full name below the block ("/attn/qkv/w"); block 0's
         # module runs in the scan with a getter that hands it the slice of the step's block.
-        params, scope = hk.get_params(), hk.current_name()
         names = [f"{scope}/{prefix}_{i}" for i in range(count)]
         per_block = [{f"{module[len(name):]}/{leaf}": v for module, leaves in params.items()
                       if module == name or module.startswith(name + "/") for leaf, v in leaves.items()}

@@ -109,22 +109,25 @@ class _Gap(nnx.Module):
     so ``nnx.List`` indices are timm's (``conv1.3``, ``downsample.1``)."""
 
 
+ZEROS, ONES = _weight_init(jax.nn.initializers.zeros), _weight_init(jax.nn.initializers.ones)
+
+
 def _build(decl: Any, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     kw = dict(dtype=cfg.dtype, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
     if isinstance(decl, structure.Linear):
-        return nnx.Linear(decl.in_features, decl.out_features, use_bias=decl.bias,
-                          kernel_init=WEIGHT_INIT, dot_general=ops.dot_general(cfg.matmul_dtype), **kw)
+        return nnx.Linear(decl.in_features, decl.out_features, use_bias=decl.bias, kernel_init=WEIGHT_INIT,
+                          bias_init=ZEROS, dot_general=ops.dot_general(cfg.matmul_dtype), **kw)
     if isinstance(decl, structure.Norm):
-        if decl.scale_init != 1.0:
-            kw["scale_init"] = jax.nn.initializers.constant(decl.scale_init)
+        scale_init = ONES if decl.scale_init == 1.0 else _weight_init(jax.nn.initializers.constant(decl.scale_init))
         if decl.kind == "RmsNorm":  # timm RmsNorm: x * rsqrt(mean(x**2) + eps) * weight, no bias
-            return nnx.RMSNorm(decl.features, epsilon=decl.eps, **kw)
+            return nnx.RMSNorm(decl.features, epsilon=decl.eps, scale_init=scale_init, **kw)
         # Two-pass variance like torch; the fast variance loses digits in float32.
-        return nnx.LayerNorm(decl.features, epsilon=decl.eps, use_fast_variance=False, **kw)
+        return nnx.LayerNorm(decl.features, epsilon=decl.eps, use_fast_variance=False, scale_init=scale_init,
+                             bias_init=ZEROS, **kw)
     if isinstance(decl, structure.PatchConv):
         p = decl.patch_size
         return nnx.Conv(decl.in_channels, decl.out_channels, (p, p), strides=(p, p), padding="VALID",
-                        use_bias=decl.bias, kernel_init=WEIGHT_INIT,
+                        use_bias=decl.bias, kernel_init=WEIGHT_INIT, bias_init=ZEROS,
                         conv_general_dilated=ops.conv_general_dilated(cfg.matmul_dtype), **kw)
     if isinstance(decl, structure.Conv):
         k = decl.kernel_size
@@ -132,7 +135,7 @@ def _build(decl: Any, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
                 else ops.std_conv_general_dilated(cfg.matmul_dtype, decl.std_eps))
         return nnx.Conv(decl.in_channels, decl.out_channels, (k, k), strides=(decl.stride, decl.stride),
                         padding=ops.conv_padding(decl.padding), feature_group_count=decl.groups, use_bias=decl.bias,
-                        kernel_init=WEIGHT_INIT, conv_general_dilated=conv, **kw)
+                        kernel_init=WEIGHT_INIT, bias_init=ZEROS, conv_general_dilated=conv, **kw)
     if isinstance(decl, structure.GroupNorm):
         return nnx.GroupNorm(decl.features, num_groups=decl.groups, epsilon=decl.eps, use_fast_variance=False, **kw)
     if isinstance(decl, structure.BatchNorm):
@@ -173,14 +176,22 @@ class Layers:
 
     def scan(self, prefix: str, count: int, x: jax.Array, *extra: jax.Array) -> tuple[jax.Array, jax.Array] | None:
         blocks = getattr(self.module, prefix, None)
-        train = blocks is not None and any(getattr(layer, "deterministic", True) is False
-                                           for _, layer in nnx.iter_modules(blocks))
-        node = self.module.node
-        if blocks is None or structure.scannable(node.children(), node.cfg, train, prefix, count) is None:
+        if blocks is None:
             return None
-        # Block 0's graph and non-parameter state, each step's slice of the stacked weights.
-        graph, _, rest = nnx.split(blocks[0], nnx.Param, ...)
-        stacked, x = structure.stack_blocks([nnx.state(b, nnx.Param) for b in blocks], x, node.cfg)
+        train = any(getattr(layer, "deterministic", True) is False for _, layer in nnx.iter_modules(blocks))
+        node = self.module.node
+        block = structure.scannable(node.children(), node.cfg, train, prefix, count)
+        if isinstance(blocks, nnx.List):
+            if block is None:
+                return None
+            # Block 0's graph and non-parameter state, each step's slice of the weights stacked here.
+            graph, _, rest = nnx.split(blocks[0], nnx.Param, ...)
+            stacked, x = structure.stack_blocks([nnx.state(b, nnx.Param) for b in blocks], x, node.cfg)
+        else:  # one module holding every block's weights stacked (JaxModel.set_scan_blocks)
+            if block is None:
+                raise structure.stacked_in_training(prefix)
+            graph, stacked, rest = nnx.split(blocks, nnx.Param, ...)
+            x = structure.carry(x, stacked, node.cfg)
 
         def run(weights, x):
             return nnx.merge(graph, weights, rest)(*extra, x)
@@ -191,25 +202,44 @@ class Layers:
         return getattr(self.module, name)[...]
 
 
+def _stacked(blocks: list[nnx.Module], count: int) -> nnx.Module:
+    """Block 0 holding the weights of ``count`` blocks stacked on a leading axis: the module a
+    scan-mode model (``ModelConfig.scan_blocks``) keeps in place of the list, as ``nnx.scan``
+    models do. Under ``abstract_weights`` only block 0 is built."""
+    def stack(*values):
+        if isinstance(values[0], jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((count, *values[0].shape), values[0].dtype)
+        return jnp.stack(values)
+
+    nnx.update(blocks[0], jax.tree.map(stack, *[nnx.state(b, nnx.Param) for b in blocks]))
+    return blocks[0]
+
+
 class Node(nnx.Module):
     """A composite timm module (``node.kind``): its children and wiring come from ``structure``."""
 
     def __init__(self, node: structure.Node, *, rngs: nnx.Rngs):
         self.node = node
         lists: dict[str, dict[int, Any]] = {}
+        stacked = structure.scanned_lists(node.cfg) if node.cfg.scan_blocks and node == structure.root(node.cfg) else {}
         for name, decl in node.children().items():
             if isinstance(decl, structure.Param):
                 init = _weight_init(structure.initializer(decl))
                 setattr(self, name, nnx.Param(init(rngs.params(), decl.shape, jnp.dtype(node.cfg.param_dtype))))
                 continue
-            layer = _build(decl, node.cfg, rngs)
             attr, _, index = name.partition(".")
+            if attr in stacked and int(index) > 0 and _ABSTRACT_WEIGHTS.get():
+                continue  # a graph needs one block of a stack (its shapes say how many)
+            layer = _build(decl, node.cfg, rngs)
             if index:
                 lists.setdefault(attr, {})[int(index)] = layer
             else:
                 setattr(self, attr, layer)
         for attr, layers in lists.items():
-            setattr(self, attr, nnx.List([layers.get(i, _Gap()) for i in range(max(layers) + 1)]))
+            if attr in stacked:
+                setattr(self, attr, _stacked([layers[i] for i in sorted(layers)], stacked[attr]))
+            else:
+                setattr(self, attr, nnx.List([layers.get(i, _Gap()) for i in range(max(layers) + 1)]))
 
     def __call__(self, *inputs: jax.Array, rngs: nnx.Rngs | None = None) -> Any:
         return structure.FORWARD[self.node.kind](Layers(self, rngs), self.node.cfg, *inputs)
