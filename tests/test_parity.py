@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 from helpers import TINY_CAIT, TINY_CASES, images, tiny_timm
+from test_checkpoints import tree_equal
 
 import vitport
 from converters import FRAMEWORKS, InvalidArgumentError, flat_keys
@@ -257,6 +258,26 @@ def test_scan_blocks_float64_every_layer(case, framework):
         assert len(keys) < len(flat_keys(unrolled.params, framework))
     ours, ref = jm.to_timm_state_dict(), unrolled.to_timm_state_dict()
     assert ours.keys() == ref.keys() and all(np.array_equal(ours[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_scan_blocks_layout_is_in_memory_only(framework, tmp_path):
+    """A model with stacked blocks saves timm's one entry per block, loads back, moves between
+    front-ends (staying stacked) and unstacks again, bit for bit; a per-block tree given to
+    ``with_params`` is stacked to match."""
+    ref = vitport.create_model("cait_s24_224", framework, rng=3, **TINY_CAIT)
+    jm = vitport.create_model("cait_s24_224", framework, rng=3, **TINY_CAIT).set_scan_blocks()
+    x = images(ref.spec, 2, "float32")
+    np.testing.assert_array_equal(np.asarray(jm(x)), np.asarray(ref(x)))
+    out = vitport.save(jm, tmp_path / "m")
+    assert flat_keys(vitport.load(out).params, framework).keys() == flat_keys(ref.params, framework).keys()
+    assert tree_equal(vitport.load(out).params, ref.params)
+    for other in FRAMEWORKS:
+        moved = jm.to(other)
+        assert moved.config.scan_blocks and len(flat_keys(moved.params, other)) < len(flat_keys(ref.to(other).params, other))
+        assert tree_equal(moved.canonical(), ref.canonical())
+    assert tree_equal(jm.with_params(ref.params).params, jm.params)
+    assert tree_equal(jm.set_scan_blocks(False).params, ref.params)
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

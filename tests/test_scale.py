@@ -44,7 +44,7 @@ STRATEGY_CHECK = r"""
 import json, os
 assert "jax" not in __import__("sys").modules
 import jax, numpy as np
-from converters import FRAMEWORKS
+from converters import FRAMEWORKS, flat_keys
 import vitport
 from vitport.sharding import memory_per_device
 assert jax.device_count() == 8, jax.devices()
@@ -52,14 +52,18 @@ assert jax.device_count() == 8, jax.devices()
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, num_classes=10)
 x = np.random.default_rng(0).standard_normal((5, 32, 32, 3)).astype(np.float32)  # 5: not a multiple of 8
 report = []
-# every strategy in every front-end on ViT; CaiT (talking heads, class attention) under tp
-cases = [("vit_base_patch16_224", {}, [(fw, s) for fw in FRAMEWORKS for s in ("dp", "fsdp", "tp")]),
-         ("cait_s24_224", dict(depth_token_only=1), [("nnx", "tp")])]
-for arch, extra, runs in cases:
-    base = vitport.create_model(arch, framework="flax", rng=1, **SMALL, **extra)
+# every strategy in every front-end on ViT; CaiT (talking heads, class attention) under tp; and
+# CaiT with its blocks stored stacked for a scan (set_scan_blocks), each strategy once
+cases = [("vit_base_patch16_224", {}, [(fw, s) for fw in FRAMEWORKS for s in ("dp", "fsdp", "tp")], False),
+         ("cait_s24_224", dict(depth_token_only=1), [("nnx", "tp")], False),
+         ("cait_s24_224", dict(depth=2, depth_token_only=2), [("flax", "fsdp"), ("haiku", "tp"), ("nnx", "dp")], True)]
+for arch, extra, runs, scan in cases:
+    base = vitport.create_model(arch, framework="flax", rng=1, **{**SMALL, **extra})
     ref = np.asarray(base(x))
     for fw, strategy in runs:
-        sm = base.to(fw).shard(strategy=strategy)
+        sm = base.to(fw).set_scan_blocks(scan).shard(strategy=strategy)
+        per_block = any("blocks_0/" in k or "blocks/0/" in k for k in flat_keys(sm.params, fw))
+        assert sm.config.scan_blocks == scan and per_block != scan, (fw, strategy, scan)
         out = np.asarray(sm(x))
         leaves = jax.tree.leaves(sm.params)
         split = sum(a.addressable_shards[0].data.size < a.size for a in leaves)
@@ -67,7 +71,7 @@ for arch, extra, runs in cases:
         per_device = memory_per_device(sm)
         # the feature API goes through the same batch split (checked once: each call compiles)
         feats = np.asarray(sm.forward_features(x)) if (fw, strategy) == ("haiku", "fsdp") else out
-        report.append(dict(arch=arch, fw=fw, strategy=strategy, mesh=dict(sm.mesh.shape),
+        report.append(dict(arch=arch, fw=fw, strategy=strategy, scan=scan, mesh=dict(sm.mesh.shape),
                            diff=float(np.abs(out - ref).max()), shape=out.shape, split=int(split),
                            leaves=len(leaves), qkv_shard=list(qkv.addressable_shards[0].data.shape),
                            qkv=list(qkv.shape), qkv_spec=str(qkv.sharding.spec),
@@ -344,6 +348,7 @@ def test_strategy_names_agree():
 def test_every_strategy_equals_unsharded_in_every_front_end(strategy_report):
     seen = {(r["fw"], r["strategy"]) for r in strategy_report if r["arch"].startswith("vit")}
     assert seen == {(fw, s) for fw in FRAMEWORKS for s in ("dp", "fsdp", "tp")}
+    assert {r["strategy"] for r in strategy_report if r["scan"]} == {"dp", "fsdp", "tp"}
     for r in strategy_report:
         assert r["shape"] == [5, 10] and r["features"][0] == 5, r  # padded to 8, trimmed back to 5
         assert r["diff"] <= 1e-5, r

@@ -98,6 +98,8 @@ class JaxModel:
     def in_layout(self, tree: Any) -> Any:
         """A tree shaped like ``params`` in either layout, in this model's: the scanned block
         lists stacked when ``config.scan_blocks`` is on, one subtree per block otherwise."""
+        if not isinstance(tree, Mapping):  # no params (a template for a Trainer)
+            return tree
         if not self.config.scan_blocks:
             return unstack_blocks(tree, self.spec, self.framework)
         # lists already stacked are kept as they are (and where they are: a sharded model's)

@@ -43,12 +43,13 @@ class ModelConfig:
         float32-accumulating products without it (``vitport.ops``).
       distilled_training: timm's ``set_distilled_training``: a distilled DeiT in training
         returns ``(logits, logits_dist)`` instead of their average (other models ignore it).
-      scan_blocks: in evaluation, run a stack of identical blocks as one ``jax.lax.scan`` over
-        their weights, stacked inside the call: the blocks are traced once, so the first call of
-        a deep model is shorter, but every call copies the block weights (a large cost at batch
-        1 on CPU; ``benchmarks/README.md`` has the figures). Params stay one subtree per block
-        (timm's layout); training and blocks that differ in shape run block by block
-        (``vitport.structure._blocks``). Off by default.
+      scan_blocks: in evaluation, run each list of identical blocks (``structure.scanned_lists``)
+        as one ``jax.lax.scan``: the blocks are traced and compiled once, so the first call
+        hardly grows with depth. ``JaxModel.set_scan_blocks`` also stores those lists' weights
+        stacked on a leading axis (``converters.frameworks.stack_blocks``), so steady calls run
+        as fast as block by block; params kept one subtree per block are stacked inside every
+        call instead (correct, but a copy of the block weights per call). Training, and blocks
+        that differ in shape, run block by block (``vitport.structure._blocks``). Off by default.
     """
 
     spec: Spec
