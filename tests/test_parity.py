@@ -268,7 +268,7 @@ def test_scan_blocks_layout_is_in_memory_only(framework, tmp_path):
     ref = vitport.create_model("cait_s24_224", framework, rng=3, **TINY_CAIT)
     jm = vitport.create_model("cait_s24_224", framework, rng=3, **TINY_CAIT).set_scan_blocks()
     x = images(ref.spec, 2, "float32")
-    np.testing.assert_array_equal(np.asarray(jm(x)), np.asarray(ref(x)))
+    np.testing.assert_allclose(np.asarray(jm(x)), np.asarray(ref(x)), rtol=0, atol=1e-6)  # XLA fuses a scan its own way
     out = vitport.save(jm, tmp_path / "m")
     assert flat_keys(vitport.load(out).params, framework).keys() == flat_keys(ref.params, framework).keys()
     assert tree_equal(vitport.load(out).params, ref.params)
