@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-convert", action="store_true", help="skip the conversion measurement")
     p.add_argument("--depths", nargs="*", type=int, default=[12, 24, 36], metavar="N",
                    help="first call of cait_s24_224 at these depths, scanned and unrolled (none: skip)")
+    p.add_argument("--first-call-repeats", type=int, default=3, metavar="N",
+                   help="fresh processes per first-call point; the median is reported")
     p.add_argument("--bf16-rtol", type=float, default=1e-2,
                    help="as --rtol, for bfloat16 rows (against timm's float32 logits)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per (model, batch, implementation)")
@@ -311,36 +313,49 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, console
 # ------------------------------------------------------------------ first call vs depth
 
 _FIRST_CALL_CHILD = r"""
-import json, sys, time
+import json, statistics, sys, time
 import jax, jax.numpy as jnp, numpy as np
 jax.jit(lambda a: a + 1)(jnp.zeros(1)).block_until_ready()  # the XLA client's own start-up is not the model's
 import vitport
 framework, depth, scan = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 jm = vitport.create_model("cait_s24_224", framework, depth=depth).set_scan_blocks(scan)
 x = jax.device_put(jm.as_input(np.zeros((1, 224, 224, 3), np.float32)))
+# jit's own first call, in its three steps: trace + lower + compile, then the first run
 t0 = time.perf_counter()
-jm.apply_fn(jm.params, x).block_until_ready()
-first = time.perf_counter() - t0
-t0 = time.perf_counter()
-jm.apply_fn(jm.params, x).block_until_ready()
-print(json.dumps({"first_call_s": first, "second_call_s": time.perf_counter() - t0}))
+compiled = jm.apply_fn.trace(jm.params, x).lower().compile()
+t1 = time.perf_counter()
+compiled(jm.params, x).block_until_ready()
+t2 = time.perf_counter()
+steady = []
+for _ in range(5):
+    t = time.perf_counter()
+    compiled(jm.params, x).block_until_ready()
+    steady.append(time.perf_counter() - t)
+print(json.dumps({"compile_s": t1 - t0, "first_call_s": t2 - t0, "second_call_s": statistics.median(steady)}))
 """
 
 
-def bench_first_call(console: Console, frameworks: list[str], depths: list[int]) -> list[dict]:
-    """First call (trace + compile + run) of cait_s24_224 at several depths, batch 1, each in a
-    fresh process, with the blocks one by one (the default) and scanned (``ModelConfig.scan_blocks``)."""
+def bench_first_call(console: Console, frameworks: list[str], depths: list[int], repeats: int) -> list[dict]:
+    """First call (trace + compile + run) of cait_s24_224 at several depths, batch 1, with the
+    blocks one by one (the default) and scanned (``JaxModel.set_scan_blocks``): the median of
+    ``repeats`` fresh processes per point (one process's start-up varies by 0.2 s here)."""
+    import statistics
     import subprocess
 
     rows = []
     for fw in frameworks:
         for scan in (False, True):
             for depth in depths:
-                proc = subprocess.run([sys.executable, "-c", _FIRST_CALL_CHILD, fw, str(depth), str(int(scan))],
-                                      capture_output=True, text=True, check=True)
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
-                rows.append({"framework": fw, "scan_blocks": scan, "depth": depth, **r})
-                console.log(f"first call {fw} depth {depth} scan_blocks={scan}: {r['first_call_s']:.2f} s")
+                runs = []
+                for _ in range(repeats):
+                    proc = subprocess.run([sys.executable, "-c", _FIRST_CALL_CHILD, fw, str(depth), str(int(scan))],
+                                          capture_output=True, text=True, check=True)
+                    runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                r = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+                rows.append({"framework": fw, "scan_blocks": scan, "depth": depth, **r,
+                             "first_call_runs_s": [run["first_call_s"] for run in runs]})
+                console.log(f"first call {fw} depth {depth} scan_blocks={scan}: {r['first_call_s']:.2f} s "
+                            f"(compile {r['compile_s']:.2f} s)")
     return rows
 
 
@@ -475,7 +490,8 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
                       f"row fails above {args.rtol:g} (bfloat16 rows {args.bf16_rtol:g}) × max |timm logit|.")
     depth_rows = info.get("first_call_vs_depth")
     if depth_rows:
-        t = Table(title="First call (trace + compile + run) of cait_s24_224 against depth, batch 1, fresh process")
+        t = Table(title="First call of cait_s24_224 against depth, batch 1, fresh process (median of "
+                        f"{args.first_call_repeats}): trace + compile (+ run)")
         depths = sorted({r["depth"] for r in depth_rows})
         for col in ("front-end", "blocks", *[f"depth {d} (s)" for d in depths], f"{depths[-1]} / {depths[0]}",
                     f"steady call, depth {depths[0]} (ms)"):
@@ -483,10 +499,11 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
         for fw in dict.fromkeys(r["framework"] for r in depth_rows):
             for scan in (False, True):
                 by = {r["depth"]: r for r in depth_rows if r["framework"] == fw and r["scan_blocks"] == scan}
+                first, last = by[depths[0]], by[depths[-1]]
                 t.add_row(fw, "lax.scan (scan_blocks)" if scan else "one by one (default)",
-                          *[f"{by[d]['first_call_s']:.2f}" for d in depths],
-                          f"{by[depths[-1]]['first_call_s'] / by[depths[0]]['first_call_s']:.2f}×",
-                          f"{by[depths[0]]['second_call_s'] * 1e3:.0f}")
+                          *[f"{by[d]['compile_s']:.2f} ({by[d]['first_call_s']:.2f})" for d in depths],
+                          f"{last['compile_s'] / first['compile_s']:.2f}× ({last['first_call_s'] / first['first_call_s']:.2f}×)",
+                          f"{first['second_call_s'] * 1e3:.0f}")
         console.print(t)
     conv = info.get("convert")
     if conv:
@@ -518,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         rows += bench_model(name, args.batches, args, console, peak, info["matmul_peak_gflops"])
     if args.depths:
-        info["first_call_vs_depth"] = bench_first_call(console, args.frameworks, args.depths)
+        info["first_call_vs_depth"] = bench_first_call(console, args.frameworks, args.depths, args.first_call_repeats)
     if not args.no_convert:
         import tempfile
 

@@ -27,3 +27,17 @@ def test_benchmark_runs_and_checks_every_row(tmp_path):
         assert r["outputs_match"], r
         assert 0 < r["fraction_of_peak"] and r["images_per_s"] > 0
     assert result["machine"]["machine_peak_gflops"]["float32"] > 0
+
+
+def test_first_call_against_depth_runs_both_block_modes(tmp_path):
+    out = tmp_path / "first-call.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--models", "--no-convert", "--frameworks",
+         "flax", "--depths", "2", "3", "--first-call-repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["machine"]["first_call_vs_depth"]
+    assert {(r["scan_blocks"], r["depth"]) for r in rows} == {(s, d) for s in (False, True) for d in (2, 3)}
+    for r in rows:
+        assert 0 < r["compile_s"] < r["first_call_s"] and r["second_call_s"] > 0, r
+    assert "First call of cait_s24_224 against depth" in proc.stdout
