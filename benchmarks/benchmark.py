@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="first call of cait_s24_224 at these depths, scanned and unrolled (none: skip)")
     p.add_argument("--first-call-repeats", type=int, default=3, metavar="N",
                    help="fresh processes per first-call point; the median is reported")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="also time each first call against a filled jax persistent compilation cache")
     p.add_argument("--bf16-rtol", type=float, default=1e-2,
                    help="as --rtol, for bfloat16 rows (against timm's float32 logits)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per (model, batch, implementation)")
@@ -335,27 +337,38 @@ print(json.dumps({"compile_s": t1 - t0, "first_call_s": t2 - t0, "second_call_s"
 """
 
 
-def bench_first_call(console: Console, frameworks: list[str], depths: list[int], repeats: int) -> list[dict]:
+def bench_first_call(console: Console, frameworks: list[str], depths: list[int], repeats: int,
+                     warm_cache: bool) -> list[dict]:
     """First call (trace + compile + run) of cait_s24_224 at several depths, batch 1, with the
     blocks one by one (the default) and scanned (``JaxModel.set_scan_blocks``): the median of
-    ``repeats`` fresh processes per point (one process's start-up varies by 0.2 s here)."""
-    import statistics
+    ``repeats`` fresh processes per point (one process's start-up varies by 0.2 s here). With
+    ``warm_cache``, each point is also timed against jax's persistent compilation cache after one
+    process has filled it (``JAX_COMPILATION_CACHE_DIR``): a user's second and later runs."""
     import subprocess
+    import tempfile
+
+    def run(fw: str, depth: int, scan: bool, env: dict | None = None) -> dict:
+        proc = subprocess.run([sys.executable, "-c", _FIRST_CALL_CHILD, fw, str(depth), str(int(scan))],
+                              capture_output=True, text=True, check=True, env=env)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
 
     rows = []
     for fw in frameworks:
         for scan in (False, True):
-            for depth in depths:
-                runs = []
-                for _ in range(repeats):
-                    proc = subprocess.run([sys.executable, "-c", _FIRST_CALL_CHILD, fw, str(depth), str(int(scan))],
-                                          capture_output=True, text=True, check=True)
-                    runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                r = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
-                rows.append({"framework": fw, "scan_blocks": scan, "depth": depth, **r,
-                             "first_call_runs_s": [run["first_call_s"] for run in runs]})
-                console.log(f"first call {fw} depth {depth} scan_blocks={scan}: {r['first_call_s']:.2f} s "
-                            f"(compile {r['compile_s']:.2f} s)")
+            for cached in (False, True) if warm_cache else (False,):
+                for depth in depths:
+                    with tempfile.TemporaryDirectory(prefix="vitport-jax-cache-") as cache:
+                        env = None
+                        if cached:
+                            env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
+                                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+                            run(fw, depth, scan, env)  # fills the cache
+                        runs = [run(fw, depth, scan, env) for _ in range(repeats)]
+                    r = {k: statistics.median(one[k] for one in runs) for k in runs[0]}
+                    rows.append({"framework": fw, "scan_blocks": scan, "warm_cache": cached, "depth": depth, **r,
+                                 "first_call_runs_s": [one["first_call_s"] for one in runs]})
+                    console.log(f"first call {fw} depth {depth} scan_blocks={scan} warm_cache={cached}: "
+                                f"{r['first_call_s']:.2f} s (compile {r['compile_s']:.2f} s)")
     return rows
 
 
@@ -498,12 +511,16 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
             t.add_column(col, justify="left" if col in ("front-end", "blocks") else "right")
         for fw in dict.fromkeys(r["framework"] for r in depth_rows):
             for scan in (False, True):
-                by = {r["depth"]: r for r in depth_rows if r["framework"] == fw and r["scan_blocks"] == scan}
-                first, last = by[depths[0]], by[depths[-1]]
-                t.add_row(fw, "lax.scan (scan_blocks)" if scan else "one by one (default)",
-                          *[f"{by[d]['compile_s']:.2f} ({by[d]['first_call_s']:.2f})" for d in depths],
-                          f"{last['compile_s'] / first['compile_s']:.2f}× ({last['first_call_s'] / first['first_call_s']:.2f}×)",
-                          f"{first['second_call_s'] * 1e3:.0f}")
+                for cached in dict.fromkeys(r.get("warm_cache", False) for r in depth_rows):
+                    by = {r["depth"]: r for r in depth_rows if r["framework"] == fw and r["scan_blocks"] == scan
+                          and r.get("warm_cache", False) == cached}
+                    first, last = by[depths[0]], by[depths[-1]]
+                    t.add_row(fw, ("lax.scan (scan_blocks)" if scan else "one by one (default)")
+                              + (", warm jax cache" if cached else ""),
+                              *[f"{by[d]['compile_s']:.2f} ({by[d]['first_call_s']:.2f})" for d in depths],
+                              f"{last['compile_s'] / first['compile_s']:.2f}× "
+                              f"({last['first_call_s'] / first['first_call_s']:.2f}×)",
+                              f"{first['second_call_s'] * 1e3:.0f}")
         console.print(t)
     conv = info.get("convert")
     if conv:
@@ -535,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         rows += bench_model(name, args.batches, args, console, peak, info["matmul_peak_gflops"])
     if args.depths:
-        info["first_call_vs_depth"] = bench_first_call(console, args.frameworks, args.depths, args.first_call_repeats)
+        info["first_call_vs_depth"] = bench_first_call(console, args.frameworks, args.depths, args.first_call_repeats,
+                                                       args.warm_cache)
     if not args.no_convert:
         import tempfile
 
