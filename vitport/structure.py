@@ -1024,7 +1024,7 @@ def _without_drop_path(block: Node) -> tuple:
 
 
 def stack_blocks(per_block: list[Any], x: jax.Array, cfg: ModelConfig) -> tuple[Any, jax.Array]:
-    """``(the blocks' param trees stacked on a new leading axis, carry_dtype(x))``: the stack made
+    """``(the blocks' param trees stacked on a new leading axis, carry(x, ...))``: the stack made
     inside the call, for params kept one subtree per block."""
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
     return stacked, carry(x, stacked, cfg)
@@ -1054,9 +1054,10 @@ def scanned_lists(cfg: ModelConfig) -> dict[str, int]:
     return {p: n for p, n in lists.items() if scannable(declarations, on, False, p, n) is not None}
 
 
-def stacked_in_training(prefix: str) -> InvalidArgumentError:
+def stacked_in_training(what: str = "the blocks") -> InvalidArgumentError:
+    """The one error for training a model whose block weights are stored stacked."""
     return InvalidArgumentError(
-        f"the weights of {prefix!r} are stored stacked for a scan (set_scan_blocks), which runs in "
+        f"the weights of {what} are stored stacked for a scan (set_scan_blocks), which runs in "
         "evaluation only; call jm.set_scan_blocks(False) to train (or run with train=False)")
 
 

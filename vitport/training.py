@@ -41,6 +41,7 @@ from converters.keymap import FROZEN_KINDS, key_table
 from converters.specs import CaiTSpec, Spec
 
 from .api import JaxModel
+from .structure import stacked_in_training
 
 # ------------------------------------------------------------------------ configuration
 
@@ -276,8 +277,7 @@ class Trainer:
 
     def __init__(self, jm: JaxModel, cfg: TrainConfig):
         if jm.config.scan_blocks:
-            raise InvalidArgumentError("this model stores its blocks stacked for a scan in evaluation "
-                                       "(set_scan_blocks); call jm.set_scan_blocks(False) before training it")
+            raise stacked_in_training()
         self.cfg = cfg  # holds no params: only structure (jm's config and framework) and settings
         self.tx = optimizer(jm, cfg)
         self.schedule = lr_schedule(cfg)

@@ -70,7 +70,7 @@ class Layers(structure.LazyLayers):
         params = {} if self.module.is_initializing() else self.module.variables["params"]
         if prefix in params:  # stored stacked (JaxModel.set_scan_blocks)
             if block is None:
-                raise structure.stacked_in_training(prefix)
+                raise structure.stacked_in_training(repr(prefix))
             stacked, x = params[prefix], structure.carry(x, params[prefix], self.cfg)
         elif block is None or not params:
             return None

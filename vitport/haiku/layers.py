@@ -134,7 +134,7 @@ class Layers(structure.LazyLayers):
                    if module == stacked_name or module.startswith(stacked_name + "/")}
         if stacked:
             if block is None:
-                raise structure.stacked_in_training(prefix)
+                raise structure.stacked_in_training(repr(prefix))
             x = structure.carry(x, stacked, self.cfg)
             # Each step applies a block of its own transform to its slice: the slices are named
             # as that block's params, and this frame's params hold no block to fetch.

@@ -189,7 +189,7 @@ class Layers:
             stacked, x = structure.stack_blocks([nnx.state(b, nnx.Param) for b in blocks], x, node.cfg)
         else:  # one module holding every block's weights stacked (JaxModel.set_scan_blocks)
             if block is None:
-                raise structure.stacked_in_training(prefix)
+                raise structure.stacked_in_training(repr(prefix))
             graph, stacked, rest = nnx.split(blocks, nnx.Param, ...)
             x = structure.carry(x, stacked, node.cfg)
 
