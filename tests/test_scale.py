@@ -46,7 +46,7 @@ assert "jax" not in __import__("sys").modules
 import jax, numpy as np
 from converters import FRAMEWORKS, flat_keys
 import vitport
-from vitport.sharding import memory_per_device
+from vitport.sharding import memory_per_device, model_shardings
 assert jax.device_count() == 8, jax.devices()
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, num_classes=10)
@@ -61,9 +61,14 @@ for arch, extra, runs, scan in cases:
     base = vitport.create_model(arch, framework="flax", rng=1, **{**SMALL, **extra})
     ref = np.asarray(base(x))
     for fw, strategy in runs:
-        sm = base.to(fw).set_scan_blocks(scan).shard(strategy=strategy)
+        if scan and fw != "flax":  # stacked after sharding: placed again by the strategy
+            sm = base.to(fw).shard(strategy=strategy).set_scan_blocks()
+        else:
+            sm = base.to(fw).set_scan_blocks(scan).shard(strategy=strategy)
         per_block = any("blocks_0/" in k or "blocks/0/" in k for k in flat_keys(sm.params, fw))
         assert sm.config.scan_blocks == scan and per_block != scan, (fw, strategy, scan)
+        expected = jax.tree.leaves(model_shardings(sm, sm.mesh, strategy))
+        assert all(a.sharding == s for a, s in zip(jax.tree.leaves(sm.params), expected)), (fw, strategy, scan)
         out = np.asarray(sm(x))
         leaves = jax.tree.leaves(sm.params)
         split = sum(a.addressable_shards[0].data.size < a.size for a in leaves)

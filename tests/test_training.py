@@ -201,18 +201,22 @@ def test_lr_schedule_all_warm_up():
 STEP_CASES = ("cait", "deit_distilled", "reg_tokens_avg_fc_norm")
 
 
-@pytest.mark.parametrize("framework,case", list(zip(FRAMEWORKS, itertools.cycle(STEP_CASES))))
-def test_train_steps_equal_timm_adamw(framework, case):
+STEP_RUNS = [(fw, case, scan) for scan in (False, True) for fw, case in zip(FRAMEWORKS, itertools.cycle(STEP_CASES))]
+
+
+@pytest.mark.parametrize("framework,case,scan", STEP_RUNS)
+def test_train_steps_equal_timm_adamw(framework, case, scan):
     """Three float64 steps of ``Trainer.train_step`` equal timm's recipe: ``create_optimizer_v2(
     'adamw', layer_decay=...)``, ``LabelSmoothingCrossEntropy``, ``clip_grad_norm_`` and the
-    warm-up + cosine learning rate applied with each group's ``lr_scale``."""
+    warm-up + cosine learning rate applied with each group's ``lr_scale``; block by block, and
+    with the blocks stacked and scanned (``set_scan_blocks``: layer decay slice by slice)."""
     import timm.optim
     import torch
     from timm.loss import LabelSmoothingCrossEntropy
 
     arch, kwargs = TINY_CASES[case]
     model = tiny_timm(arch, "float64", **kwargs)
-    jm = vitport.from_timm(model, framework)
+    jm = vitport.from_timm(model, framework).set_scan_blocks(scan)
     cfg = training.TrainConfig(total_steps=5, lr=3e-3, warmup_steps=1, warmup_lr=1e-4, min_lr=1e-5,
                                weight_decay=0.3, layer_decay=0.6, label_smoothing=0.1, clip_grad=0.5)
     x, y = images(jm.spec, batch=4), labels_for(jm.spec, 4)
@@ -235,9 +239,38 @@ def test_train_steps_equal_timm_adamw(framework, case):
         opt.step()
         assert float(metrics["loss"]) == pytest.approx(loss.item(), rel=1e-12, abs=1e-12), step
     model.eval()
+    if scan:
+        assert f"length={jm.spec.depth}" in str(jax.make_jaxpr(trainer.train_step)(state, x, y))
     ours = jm.with_params(state.params).to_timm_state_dict()
     worst = {k: float(np.abs(ours[k] - v.detach().numpy()).max()) for k, v in model.state_dict().items()}
     assert max(worst.values()) < 1e-10, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_scanned_training_runs_each_block_at_its_rate(framework):
+    """With the blocks scanned in training, each step drops at its own block's stochastic-depth
+    rate with its own key: at ``drop_path_rate=1`` timm's linear rule gives block 0 rate 0 (never
+    drops: its output is evaluation's) and the last block rate 1 (always drops both branches:
+    its output is its input). Masks follow the rng: the same key repeats, another differs, and
+    an NNX module's own stream advances from call to call."""
+    jm = vitport.create_model("vit_base_patch16_224", framework, rng=1, drop_path_rate=1.0,
+                              **dict(TINY_CASES["vit_token"][1], depth=4)).set_scan_blocks()
+    x = jnp.asarray(images(jm.spec, batch=8, dtype="float32"))
+
+    def run(key):
+        return jm.apply_fn(jm.params, x, train=True, rng=key, return_intermediates=True)
+
+    assert "length=4" in str(jax.make_jaxpr(run)(jax.random.key(0)))
+    (logits, out), (again, _), (other, _) = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
+    _, evaluated = jm.apply_fn(jm.params, x, return_intermediates=True)
+    np.testing.assert_allclose(out["blocks.0"], evaluated["blocks.0"], rtol=0, atol=1e-6)
+    assert np.array_equal(out["blocks.3"], out["blocks.2"])
+    assert not np.allclose(out["blocks.2"], out["blocks.1"]) or not np.allclose(out["blocks.1"], out["blocks.0"])
+    assert np.array_equal(logits, again) and not np.allclose(logits, other)
+    if framework == "nnx":  # no rngs given: the stacked block's own stream
+        module = jm.module
+        module.train()
+        assert not np.allclose(module(x), module(x))
 
 
 # ----------------------------------------------------------------- bf16 and remat
@@ -258,6 +291,13 @@ def test_remat_and_bfloat16(record_property):
         grads[remat], temp[remat] = compiled(*args), compiled.memory_analysis().temp_size_in_bytes
     for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    # The same with the blocks scanned: each step's output is named for the policy inside the scan.
+    scanned = vitport.from_timm(model, FRAMEWORKS[0]).set_scan_blocks()
+    loss, scanned_grads = jax.value_and_grad(training.Trainer(scanned, training.TrainConfig(total_steps=3, remat=True)).loss)(
+        scanned.params, *args[1:])
+    np.testing.assert_allclose(loss, grads[False][0], rtol=1e-6)
+    for k, g in jm.with_params(grads[False][1]).canonical().items():
+        np.testing.assert_allclose(scanned.with_params(scanned_grads).canonical()[k], g, rtol=0, atol=1e-6, err_msg=str(k))
     record_property("temp_bytes_plain", temp[False])
     record_property("temp_bytes_remat", temp[True])
     bf16 = training.Trainer(jm, training.TrainConfig(total_steps=3, compute_dtype="bfloat16"))
@@ -345,13 +385,14 @@ def test_finetune_learns_and_goes_back_to_timm(finetune_env, tmp_path, capsys):
 
 def test_finetune_resume_equals_an_uninterrupted_run(finetune_env, tmp_path):
     """Interrupted after epoch 1 and resumed, a CaiT run ends with the same weights and history
-    as one that ran straight through (same seed), bit for bit."""
+    as one that ran straight through (same seed), bit for bit; with its blocks scanned (stacked
+    weights and optimizer state in the checkpoint, stochastic depth per step)."""
     from converters.checkpoint_io import read_safetensors
     from vitport.finetune import FinetuneConfig, finetune
 
     data, sources = finetune_env
     cfg = FinetuneConfig(epochs=3, batch_size=24, lr=2e-3, drop_path_rate=0.1, framework=FRAMEWORKS[-1],
-                         workers=2, seed=3)
+                         workers=2, seed=3, scan_blocks=True)
     straight = finetune(sources["cait"], data, tmp_path / "straight", cfg)
 
     def stop_after_first_epoch(event, **info):

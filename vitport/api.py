@@ -84,13 +84,14 @@ class JaxModel:
         return self._set_config(distilled_training=enable)
 
     def set_scan_blocks(self, enable: bool = True) -> "JaxModel":
-        """Run the blocks as one ``lax.scan`` in evaluation (``ModelConfig.scan_blocks``), their
+        """Run the blocks as one ``lax.scan`` (``ModelConfig.scan_blocks``), their
         weights stored stacked on a leading axis (``params["params"]["blocks"]`` in linen; see
         ``converters.frameworks.stack_blocks``): the blocks are traced and compiled once, so the
         first call hardly grows with depth, and steady calls run as fast as block by block.
+        Training scans too: each step runs at its block's stochastic-depth rate with its own rng
+        key (``vitport.training.Trainer`` scales ``layer_decay`` slice by slice).
         ``canonical()``, ``to_timm_state_dict()``, ``save`` and ``to()`` give timm's per-block
-        layout as always; training needs ``set_scan_blocks(False)``. Changes this model in place
-        and returns it."""
+        layout as always. Changes this model in place and returns it."""
         self._set_config(scan_blocks=bool(enable))
         self.params = self.in_layout(self.params)
         return self

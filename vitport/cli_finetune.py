@@ -55,7 +55,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          warmup_epochs=args.warmup_epochs, label_smoothing=args.smoothing, clip_grad=args.clip_grad,
                          drop_path_rate=args.drop_path, img_size=_image_size(args.img_size), framework=args.framework,
                          compute_dtype="bfloat16" if args.bf16 else None, seed=args.seed,
-                         workers=args.workers, shard=args.shard)
+                         workers=args.workers, shard=args.shard, scan_blocks=args.scan_blocks)
     try:
         with _progress() as update:
             out = finetune(args.source, args.data_dir, args.out, cfg, resume=args.resume, progress=update)
@@ -97,6 +97,9 @@ def add_finetune_command(sub: Any) -> None:
     f.add_argument("--img-size", metavar="N|HxW", help="train at this resolution (pos_embed is resampled)")
     f.add_argument("--framework", choices=FRAMEWORKS, help="default: the source's own, else flax")
     f.add_argument("--bf16", action="store_true", help="compute in bfloat16 (params stay float32)")
+    f.add_argument("--scan-blocks", action="store_true",
+                   help="run the blocks as one lax.scan over stacked weights: the train step compiles once "
+                        "for any depth (the saved model has timm's per-block layout as always)")
     f.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT.partial/")
     f.add_argument("--seed", type=int, default=0, help="data order, augmentation, dropout, new head (default: 0)")
     f.add_argument("--workers", type=int, default=4, help="image loading threads (default: %(default)s)")

@@ -43,13 +43,15 @@ class ModelConfig:
         float32-accumulating products without it (``vitport.ops``).
       distilled_training: timm's ``set_distilled_training``: a distilled DeiT in training
         returns ``(logits, logits_dist)`` instead of their average (other models ignore it).
-      scan_blocks: in evaluation, run each list of identical blocks (``structure.scanned_lists``)
-        as one ``jax.lax.scan``: the blocks are traced and compiled once, so the first call
-        hardly grows with depth. ``JaxModel.set_scan_blocks`` also stores those lists' weights
-        stacked on a leading axis (``converters.frameworks.stack_blocks``), so steady calls run
-        as fast as block by block; params kept one subtree per block are stacked inside every
-        call instead (correct, but a copy of the block weights per call). Training, and blocks
-        that differ in shape, run block by block (``vitport.structure._blocks``). Off by default.
+      scan_blocks: run each list of identical blocks (``structure.scanned_lists``) as one
+        ``jax.lax.scan``: the blocks are traced and compiled once, so the first call hardly
+        grows with depth. ``JaxModel.set_scan_blocks`` also stores those lists' weights stacked
+        on a leading axis (``converters.frameworks.stack_blocks``), so steady calls run as fast
+        as block by block, in evaluation and training (each step at its block's
+        stochastic-depth rate, with its own rng key). Params kept one subtree per block are
+        stacked inside every call in evaluation (correct, but a copy of the block weights per
+        call) and run block by block in training; so do blocks that differ in shape
+        (``vitport.structure._blocks``). Off by default.
     """
 
     spec: Spec

@@ -69,6 +69,7 @@ class FinetuneConfig:
     framework: str | None = None
     compute_dtype: str | None = None
     remat: bool = False
+    scan_blocks: bool = False  # train the blocks as one lax.scan (JaxModel.set_scan_blocks)
     seed: int = 0
     workers: int = 4
     shard: str | None = None  # a ``vitport.sharding`` strategy over every local device; None: one device
@@ -256,13 +257,15 @@ def _run_settings(source: str, cfg: FinetuneConfig, classes: Sequence[str]) -> d
 
 def load_for_finetuning(source: str | os.PathLike, cfg: FinetuneConfig, num_classes: int) -> JaxModel:
     """The model to fine-tune: loaded (pos_embed resampled to ``img_size``), float32, a new
-    head for ``num_classes``, and the run's stochastic depth."""
+    head for ``num_classes``, the run's stochastic depth, and its blocks scanned (weights
+    stacked) with ``scan_blocks``."""
     from .hub import load
     from .training import with_new_head
 
     jm = load(source, cfg.framework, image_size=cfg.img_size, dtype="float32")
     jm = with_new_head(jm, num_classes, seed=cfg.seed)
-    return dataclasses.replace(jm, config=dataclasses.replace(jm.config, layer_dropout=cfg.drop_path_rate))
+    jm = dataclasses.replace(jm, config=dataclasses.replace(jm.config, layer_dropout=cfg.drop_path_rate))
+    return jm.set_scan_blocks(cfg.scan_blocks)
 
 
 def _placement(jm: JaxModel, cfg: FinetuneConfig) -> tuple[Callable[..., tuple], JaxModel]:

@@ -26,11 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from converters.errors import InvalidArgumentError
 from converters.frameworks import FRAMEWORKS, layout
 
 from . import flax as vflax
 from . import haiku as vhaiku
 from . import nnx as vnnx
+from . import structure
 from .config import ModelConfig
 from .nnx import layers as nnx_layers
 
@@ -144,7 +146,9 @@ def _nnx_graph(cfg: ModelConfig):
 def nnx_module(cfg: ModelConfig, params: Any) -> nnx.Module:
     """An NNX model holding ``params``, without initialising one at random first."""
     graphdef, rest = _nnx_graph(cfg)
-    return nnx.merge(graphdef, params, rest)
+    # Fresh Variables for the rng state: merged modules must not share (and advance) the cached
+    # graph's counters, which were made in whatever trace first asked for the graph.
+    return nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
 
 
 def _nnx_init(cfg: ModelConfig, key: jax.Array) -> Any:
@@ -153,6 +157,9 @@ def _nnx_init(cfg: ModelConfig, key: jax.Array) -> Any:
 
 def _nnx_apply(cfg: ModelConfig) -> ApplyFn:
     def apply(params, x, *, train=False, rng=None, return_intermediates=False, stage="all"):
+        if train and rng is None and structure.draws_in_training(cfg):
+            # The module's own rng state lives only in this call: every call would draw alike.
+            raise InvalidArgumentError("training with dropout or stochastic depth needs rng= (a fresh key per step)")
         model = nnx_module(cfg, params)
         if train:
             model.train()

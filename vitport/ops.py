@@ -127,13 +127,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, matmul_dtype
     return attend(softmax(attention_logits(q, k, matmul_dtype), axis=-1), v, matmul_dtype)
 
 
-def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """timm's stochastic depth: zero whole residual branches per sample, rescale the rest."""
-    if rate == 0.0 or rng is None:
+def drop_path(x: jax.Array, rate: float | jax.Array | None, rng: jax.Array | None) -> jax.Array:
+    """timm's stochastic depth: zero whole residual branches per sample, rescale the rest by
+    ``1 / (1 - rate)`` (``x * (mask / keep)`` in ``x``'s dtype, as timm; no rescale at rate 1).
+    ``rate`` may be traced (a scanned block's, ``structure.drop_path_rate``); None: never drops."""
+    if rate is None or rng is None:
         return x
     keep = 1.0 - rate
     mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+    # The zero branch also stops the gradient of 1 / keep at keep = 0 (rate 1: every sample drops).
+    scale = jnp.where(mask, 1.0 / jnp.where(keep > 0, keep, 1.0), 0.0)
+    return x * scale.astype(x.dtype)
 
 
 def resample_pos_embed(pos_embed: jax.Array, new_grid: tuple[int, int], old_grid: tuple[int, int],

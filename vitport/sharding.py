@@ -199,6 +199,13 @@ class ShardedModel(JaxModel):
         out = super().with_params(tree)
         return dataclasses.replace(out, params=place(out.params, model_shardings(out, self.mesh, self.strategy)))
 
+    def set_scan_blocks(self, enable: bool = True) -> "ShardedModel":
+        """``JaxModel.set_scan_blocks``, the stacked (or unstacked) weights placed again by the
+        strategy: stacking sharded arrays would leave them wherever ``jnp.stack`` puts them."""
+        super().set_scan_blocks(enable)
+        self.params = place(self.params, model_shardings(self, self.mesh, self.strategy))
+        return self
+
     def to(self, framework: str) -> "ShardedModel":
         out = super().to(framework)
         return dataclasses.replace(out, params=place(out.params, model_shardings(out, self.mesh, self.strategy)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
@@ -990,19 +991,21 @@ def _head(m: Layers, spec: Spec, pooled: jax.Array) -> jax.Array:
     return m("head")(m("head_drop")(pooled)) if spec.num_classes else pooled
 
 
-def scannable(declarations: dict[str, Any], cfg: ModelConfig, train: bool, prefix: str, count: int) -> Node | None:
+def scannable(declarations: dict[str, Any], cfg: ModelConfig, prefix: str, count: int) -> Node | None:
     """The declaration of block ``prefix.0`` when ``prefix.0`` ... ``prefix.{count-1}`` may run as
     one ``lax.scan`` (``ModelConfig.scan_blocks``); None when they must run one by one.
 
-    They scan in evaluation only (training draws per-block rngs at per-block stochastic-depth
-    rates), when every block is the same module but for its stochastic-depth rate, which
-    evaluation does not use (Sapiens2's per-block key/value head counts, for one, differ), and
-    when no module in them depends on the block's index (DiffAttention's ``lambda_init``).
+    They scan when every block is the same module but for its stochastic-depth rate (a scan
+    input in training, ``scan_inputs``; Sapiens2's per-block key/value head counts, for one,
+    differ), and when no module in them depends on the block's index (DiffAttention's
+    ``lambda_init``).
     """
-    if not cfg.scan_blocks or train or count < 2:
+    if not cfg.scan_blocks or count < 2:
         return None
     blocks = [declarations.get(f"{prefix}.{i}") for i in range(count)]
     if not all(isinstance(b, Node) for b in blocks) or _reads_block_index(blocks[0]):
+        return None
+    if _drop_path_rates(blocks) is None:
         return None
     shapes = {_without_drop_path(b) for b in blocks}
     return blocks[0] if len(shapes) == 1 else None
@@ -1023,9 +1026,54 @@ def _without_drop_path(block: Node) -> tuple:
                                     for k, v in block.children().items()))
 
 
+def _drop_path_rates(blocks: list[Node]) -> list[float] | None:
+    """Each block's stochastic-depth rate (its ``DropPath`` children share one), or None when a
+    block mixes rates (one scan input per step could not carry them)."""
+    rates = []
+    for block in blocks:
+        own = {v.rate for v in block.children().values() if isinstance(v, DropPath)}
+        if len(own) > 1:
+            return None
+        rates.append(own.pop() if own else 0.0)
+    return rates
+
+
+# rng streams a training step draws from (linen's ``rngs`` names, NNX's ``Rngs`` streams):
+# Dropout and DropPath use 'dropout', ``TrainKey('rope')`` Eva's RoPE augmentation.
+RNG_STREAMS = ("dropout", "rope")
+
+# Inside a scanned training step: the stochastic-depth rate of the block the step runs (a traced
+# scalar: one traced block stands for all of them).
+_STEP_DROP_PATH: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("vitport_step_drop_path",
+                                                                                  default=None)
+
+
+def drop_path_rate(declared: float) -> float | jax.Array | None:
+    """The rate a ``DropPath`` runs at in training: the scanned step's block's inside a scan, its
+    own otherwise; None when it never drops (no rng key is drawn then)."""
+    step = _STEP_DROP_PATH.get()
+    if step is not None:
+        return step
+    return declared if declared > 0.0 else None
+
+
+def scan_inputs(declarations: dict[str, Any], prefix: str, count: int, stacked: Any, train: bool,
+                keys: Any = None) -> tuple[Any, jax.Array | None, Any]:
+    """The ``xs`` of ``scan_step``: the stacked weights, and in training each block's
+    stochastic-depth rate (None when no block drops) and ``keys`` (a key or a dict of them; None
+    without rngs) split into one per step, so every block draws its own masks."""
+    if not train:
+        return stacked, None, None
+    rates = _drop_path_rates([declarations[f"{prefix}.{i}"] for i in range(count)])
+    step_rates = jnp.asarray(rates, jnp.result_type(float)) if any(rates) else None
+    step_keys = None if keys is None else jax.tree.map(lambda k: jax.random.split(k, count), keys)
+    return stacked, step_rates, step_keys
+
+
 def stack_blocks(per_block: list[Any], x: jax.Array, cfg: ModelConfig) -> tuple[Any, jax.Array]:
     """``(the blocks' param trees stacked on a new leading axis, carry(x, ...))``: the stack made
-    inside the call, for params kept one subtree per block."""
+    inside the call, for params kept one subtree per block (evaluation only: training runs such
+    params block by block)."""
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
     return stacked, carry(x, stacked, cfg)
 
@@ -1039,10 +1087,10 @@ def carry(x: jax.Array, stacked: Any, cfg: ModelConfig) -> jax.Array:
 
 
 def scanned_lists(cfg: ModelConfig) -> dict[str, int]:
-    """``{prefix: count}``: the block lists that ``_blocks`` runs as one ``lax.scan`` each in
-    evaluation when ``cfg.scan_blocks`` is on, and that ``JaxModel.set_scan_blocks`` stores
-    stacked (``converters.frameworks.stack_blocks``). Lists ``scannable`` refuses, and Eva's
-    mixed-RoPE blocks (one rotary table per block), stay one subtree per block."""
+    """``{prefix: count}``: the block lists that ``_blocks`` runs as one ``lax.scan`` each when
+    ``cfg.scan_blocks`` is on, and that ``JaxModel.set_scan_blocks`` stores stacked
+    (``converters.frameworks.stack_blocks``). Lists ``scannable`` refuses, and Eva's mixed-RoPE
+    blocks (one rotary table per block), stay one subtree per block."""
     s = cfg.spec
     lists = {"blocks": s.depth}
     if cfg.family == "cait":
@@ -1051,23 +1099,31 @@ def scanned_lists(cfg: ModelConfig) -> dict[str, int]:
         del lists["blocks"]
     on = cfg if cfg.scan_blocks else dataclasses.replace(cfg, scan_blocks=True)
     declarations = root(on).children()
-    return {p: n for p, n in lists.items() if scannable(declarations, on, False, p, n) is not None}
+    return {p: n for p, n in lists.items() if scannable(declarations, on, p, n) is not None}
 
 
-def stacked_in_training(what: str = "the blocks") -> InvalidArgumentError:
-    """The one error for training a model whose block weights are stored stacked."""
+def stacked_unscanned(what: str) -> InvalidArgumentError:
+    """The error for stacked block weights given to a model that runs those blocks one by one."""
     return InvalidArgumentError(
-        f"the weights of {what} are stored stacked for a scan (set_scan_blocks), which runs in "
-        "evaluation only; call jm.set_scan_blocks(False) to train (or run with train=False)")
+        f"the weights of {what} are stored stacked for a scan, but this model runs them one by one: "
+        "build it with scan_blocks=True (JaxModel.set_scan_blocks()), or unstack them "
+        "(converters.unstack_blocks)")
 
 
-def scan_step(prefix: str, run: Callable[[Any, jax.Array], jax.Array]) -> Callable:
-    """The ``lax.scan`` step ``(x, weights) -> (y, (y, attention maps))`` around a front-end's
-    ``run(weights, x)`` of one block: what ``capturing`` would record in the block comes out as a
-    scan output (``_blocks`` files it under each block's name)."""
-    def step(x, weights):
-        with capturing() as maps, _in_block(f"{prefix}.0"):
-            y = run(weights, x)
+def scan_step(prefix: str, run: Callable[[Any, Any, jax.Array], jax.Array]) -> Callable:
+    """The ``lax.scan`` step ``(x, (weights, rate, keys)) -> (y, (y, attention maps))`` around a
+    front-end's ``run(weights, keys, x)`` of one block (``xs`` from ``scan_inputs``): the block's
+    ``DropPath``s run at the step's ``rate``, and what ``capturing`` would record in the block
+    comes out as a scan output (``_blocks`` files it under each block's name)."""
+    def step(x, xs):
+        weights, rate, keys = xs
+        token = _STEP_DROP_PATH.set(rate)
+        try:
+            with capturing() as maps, _in_block(f"{prefix}.0"):
+                # Named for rematerialisation (vitport.training, remat=True), as block by block.
+                y = checkpoint_name(run(weights, keys, x), "vitport_block")
+        finally:
+            _STEP_DROP_PATH.reset(token)
         return y, (y, dict(maps))
     return step
 
@@ -1470,3 +1526,14 @@ ROOT_KIND = {"vit": "ViT", "cait": "CaiT", "eva": "Eva", "relpos": "VisionTransf
 def root(cfg: ModelConfig) -> Node:
     """The whole model as a node."""
     return Node(ROOT_KIND[cfg.family], cfg)
+
+
+@functools.lru_cache(maxsize=64)
+def draws_in_training(cfg: ModelConfig) -> bool:
+    """Whether a training forward pass draws random numbers (a Dropout or DropPath with a rate
+    above zero, or a ``TrainKey``), so it needs an rng."""
+    def draws(node: Node) -> bool:
+        return any(isinstance(d, (Dropout, DropPath)) and d.rate > 0 or isinstance(d, TrainKey)
+                   or isinstance(d, Node) and draws(d) for d in node.children().values())
+
+    return draws(root(cfg))

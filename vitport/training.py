@@ -35,13 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from converters import canonical_to_framework
+from converters import canonical_to_framework, stack_blocks
 from converters.errors import InvalidArgumentError
 from converters.keymap import FROZEN_KINDS, key_table
 from converters.specs import CaiTSpec, Spec
 
 from .api import JaxModel
-from .structure import stacked_in_training
+from .structure import scanned_lists
 
 # ------------------------------------------------------------------------ configuration
 
@@ -175,7 +175,21 @@ def timm_keyed_tree(jm: JaxModel, values: Mapping[str, Any], frozen_value: Any =
     frozen tensors without a value (BatchNorm statistics: not timm parameters) get ``frozen_value``."""
     canonical = {e.key: values[e.timm_key] if e.kind not in FROZEN_KINDS else values.get(e.timm_key, frozen_value)
                  for e in key_table(jm.spec)}
-    return canonical_to_framework(canonical, jm.spec, jm.framework)
+    tree = canonical_to_framework(canonical, jm.spec, jm.framework)
+    if not jm.config.scan_blocks:
+        return tree
+    return stack_blocks(tree, jm.spec, jm.framework, scanned_lists(jm.config), stack=_per_block_values)
+
+
+def _per_block_values(values: list[Any]) -> Any:
+    """One value per block for a stacked tensor (``set_scan_blocks``): a mask must hold for every
+    block alike (one leaf masks the whole tensor); numbers become a ``(blocks,)`` array that
+    ``_scale_by_tree`` applies slice by slice."""
+    if all(isinstance(v, (bool, np.bool_)) for v in values):
+        if len(set(values)) > 1:
+            raise InvalidArgumentError(f"a stacked block tensor needs one mask value for all its blocks; got {values}")
+        return values[0]
+    return np.asarray(values)
 
 
 # ---------------------------------------------------------------------------- optimizer
@@ -193,7 +207,12 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
-    return optax.stateless(lambda updates, params: jax.tree.map(lambda u, s: u * s, updates, scales))
+    """Multiply each update by its scale; a ``(blocks,)`` scale of a stacked tensor, slice by slice."""
+    def scale(u, s):
+        s = jnp.asarray(s, u.dtype)
+        return u * s.reshape(s.shape + (1,) * (u.ndim - s.ndim))
+
+    return optax.stateless(lambda updates, params: jax.tree.map(scale, updates, scales))
 
 
 def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
@@ -272,12 +291,12 @@ class Trainer:
         correct, losses = trainer.eval_step(state.params, images, labels)   # per example
 
     ``jm`` carries the dropout / stochastic-depth rates (``jm.config``); they run in
-    ``train_step`` from the state's rng.
+    ``train_step`` from the state's rng. A model with ``set_scan_blocks()`` trains its stacked
+    blocks as one ``lax.scan`` (each step at its block's rate, with its own rng key, and
+    ``layer_decay`` slice by slice): the step compiles once for any depth.
     """
 
     def __init__(self, jm: JaxModel, cfg: TrainConfig):
-        if jm.config.scan_blocks:
-            raise stacked_in_training()
         self.cfg = cfg  # holds no params: only structure (jm's config and framework) and settings
         self.tx = optimizer(jm, cfg)
         self.schedule = lr_schedule(cfg)

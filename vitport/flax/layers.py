@@ -24,9 +24,10 @@ class DropPath(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if not train or self.rate == 0.0:
+        rate = structure.drop_path_rate(self.rate)  # a scanned block's own (a scan input)
+        if not train or rate is None:
             return x
-        return ops.drop_path(x, self.rate, self.make_rng("dropout"))
+        return ops.drop_path(x, rate, self.make_rng("dropout"))
 
 
 class BatchNorm(nn.Module):
@@ -66,22 +67,24 @@ class Layers(structure.LazyLayers):
         return params["kernel"], params.get("bias")
 
     def scan(self, prefix: str, count: int, x: jax.Array, *extra: jax.Array) -> tuple[jax.Array, jax.Array] | None:
-        block = structure.scannable(self.declarations, self.cfg, self.train, prefix, count)
+        block = structure.scannable(self.declarations, self.cfg, prefix, count)
         params = {} if self.module.is_initializing() else self.module.variables["params"]
         if prefix in params:  # stored stacked (JaxModel.set_scan_blocks)
             if block is None:
-                raise structure.stacked_in_training(repr(prefix))
+                raise structure.stacked_unscanned(repr(prefix))
             stacked, x = params[prefix], structure.carry(x, params[prefix], self.cfg)
-        elif block is None or not params:
+        elif block is None or not params or self.train:
             return None
         else:
             stacked, x = structure.stack_blocks([params[f"{prefix}_{i}"] for i in range(count)], x, self.cfg)
         node = Node(block, parent=None)  # unbound: applied to each step's slice of the weights
+        keys = {s: self.module.make_rng(s) for s in structure.RNG_STREAMS if self.train and self.module.has_rng(s)}
 
-        def run(weights, x):
-            return node.apply({"params": weights}, *extra, x, train=False)
+        def run(weights, step_keys, x):
+            return node.apply({"params": weights}, *extra, x, train=self.train, rngs=step_keys or {})
 
-        return jax.lax.scan(structure.scan_step(prefix, run), x, stacked)
+        xs = structure.scan_inputs(self.declarations, prefix, count, stacked, self.train, keys or None)
+        return jax.lax.scan(structure.scan_step(prefix, run), x, xs)
 
     def param(self, name: str) -> jax.Array:
         decl = self.declarations[name]

@@ -31,9 +31,11 @@ def _dropout(rate: float, is_training: bool) -> Callable[[jax.Array], jax.Array]
 
 
 def _drop_path(rate: float, is_training: bool) -> Callable[[jax.Array], jax.Array]:
-    if not is_training or rate == 0.0:
-        return lambda x: x
-    return lambda x: ops.drop_path(x, rate, hk.next_rng_key())
+    def drop(x):
+        step_rate = structure.drop_path_rate(rate)  # a scanned block's own (a scan input)
+        return x if step_rate is None else ops.drop_path(x, step_rate, hk.next_rng_key())
+
+    return drop if is_training else lambda x: x
 
 
 class Linear(hk.Module):
@@ -124,7 +126,7 @@ class Layers(structure.LazyLayers):
         return self(name).weights(x)
 
     def scan(self, prefix: str, count: int, x: jax.Array, *extra: jax.Array) -> tuple[jax.Array, jax.Array] | None:
-        block = structure.scannable(self.declarations, self.cfg, self.train, prefix, count)
+        block = structure.scannable(self.declarations, self.cfg, prefix, count)
         if hk.running_init():
             return None
         params, scope = hk.get_params(), hk.current_name()
@@ -134,17 +136,20 @@ class Layers(structure.LazyLayers):
                    if module == stacked_name or module.startswith(stacked_name + "/")}
         if stacked:
             if block is None:
-                raise structure.stacked_in_training(repr(prefix))
+                raise structure.stacked_unscanned(repr(prefix))
             x = structure.carry(x, stacked, self.cfg)
             # Each step applies a block of its own transform to its slice: the slices are named
-            # as that block's params, and this frame's params hold no block to fetch.
-            one_block = hk.transform(lambda *inputs: Node(block, name=prefix)(*inputs, is_training=False))
+            # as that block's params, and this frame's params hold no block to fetch. Its rng key
+            # is the step's (split from one of this frame's sequence).
+            one_block = hk.transform(lambda *inputs: Node(block, name=prefix)(*inputs, is_training=self.train))
 
-            def run(weights, x):
-                return one_block.apply(weights, None, *extra, x)
+            def run(weights, key, x):
+                return one_block.apply(weights, key, *extra, x)
 
-            return jax.lax.scan(structure.scan_step(prefix, run), x, stacked)
-        if block is None:
+            key = hk.maybe_next_rng_key() if self.train else None
+            xs = structure.scan_inputs(self.declarations, prefix, count, stacked, self.train, key)
+            return jax.lax.scan(structure.scan_step(prefix, run), x, xs)
+        if block is None or self.train:
             return None
         # Block i's params, keyed by their full name below the block ("/attn/qkv/w"); block 0's
         # module runs in the scan with a getter that hands it the slice of the step's block.
@@ -154,14 +159,15 @@ class Layers(structure.LazyLayers):
                      for name in names]
         stacked, x = structure.stack_blocks(per_block, x, self.cfg)
 
-        def run(weights, x):
+        def run(weights, _, x):
             def getter(next_getter, value, context):
                 return next_getter(weights[context.full_name[len(names[0]):]])
 
             with hk.custom_getter(getter):
                 return Node(block, name=f"{prefix}_0")(*extra, x, is_training=False)
 
-        return hk.scan(structure.scan_step(prefix, run), x, stacked)
+        return hk.scan(structure.scan_step(prefix, run), x, structure.scan_inputs(self.declarations, prefix, count,
+                                                                                   stacked, False))
 
     def param(self, name: str) -> jax.Array:
         decl = self.declarations[name]

@@ -50,6 +50,11 @@ def _weight_init(init: Callable) -> Callable:
 WEIGHT_INIT = _weight_init(structure.WEIGHT_INIT)
 
 
+# Set while block 0 of a stacked list is built: it stands for every block, so its DropPaths keep
+# an rng stream even at block 0's rate of 0 (a scan draws the steps' keys from it).
+_STACKED_BLOCK: contextvars.ContextVar[bool] = contextvars.ContextVar("vitport_nnx_stacked_block", default=False)
+
+
 def _stream(rngs: nnx.Rngs | None, rate: float):
     """Layers that never drop keep no rng state (converted models carry none)."""
     return rngs if rate > 0.0 else None
@@ -63,13 +68,14 @@ class DropPath(nnx.Module):
         self.rngs = rngs["dropout"].fork() if rngs is not None else nnx.data(None)
 
     def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        if self.deterministic or self.rate == 0.0:
+        rate = structure.drop_path_rate(self.rate)  # a scanned block's own (a scan input)
+        if self.deterministic or rate is None:
             return x
         stream = rngs["dropout"] if rngs is not None else self.rngs
         if stream is None:
             raise ValueError("DropPath in training mode needs rngs: build the model with rngs=nnx.Rngs(...) "
                              "or pass rngs= when calling it")
-        return ops.drop_path(x, self.rate, stream())
+        return ops.drop_path(x, rate, stream())
 
 
 class TrainKey(nnx.Module):
@@ -143,7 +149,7 @@ def _build(decl: Any, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     if isinstance(decl, structure.Dropout):
         return nnx.Dropout(decl.rate, deterministic=True, rngs=_stream(rngs, decl.rate))
     if isinstance(decl, structure.DropPath):
-        return DropPath(decl.rate, rngs=_stream(rngs, decl.rate))
+        return DropPath(decl.rate, rngs=rngs if _STACKED_BLOCK.get() else _stream(rngs, decl.rate))
     if isinstance(decl, structure.TrainKey):
         return TrainKey(decl.stream, rngs=rngs)
     if isinstance(decl, structure.Node):
@@ -180,23 +186,37 @@ class Layers:
             return None
         train = any(getattr(layer, "deterministic", True) is False for _, layer in nnx.iter_modules(blocks))
         node = self.module.node
-        block = structure.scannable(node.children(), node.cfg, train, prefix, count)
+        block = structure.scannable(node.children(), node.cfg, prefix, count)
         if isinstance(blocks, nnx.List):
-            if block is None:
+            if block is None or train:
                 return None
             # Block 0's graph and non-parameter state, each step's slice of the weights stacked here.
             graph, _, rest = nnx.split(blocks[0], nnx.Param, ...)
             stacked, x = structure.stack_blocks([nnx.state(b, nnx.Param) for b in blocks], x, node.cfg)
         else:  # one module holding every block's weights stacked (JaxModel.set_scan_blocks)
             if block is None:
-                raise structure.stacked_in_training(repr(prefix))
+                raise structure.stacked_unscanned(repr(prefix))
             graph, stacked, rest = nnx.split(blocks, nnx.Param, ...)
             x = structure.carry(x, stacked, node.cfg)
 
-        def run(weights, x):
-            return nnx.merge(graph, weights, rest)(*extra, x)
+        def run(weights, keys, x):
+            return nnx.merge(graph, weights, rest)(*extra, x, rngs=None if keys is None else nnx.Rngs(**keys))
 
-        return jax.lax.scan(structure.scan_step(prefix, run), x, stacked)
+        keys = self._step_keys(blocks) if train else None
+        xs = structure.scan_inputs(node.children(), prefix, count, stacked, train, keys)
+        return jax.lax.scan(structure.scan_step(prefix, run), x, xs)
+
+    def _step_keys(self, blocks: nnx.Module) -> dict[str, jax.Array] | None:
+        """One key per rng stream for a scanned training call: from the call's ``rngs``, else
+        from the stacked block's own stream (advanced here, outside the scan, so that the next
+        call draws new masks); None without either."""
+        if self.rngs is not None:
+            return {s: self.rngs[s]() for s in structure.RNG_STREAMS if s in self.rngs} or None
+        own = [v for _, v in nnx.iter_graph(blocks) if isinstance(v, nnx.RngStream)]
+        if not own:
+            return None
+        key = own[0]()
+        return {s: jax.random.fold_in(key, i) for i, s in enumerate(structure.RNG_STREAMS)}
 
     def param(self, name: str) -> jax.Array:
         return getattr(self.module, name)[...]
@@ -230,7 +250,12 @@ class Node(nnx.Module):
             attr, _, index = name.partition(".")
             if attr in stacked and int(index) > 0 and _ABSTRACT_WEIGHTS.get():
                 continue  # a graph needs one block of a stack (its shapes say how many)
-            layer = _build(decl, node.cfg, rngs)
+            token = _STACKED_BLOCK.set(True) if attr in stacked and index == "0" else None
+            try:
+                layer = _build(decl, node.cfg, rngs)
+            finally:
+                if token is not None:
+                    _STACKED_BLOCK.reset(token)
             if index:
                 lists.setdefault(attr, {})[int(index)] = layer
             else:
