@@ -43,6 +43,7 @@ from converters.specs import CaiTSpec, Spec
 
 DEFAULT_MODELS = ("vit_base_patch16_224", "cait_s24_224")
 MODES = ("float32", "bfloat16", "mixed")
+FIRST_CALL_OF = ("apply", "train_step")  # what the first call against depth times
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
              "amx_bf16", "amx_int8")
 
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-convert", action="store_true", help="skip the conversion measurement")
     p.add_argument("--depths", nargs="*", type=int, default=[12, 24, 36], metavar="N",
                    help="first call of cait_s24_224 at these depths, scanned and unrolled (none: skip)")
+    p.add_argument("--first-call-of", nargs="+", default=["apply"], choices=FIRST_CALL_OF,
+                   help="what the first call against depth times: the model's evaluation call (apply) and/or "
+                        "Trainer.train_step (forward, backward and AdamW at drop_path_rate 0.1)")
     p.add_argument("--first-call-repeats", type=int, default=3, metavar="N",
                    help="fresh processes per first-call point; the median is reported")
     p.add_argument("--warm-cache", action="store_true",
@@ -319,56 +323,69 @@ import json, statistics, sys, time
 import jax, jax.numpy as jnp, numpy as np
 jax.jit(lambda a: a + 1)(jnp.zeros(1)).block_until_ready()  # the XLA client's own start-up is not the model's
 import vitport
-framework, depth, scan = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
-jm = vitport.create_model("cait_s24_224", framework, depth=depth).set_scan_blocks(scan)
-x = jax.device_put(jm.as_input(np.zeros((1, 224, 224, 3), np.float32)))
+framework, depth, scan, of = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+x = np.zeros((1, 224, 224, 3), np.float32)
+if of == "apply":
+    jm = vitport.create_model("cait_s24_224", framework, depth=depth).set_scan_blocks(scan)
+    fn, args = jm.apply_fn, (jm.params, jax.device_put(jm.as_input(x)))
+    def again(out):
+        return args
+else:  # one optimiser step at batch 1, at a fine-tuning drop_path_rate (each block its own rate and key)
+    from vitport.training import TrainConfig, Trainer
+    jm = vitport.create_model("cait_s24_224", framework, depth=depth, drop_path_rate=0.1).set_scan_blocks(scan)
+    trainer = Trainer(jm, TrainConfig(total_steps=100))
+    fn, args = trainer.train_step, (trainer.init(jm.params), jax.device_put(x), jnp.zeros((1,), jnp.int32))
+    def again(out):  # the step donates its state: the next step takes the new one
+        return (out[0], *args[1:])
 # jit's own first call, in its three steps: trace + lower + compile, then the first run
 t0 = time.perf_counter()
-compiled = jm.apply_fn.trace(jm.params, x).lower().compile()
+compiled = fn.trace(*args).lower().compile()
 t1 = time.perf_counter()
-compiled(jm.params, x).block_until_ready()
+out = jax.block_until_ready(compiled(*args))
 t2 = time.perf_counter()
 steady = []
 for _ in range(5):
     t = time.perf_counter()
-    compiled(jm.params, x).block_until_ready()
+    out = jax.block_until_ready(compiled(*again(out)))
     steady.append(time.perf_counter() - t)
 print(json.dumps({"compile_s": t1 - t0, "first_call_s": t2 - t0, "second_call_s": statistics.median(steady)}))
 """
 
 
 def bench_first_call(console: Console, frameworks: list[str], depths: list[int], repeats: int,
-                     warm_cache: bool) -> list[dict]:
-    """First call (trace + compile + run) of cait_s24_224 at several depths, batch 1, with the
-    blocks one by one (the default) and scanned (``JaxModel.set_scan_blocks``): the median of
+                     warm_cache: bool, of: list[str] = ("apply",)) -> list[dict]:
+    """First call (trace + compile + run) of cait_s24_224 at several depths, batch 1, of the
+    evaluation call and/or ``Trainer.train_step`` (``of``), with the blocks one by one (the
+    default) and scanned (``JaxModel.set_scan_blocks``): the median of
     ``repeats`` fresh processes per point (one process's start-up varies by 0.2 s here). With
     ``warm_cache``, each point is also timed against jax's persistent compilation cache after one
     process has filled it (``JAX_COMPILATION_CACHE_DIR``): a user's second and later runs."""
     import subprocess
     import tempfile
 
-    def run(fw: str, depth: int, scan: bool, env: dict | None = None) -> dict:
-        proc = subprocess.run([sys.executable, "-c", _FIRST_CALL_CHILD, fw, str(depth), str(int(scan))],
+    def run(what: str, fw: str, depth: int, scan: bool, env: dict | None = None) -> dict:
+        proc = subprocess.run([sys.executable, "-c", _FIRST_CALL_CHILD, fw, str(depth), str(int(scan)), what],
                               capture_output=True, text=True, check=True, env=env)
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     rows = []
-    for fw in frameworks:
-        for scan in (False, True):
-            for cached in (False, True) if warm_cache else (False,):
-                for depth in depths:
-                    with tempfile.TemporaryDirectory(prefix="vitport-jax-cache-") as cache:
-                        env = None
-                        if cached:
-                            env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
-                                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-                            run(fw, depth, scan, env)  # fills the cache
-                        runs = [run(fw, depth, scan, env) for _ in range(repeats)]
-                    r = {k: statistics.median(one[k] for one in runs) for k in runs[0]}
-                    rows.append({"framework": fw, "scan_blocks": scan, "warm_cache": cached, "depth": depth, **r,
-                                 "first_call_runs_s": [one["first_call_s"] for one in runs]})
-                    console.log(f"first call {fw} depth {depth} scan_blocks={scan} warm_cache={cached}: "
-                                f"{r['first_call_s']:.2f} s (compile {r['compile_s']:.2f} s)")
+    for what in of:
+        for fw in frameworks:
+            for scan in (False, True):
+                for cached in (False, True) if warm_cache else (False,):
+                    for depth in depths:
+                        with tempfile.TemporaryDirectory(prefix="vitport-jax-cache-") as cache:
+                            env = None
+                            if cached:
+                                env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
+                                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+                                run(what, fw, depth, scan, env)  # fills the cache
+                            runs = [run(what, fw, depth, scan, env) for _ in range(repeats)]
+                        r = {k: statistics.median(one[k] for one in runs) for k in runs[0]}
+                        rows.append({"of": what, "framework": fw, "scan_blocks": scan, "warm_cache": cached,
+                                     "depth": depth, **r, "first_call_runs_s": [one["first_call_s"] for one in runs]})
+                        console.log(f"first call of {what}, {fw} depth {depth} scan_blocks={scan} "
+                                    f"warm_cache={cached}: {r['first_call_s']:.2f} s (compile {r['compile_s']:.2f} s)")
     return rows
 
 
@@ -501,9 +518,11 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
         console.print(f"'of peak': the row's GFLOP/s over the machine's peak for its precision (bfloat16 rows: "
                       f"the bfloat16 peak). max |Δlogit| is against timm's float32 logits on the same input; a "
                       f"row fails above {args.rtol:g} (bfloat16 rows {args.bf16_rtol:g}) × max |timm logit|.")
-    depth_rows = info.get("first_call_vs_depth")
-    if depth_rows:
-        t = Table(title="First call of cait_s24_224 against depth, batch 1, fresh process (median of "
+    all_depth_rows = info.get("first_call_vs_depth") or []
+    for what in dict.fromkeys(r.get("of", "apply") for r in all_depth_rows):
+        depth_rows = [r for r in all_depth_rows if r.get("of", "apply") == what]
+        called = "cait_s24_224" if what == "apply" else "Trainer.train_step of cait_s24_224"
+        t = Table(title=f"First call of {called} against depth, batch 1, fresh process (median of "
                         f"{args.first_call_repeats}): trace + compile (+ run)")
         depths = sorted({r["depth"] for r in depth_rows})
         for col in ("front-end", "blocks", *[f"depth {d} (s)" for d in depths], f"{depths[-1]} / {depths[0]}",
@@ -553,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_model(name, args.batches, args, console, peak, info["matmul_peak_gflops"])
     if args.depths:
         info["first_call_vs_depth"] = bench_first_call(console, args.frameworks, args.depths, args.first_call_repeats,
-                                                       args.warm_cache)
+                                                       args.warm_cache, args.first_call_of)
     if not args.no_convert:
         import tempfile
 

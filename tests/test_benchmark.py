@@ -33,12 +33,15 @@ def test_first_call_against_depth_runs_both_block_modes(tmp_path):
     out = tmp_path / "first-call.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--models", "--no-convert", "--frameworks",
-         "flax", "--depths", "2", "--first-call-repeats", "1", "--warm-cache", "--json", str(out)],
+         "flax", "--depths", "2", "--first-call-repeats", "1", "--warm-cache", "--first-call-of", "apply",
+         "train_step", "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["machine"]["first_call_vs_depth"]
-    assert ({(r["scan_blocks"], r["warm_cache"], r["depth"]) for r in rows}
-            == {(s, c, d) for s in (False, True) for c in (False, True) for d in (2,)})
+    assert ({(r["of"], r["scan_blocks"], r["warm_cache"], r["depth"]) for r in rows}
+            == {(o, s, c, d) for o in ("apply", "train_step") for s in (False, True) for c in (False, True)
+                for d in (2,)})
     for r in rows:
         assert 0 < r["compile_s"] < r["first_call_s"] and r["second_call_s"] > 0, r
     assert "First call of cait_s24_224 against depth" in proc.stdout
+    assert "First call of Trainer.train_step of cait_s24_224 against depth" in proc.stdout
