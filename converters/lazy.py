@@ -68,15 +68,36 @@ def materialize(value: Any) -> Any:
     return value.load() if isinstance(value, LazyTensor) else value
 
 
-def _reader(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> Callable[[], np.ndarray]:
-    count = math.prod(shape)
+# XLA's CPU client takes a host array of this alignment as the device buffer itself instead of
+# copying it (jax.device_put); numpy's own allocations are only 16-byte aligned.
+DEVICE_ALIGNMENT = 64
 
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a ``DEVICE_ALIGNMENT`` boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + DEVICE_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % DEVICE_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    """``a`` copied once into an ``aligned_empty`` array (a transpose is laid out here too)."""
+    out = aligned_empty(a.shape, a.dtype)
+    np.copyto(out, a)
+    return out
+
+
+def _reader(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
+        a = aligned_empty(shape, dtype)  # read straight into a buffer the device can take as it is
         with open(path, "rb") as f:
-            a = np.fromfile(f, dtype=dtype, count=count, offset=offset)
-        if a.size != count:
+            f.seek(offset)
+            got = f.readinto(memoryview(a.reshape(-1).view(np.uint8))) if a.nbytes else 0
+        if got != a.nbytes:
             raise CheckpointError(f"{path} is shorter than its header says (truncated); download or copy it again")
-        return a.reshape(shape)
+        return a
 
     return load
 

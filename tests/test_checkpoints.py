@@ -288,6 +288,27 @@ def test_convert_writes_a_folder_that_loads_back_identically(tiny_dirs, tmp_path
                 assert max_abs(vitport.load(out, other)(x), jm(x)) < 1e-5
 
 
+def test_params_never_share_memory_with_their_source(tmp_path):
+    """XLA's CPU client takes suitably aligned host memory as the device buffer: a model from
+    ``from_timm`` must not alias the torch tensors (a later in-place update of the timm model
+    would rewrite the JAX params), nor a model loaded from a file the arrays of another load."""
+    import torch
+
+    model = tiny_timm("vit_base_patch16_224", "float32", **TINY)
+    jm = vitport.from_timm(model, "flax")
+    before = {k: np.array(v) for k, v in jm.canonical().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    after = jm.canonical()
+    assert [k for k in before if not np.array_equal(before[k], np.asarray(after[k]))] == []
+    # lazily read tensors are fresh buffers of their own: two loads of one file share nothing
+    out = vitport.save(jm, tmp_path / "m")
+    a, b = vitport.load(out), vitport.load(out)
+    pointers = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(a.params)}
+    assert not pointers & {x.unsafe_buffer_pointer() for x in jax.tree.leaves(b.params)}
+
+
 def test_converted_folder_loads_without_torch(tiny_dirs, tmp_path):
     outs, expected = [], []
     x = images(vitport.load(tiny_dirs["cait"][1]).spec, 2, "float32")  # both models take 32x32

@@ -15,6 +15,7 @@ from converters import (FRAMEWORKS, Spec, canonical_to_framework, canonical_to_t
                         stack_blocks, timm_to_canonical, unstack_blocks)
 from converters.errors import InvalidArgumentError
 from converters.frameworks import layout, pure_tree as _pure
+from converters.lazy import aligned_copy
 
 from . import features
 from .config import ModelConfig
@@ -29,12 +30,20 @@ def check_framework(framework: str) -> str:
     return framework
 
 
-def to_jax_array(a: Any) -> jax.Array:
+def to_jax_array(a: Any, owned: bool = False) -> jax.Array:
+    """``a`` on the default device. On CPU, XLA takes a contiguous host array of suitable
+    alignment (``converters.lazy.DEVICE_ALIGNMENT``) as the device buffer itself: an ``owned``
+    one (read for this model and held nowhere else, ``converters.lazy``) goes over without a
+    copy; any other contiguous one (a torch tensor's memory, a caller's array) is copied first,
+    so that later writes to it never reach the params. Strided arrays (transposed kernels) are
+    always copied by ``device_put``."""
     a = np.asarray(a)
     if a.dtype == np.float64 and not jax.config.jax_enable_x64:
         raise InvalidArgumentError("the weights are float64 but jax_enable_x64 is off; call "
                                    "jax.config.update('jax_enable_x64', True) first, or convert a float32 model")
-    return jax.device_put(a)  # a plain host-to-device copy; jnp.asarray dispatches a primitive per tensor
+    if not owned and a.flags.c_contiguous and jax.default_backend() == "cpu":
+        a = aligned_copy(a)
+    return jax.device_put(a)  # jnp.asarray would dispatch a primitive per tensor
 
 
 @dataclass

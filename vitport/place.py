@@ -72,10 +72,13 @@ def model_from_canonical(tree: dict, r, framework: str | None = None, *, image_s
         if spec is not r.spec:
             cfg["input_size"] = [spec.channels, *spec.image_size]
     tree = _cast(tree, dtype)
+    def place(v):  # a tensor read lazily is a fresh buffer: the device may take it as it is
+        return to_jax_array(materialize(v), owned=isinstance(v, LazyTensor))
+
     if consume:
-        tree = {k: to_jax_array(materialize(tree.pop(k))) for k in list(tree)}
+        tree = {k: place(tree.pop(k)) for k in list(tree)}
     else:
-        tree = {k: to_jax_array(materialize(v)) for k, v in tree.items()}
+        tree = {k: place(v) for k, v in tree.items()}
     params = canonical_to_framework(tree, spec, framework)
     return JaxModel(spec, framework, params, cfg, r.architecture or None)
 
