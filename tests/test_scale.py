@@ -108,15 +108,17 @@ report = {"steps": {}}
 # params and the optimizer state stay split after the step.
 x = np.random.default_rng(0).standard_normal((8, 32, 32, 3)).astype(np.float32)
 y = np.arange(8, dtype=np.int32) % 3
-for shard in (None, "dp", "fsdp", "tp"):
-    cfg = FinetuneConfig(batch_size=8, shard=shard, framework="flax")
+# "fsdp-scan": the blocks stacked and scanned (--scan-blocks), their weights split by fsdp too.
+for shard, scan in ((None, False), ("dp", False), ("fsdp", False), ("tp", False), ("fsdp", True)):
+    cfg = FinetuneConfig(batch_size=8, shard=shard, framework="flax", scan_blocks=scan)
     to_devices, jm = _placement(load_for_finetuning(source, cfg, 3), cfg)
-    trainer = trainer_for(jm, TrainConfig(total_steps=2, lr=1e-3, warmup_steps=0))
+    trainer = trainer_for(jm, TrainConfig(total_steps=2, lr=1e-3, warmup_steps=0, layer_decay=0.75))
     state, metrics = trainer.train_step(trainer.init(jm.params), *to_devices(x, y))
     leaves = [a for a in jax.tree.leaves((state.params, state.opt_state)) if a.ndim]
-    report["steps"][str(shard)] = dict(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
-                                       split=sum(a.addressable_shards[0].data.size < a.size for a in leaves),
-                                       leaves=len(leaves))
+    stacked = "blocks" in state.params["params"]
+    report["steps"][str(shard) + ("-scan" if scan else "")] = dict(
+        loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]), stacked=stacked,
+        split=sum(a.addressable_shards[0].data.size < a.size for a in leaves), leaves=len(leaves))
 # The command end to end: one epoch on one device, and with --shard fsdp.
 common = ["--epochs", "1", "--lr", "1e-3", "--workers", "2", "--framework", "nnx"]
 report["one_device"] = cli.main(["finetune", str(source), str(data), "--out", str(root / "one"), "--batch-size", "8",
@@ -369,20 +371,23 @@ def test_every_strategy_equals_unsharded_in_every_front_end(strategy_report):
 
 
 def test_finetune_shards_params_and_optimizer_state_and_matches_one_device(finetune_run):
-    """`vitport finetune --shard`: one train step under each strategy gives one device's loss
-    and gradient norm; fsdp and tp leave the params and AdamW state split after the step; the
+    """`vitport finetune --shard`: one train step under each strategy (and fsdp over stacked,
+    scanned blocks) gives one device's loss and gradient norm; fsdp and tp leave the params and AdamW state split after the step; the
     fsdp command ends with a model equal to the one-device run to float32 reduction order
     (AdamW normalises each update, so weights may differ by a few ulps of lr per step)."""
     out, err = finetune_run.communicate(timeout=600)
     assert finetune_run.returncode == 0, err[-3000:]
     r = json.loads(out.strip().splitlines()[-1])
     one = r["steps"]["None"]
-    for strategy in ("dp", "fsdp", "tp"):
+    for strategy in ("dp", "fsdp", "tp", "fsdp-scan"):
         step = r["steps"][strategy]
         assert abs(step["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]), (strategy, step, one)
         assert abs(step["grad_norm"] - one["grad_norm"]) <= 1e-4 * one["grad_norm"], (strategy, step, one)
     assert one["split"] == 0 and r["steps"]["dp"]["split"] == 0
     assert r["steps"]["fsdp"]["split"] >= r["steps"]["fsdp"]["leaves"] // 2, r["steps"]["fsdp"]
+    scanned = r["steps"]["fsdp-scan"]
+    assert scanned["stacked"] and not r["steps"]["fsdp"]["stacked"], r["steps"]
+    assert scanned["split"] >= scanned["leaves"] // 2 and scanned["leaves"] < r["steps"]["fsdp"]["leaves"], scanned
     assert r["steps"]["tp"]["split"] > 0, r["steps"]["tp"]
     assert r["one_device"] == 0 and r["fsdp"] == 0, r
     one_epoch, fsdp_epoch = r["history"]
