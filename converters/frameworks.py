@@ -204,11 +204,13 @@ def stack_blocks(params: Mapping, spec: Spec, framework: str, lists: Mapping[str
     return _unflatten(flat)
 
 
-def unstack_blocks(params: Mapping, spec: Spec, framework: str) -> Any:
-    """Inverse of ``stack_blocks`` for whatever lists are stacked; ``params`` itself when none is."""
+def unstack_blocks(params: Mapping, spec: Spec, framework: str, keep: Mapping[str, int] = {}) -> Any:
+    """Inverse of ``stack_blocks`` for whatever lists are stacked, but those in ``keep``;
+    ``params`` itself when none is."""
     rule = layout(framework)
     flat = _flatten(pure_tree(params))
-    groups = {rule.path(stacked, spec): entries for entries, stacked in _block_groups(spec, block_lists(spec)).items()}
+    lists = {p: n for p, n in block_lists(spec).items() if p not in keep}
+    groups = {rule.path(stacked, spec): entries for entries, stacked in _block_groups(spec, lists).items()}
     if not any(path in flat for path in groups):
         return params
     for path, entries in groups.items():

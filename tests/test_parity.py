@@ -15,7 +15,7 @@ from helpers import TINY_CAIT, TINY_CASES, images, tiny_timm
 from test_checkpoints import tree_equal
 
 import vitport
-from converters import FRAMEWORKS, flat_keys
+from converters import FRAMEWORKS, flat_keys, stack_blocks
 from vitport.parity import TOLERANCES, compare, perturb_weights, tolerance, verify_architecture
 
 
@@ -278,6 +278,13 @@ def test_scan_blocks_layout_is_in_memory_only(framework, tmp_path):
         assert tree_equal(moved.canonical(), ref.canonical())
     assert tree_equal(jm.with_params(ref.params).params, jm.params)
     assert tree_equal(jm.set_scan_blocks(False).params, ref.params)
+    # A list the model runs one by one (Eva's mixed RoPE: a rotary table per block) is split
+    # again when a tree comes in stacked.
+    mixed = vitport.create_model(*TINY_CASES["eva_rope_mixed_ape"][:1], framework, rng=3,
+                                 **TINY_CASES["eva_rope_mixed_ape"][1]).set_scan_blocks()
+    stacked = stack_blocks(mixed.params, mixed.spec, framework, {"blocks": mixed.spec.depth})
+    assert len(flat_keys(stacked, framework)) < len(flat_keys(mixed.params, framework))
+    assert tree_equal(mixed.with_params(stacked).params, mixed.params)
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

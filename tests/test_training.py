@@ -247,13 +247,15 @@ def test_train_steps_equal_timm_adamw(framework, case, scan):
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_scanned_training_runs_each_block_at_its_rate(framework):
+@pytest.mark.parametrize("arch", ["vit_base_patch16_224", "vit_small_patch16_18x2_224"])
+def test_scanned_training_runs_each_block_at_its_rate(framework, arch):
     """With the blocks scanned in training, each step drops at its own block's stochastic-depth
     rate with its own key: at ``drop_path_rate=1`` timm's linear rule gives block 0 rate 0 (never
-    drops: its output is evaluation's) and the last block rate 1 (always drops both branches:
-    its output is its input). Masks follow the rng: the same key repeats, another differs, and
-    an NNX module's own stream advances from call to call."""
-    jm = vitport.create_model("vit_base_patch16_224", framework, rng=1, drop_path_rate=1.0,
+    drops: its output is evaluation's) and the last block rate 1 (always drops every branch:
+    its output is its input); ParallelThingsBlock's rates sit in its nested branches. Masks
+    follow the rng: the same key repeats, another differs, and an NNX module's own stream
+    advances from call to call."""
+    jm = vitport.create_model(arch, framework, rng=1, drop_path_rate=1.0,
                               **dict(TINY_CASES["vit_token"][1], depth=4)).set_scan_blocks()
     x = jnp.asarray(images(jm.spec, batch=8, dtype="float32"))
 
@@ -267,7 +269,7 @@ def test_scanned_training_runs_each_block_at_its_rate(framework):
     assert np.array_equal(out["blocks.3"], out["blocks.2"])
     assert not np.allclose(out["blocks.2"], out["blocks.1"]) or not np.allclose(out["blocks.1"], out["blocks.0"])
     assert np.array_equal(logits, again) and not np.allclose(logits, other)
-    if framework == "nnx":  # no rngs given: the stacked block's own stream
+    if framework == "nnx" and arch == "vit_base_patch16_224":  # no rngs given: the stacked block's own stream
         module = jm.module
         module.train()
         assert not np.allclose(module(x), module(x))

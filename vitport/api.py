@@ -112,8 +112,11 @@ class JaxModel:
             return tree
         if not self.config.scan_blocks:
             return unstack_blocks(tree, self.spec, self.framework)
-        # lists already stacked are kept as they are (and where they are: a sharded model's)
-        return stack_blocks(tree, self.spec, self.framework, scanned_lists(self.config), stack=jnp.stack)
+        # Lists already stacked are kept as they are (and where they are: a sharded model's); a
+        # list this config no longer scans is split again.
+        lists = scanned_lists(self.config)
+        tree = unstack_blocks(tree, self.spec, self.framework, keep=lists)
+        return stack_blocks(tree, self.spec, self.framework, lists, stack=jnp.stack)
 
     def _set_config(self, **settings: Any) -> "JaxModel":
         self.config = dataclasses.replace(self.config, **settings)

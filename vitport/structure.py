@@ -1021,17 +1021,28 @@ def _reads_block_index(block: Node) -> bool:
         isinstance(c, Node) and _reads_block_index(c) for c in block.children().values())
 
 
-def _without_drop_path(block: Node) -> tuple:
-    return block.kind, tuple(sorted((k, DropPath(0.0) if isinstance(v, DropPath) else v)
-                                    for k, v in block.children().items()))
+def _without_drop_path(node: Node) -> tuple:
+    """``node``'s declarations all the way down, stochastic-depth rates left out. A node's maths
+    depends only on its kind, config and children (``FORWARD`` never sees ``args``), so nested
+    branches that differ only in their rate (ParallelThingsBlock's) compare equal too."""
+    def normal(v):
+        return DropPath(0.0) if isinstance(v, DropPath) else _without_drop_path(v) if isinstance(v, Node) else v
+
+    return node.kind, node.cfg, tuple(sorted((k, normal(v)) for k, v in node.children().items()))
+
+
+def _subtree_drop_path_rates(node: Node) -> set[float]:
+    return {r for v in node.children().values()
+            for r in ({v.rate} if isinstance(v, DropPath) else _subtree_drop_path_rates(v) if isinstance(v, Node)
+                      else ())}
 
 
 def _drop_path_rates(blocks: list[Node]) -> list[float] | None:
-    """Each block's stochastic-depth rate (its ``DropPath`` children share one), or None when a
+    """Each block's stochastic-depth rate (every ``DropPath`` in it shares one), or None when a
     block mixes rates (one scan input per step could not carry them)."""
     rates = []
     for block in blocks:
-        own = {v.rate for v in block.children().values() if isinstance(v, DropPath)}
+        own = _subtree_drop_path_rates(block)
         if len(own) > 1:
             return None
         rates.append(own.pop() if own else 0.0)
