@@ -85,6 +85,9 @@ def _haiku_transformed(cfg: ModelConfig) -> hk.Transformed:
     return hk.transform(forward)
 
 
+# One apply function per config (cached): jax.jit keys its traces and executables on the function,
+# so every model with this config (a reload, ``to()``, ``with_params``) shares one compile.
+@functools.lru_cache(maxsize=64)
 def _haiku_apply(cfg: ModelConfig) -> ApplyFn:
     transformed = _haiku_transformed(cfg)
 
@@ -103,11 +106,13 @@ HAIKU = FrontEnd("haiku", vhaiku, "is_training=True in apply",
 # ------------------------------------------------------------------------------- linen
 
 
+@functools.lru_cache(maxsize=64)
 def _linen_module(cfg: ModelConfig):
     return {"vit": vflax.ViT, "cait": vflax.CaiT, "eva": vflax.Eva,
             "relpos": vflax.VisionTransformerRelPos}[cfg.family].from_config(cfg)
 
 
+@functools.lru_cache(maxsize=64)
 def _linen_apply(cfg: ModelConfig) -> ApplyFn:
     module = _linen_module(cfg)
 
@@ -118,8 +123,13 @@ def _linen_apply(cfg: ModelConfig) -> ApplyFn:
     return apply
 
 
+@functools.lru_cache(maxsize=64)
+def _linen_init(cfg: ModelConfig) -> Callable[..., Any]:
+    return jax.jit(_linen_module(cfg).init)  # a bound method is a new jit key at every access
+
+
 FLAX = FrontEnd("flax", vflax, "train=True in apply",
-                init=lambda cfg, key: jax.jit(_linen_module(cfg).init)(key, _example(cfg)),
+                init=lambda cfg, key: _linen_init(cfg)(key, _example(cfg)),
                 apply=_linen_apply, module=lambda cfg, params: _linen_module(cfg))
 
 
@@ -151,10 +161,16 @@ def nnx_module(cfg: ModelConfig, params: Any) -> nnx.Module:
     return nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
 
 
+@functools.lru_cache(maxsize=64)
+def _nnx_init_fn(cfg: ModelConfig) -> Callable[[jax.Array], Any]:
+    return jax.jit(lambda k: nnx.to_pure_dict(nnx.state(_nnx_build(cfg, k), nnx.Param)))
+
+
 def _nnx_init(cfg: ModelConfig, key: jax.Array) -> Any:
-    return jax.jit(lambda k: nnx.to_pure_dict(nnx.state(_nnx_build(cfg, k), nnx.Param)))(key)
+    return _nnx_init_fn(cfg)(key)
 
 
+@functools.lru_cache(maxsize=64)
 def _nnx_apply(cfg: ModelConfig) -> ApplyFn:
     def apply(params, x, *, train=False, rng=None, return_intermediates=False, stage="all"):
         if train and rng is None and structure.draws_in_training(cfg):
