@@ -322,17 +322,26 @@ _FIRST_CALL_CHILD = r"""
 import json, statistics, sys, time
 import jax, jax.numpy as jnp, numpy as np
 jax.jit(lambda a: a + 1)(jnp.zeros(1)).block_until_ready()  # the XLA client's own start-up is not the model's
+import dataclasses
 import vitport
+from converters import key_table
+from converters.architectures import arch_spec
 framework, depth, scan, of = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
 x = np.zeros((1, 224, 224, 3), np.float32)
+# Weights drawn on the host, as a loaded checkpoint's would arrive: create_model's jitted random
+# init would compile first (tens of seconds at depth 36) and warm the compiler for the timed call.
+spec = arch_spec("cait_s24_224", depth=depth)
+rng = np.random.default_rng(0)
+weights = {e.timm_key: (0.02 * rng.standard_normal(e.timm_shape)).astype(np.float32) for e in key_table(spec)}
+jm = vitport.from_state_dict(weights, spec, framework)
 if of == "apply":
-    jm = vitport.create_model("cait_s24_224", framework, depth=depth).set_scan_blocks(scan)
+    jm.set_scan_blocks(scan)
     fn, args = jm.apply_fn, (jm.params, jax.device_put(jm.as_input(x)))
     def again(out):
         return args
 else:  # one optimiser step at batch 1, at a fine-tuning drop_path_rate (each block its own rate and key)
     from vitport.training import TrainConfig, Trainer
-    jm = vitport.create_model("cait_s24_224", framework, depth=depth, drop_path_rate=0.1).set_scan_blocks(scan)
+    jm = dataclasses.replace(jm, config=dataclasses.replace(jm.config, layer_dropout=0.1)).set_scan_blocks(scan)
     trainer = Trainer(jm, TrainConfig(total_steps=100))
     fn, args = trainer.train_step, (trainer.init(jm.params), jax.device_put(x), jnp.zeros((1,), jnp.int32))
     def again(out):  # the step donates its state: the next step takes the new one
