@@ -339,6 +339,36 @@ def test_create_model_uses_the_tags_preprocessing():
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_models_with_one_config_share_one_compile(framework):
+    """A second model with the same config (a reload, ``to()``, ``with_params``) runs on the first
+    one's compile: each front-end's apply is one function per config, and jit keys on it."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, depth=1, num_classes=3)
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    first = vitport.create_model("vit_base_patch16_224", framework, rng=1, **kwargs)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first(x)
+        assert compiles, "the listener saw no compile: the event's name changed"
+        compiles.clear()
+        second = vitport.create_model("vit_base_patch16_224", framework, rng=2, **kwargs)
+        second(x)
+        first.with_params(second.params)(x)
+        assert compiles == []
+        other = vitport.create_model("vit_base_patch16_224", framework, rng=2, **dict(kwargs, num_classes=4))
+        compiles.clear()  # random init compiles its draws of new shapes
+        other(x)
+        assert len(compiles) == 1, "another config compiles its own"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_with_params_maps_any_tree_to_timm_keys(framework):
     """Gradients (any tree shaped like params) get timm's names through the converter."""
     jm = vitport.create_model("vit_base_patch16_224", framework, img_size=32, patch_size=8, embed_dim=32,
