@@ -328,8 +328,8 @@ from converters import key_table
 from converters.architectures import arch_spec
 framework, depth, scan, of = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
 x = np.zeros((1, 224, 224, 3), np.float32)
-# Weights drawn on the host, as a loaded checkpoint's would arrive: create_model's jitted random
-# init would compile first (tens of seconds at depth 36) and warm the compiler for the timed call.
+# Weights drawn on the host, as a loaded checkpoint's would arrive: create_model's random init
+# would compile its draws first (seconds, growing with depth) and warm the compiler for the timed call.
 spec = arch_spec("cait_s24_224", depth=depth)
 rng = np.random.default_rng(0)
 weights = {e.timm_key: (0.02 * rng.standard_normal(e.timm_shape)).astype(np.float32) for e in key_table(spec)}
