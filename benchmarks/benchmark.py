@@ -37,12 +37,15 @@ from rich.console import Console
 from rich.table import Table
 
 import vitport
+from vitport import xla_options
 
 from converters import FRAMEWORKS  # every front-end in the registry
 from converters.specs import CaiTSpec, Spec
 
 DEFAULT_MODELS = ("vit_base_patch16_224", "cait_s24_224")
 MODES = ("float32", "bfloat16", "mixed")
+# float32 with XLA's default CPU dots (YNNPACK) instead of vitport.xla_options' Eigen dots: what they gain
+EXTRA_MODES = ("float32-ynnpack",)
 FIRST_CALL_OF = ("apply", "train_step")  # what the first call against depth times
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
              "amx_bf16", "amx_int8")
@@ -53,9 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS), help="timm architecture names (none: skip)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="batch sizes")
     p.add_argument("--sweep", action="store_true", help="batch sizes 1 2 4 8 16 32 (overrides --batches)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + EXTRA_MODES,
                    help="vitport precisions: float32, bfloat16 (bf16 weights and matmuls), mixed (float32 "
-                        "weights, bfloat16 matmuls)")
+                        "weights, bfloat16 matmuls); float32-ynnpack: float32 with XLA's default CPU dots "
+                        "(YNNPACK) instead of vitport's Eigen ones (vitport.xla_options), not in the default")
     p.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=list(FRAMEWORKS),
                    help="vitport front-ends to time (default: all)")
     p.add_argument("--no-compile", action="store_true", help="skip the timm + torch.compile row")
@@ -178,6 +182,9 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     a32, b32 = (jax.device_put(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
     a16, b16 = a32.astype(jnp.bfloat16), b32.astype(jnp.bfloat16)
     dot = jax.jit(jnp.dot)
+    # XLA's other float32 dot (Eigen, vitport.xla_options): the machine's peak is the best of all
+    eigen = xla_options.eigen_dots()
+    dot_eigen = jax.jit(jnp.dot, compiler_options=eigen) if eigen else None
     dot_acc32 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     t32, t16 = torch.from_numpy(np.array(a32)), torch.from_numpy(np.array(b32))
     t32b, t16b = t32.bfloat16(), t16.bfloat16()
@@ -191,11 +198,14 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
         probe = 2.0 * 512**3 / (time.perf_counter() - t0) / 1e9
     cases = {
         "xla_float32": lambda: dot(a32, b32).block_until_ready(),
+        "xla_float32_eigen": lambda: dot_eigen(a32, b32).block_until_ready(),
         "xla_bfloat16_acc_float32": lambda: dot_acc32(a16, b16).block_until_ready(),
         "xla_bfloat16_bf16_result": lambda: dot(a16, b16).block_until_ready(),
         "torch_float32": lambda: torch.mm(t32, t16),
         "torch_bfloat16": lambda: torch.mm(t32b, t16b),
     }
+    if dot_eigen is None:
+        del cases["xla_float32_eigen"]
     if probe < 20:
         del cases["torch_bfloat16"]
         res["torch_bfloat16"] = probe
@@ -207,7 +217,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
 
 def machine_peak(peaks: dict[str, float]) -> dict[str, float]:
     """The machine's peak per precision: the best any library reached."""
-    return {"float32": max(peaks["xla_float32"], peaks["torch_float32"]),
+    return {"float32": max(peaks["xla_float32"], peaks.get("xla_float32_eigen", 0.0), peaks["torch_float32"]),
             "bfloat16": max(peaks["xla_bfloat16_acc_float32"], peaks["torch_bfloat16"])}
 
 
@@ -243,14 +253,17 @@ def model_flops(spec: Spec) -> float:
 # ------------------------------------------------------------------------------ models
 
 
-def vitport_variant(jm: Any, mode: str) -> Any:
-    """float32: as converted; bfloat16: bf16 weights and matmuls (float32 activations between
-    them); mixed: float32 weights, bf16 matmuls accumulating in float32."""
-    if mode == "float32":
-        return jm
+def vitport_variant(jm: Any, mode: str) -> tuple[Any, Callable]:
+    """``(model, its jitted apply)``. float32: as converted; bfloat16: bf16 weights and matmuls
+    (float32 activations between them); mixed: float32 weights, bf16 matmuls accumulating in
+    float32; float32-ynnpack: float32 compiled with XLA's defaults, not ``jm.compiler_options``."""
+    if mode == "float32-ynnpack":
+        return jm, jax.jit(jm.front_end_apply)
     if mode == "bfloat16":
-        return jm.astype(jnp.bfloat16)
-    return jm.astype(jnp.float32, matmul_dtype=jnp.bfloat16)
+        jm = jm.astype(jnp.bfloat16)
+    elif mode == "mixed":
+        jm = jm.astype(jnp.float32, matmul_dtype=jnp.bfloat16)
+    return jm, jm.apply_fn
 
 
 def bench_model(name: str, batches: list[int], args: argparse.Namespace, console: Console,
@@ -288,9 +301,9 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, console
             fns["timm compile"] = lambda: run_timm(compiled)
         if not slow_torch_bf16:
             fns["timm autocast bf16"] = run_autocast
-        for label, jm in jax_models.items():
+        for label, (jm, apply) in jax_models.items():
             x = jax.device_put(jm.as_input(images))
-            fns[label] = lambda jm=jm, x=x: jm.apply_fn(jm.params, x).block_until_ready()
+            fns[label] = lambda jm=jm, apply=apply, x=x: apply(jm.params, x).block_until_ready()
 
         console.log(f"{name} batch {batch}: {len(fns)} implementations ({args.warmup} warm-up, "
                     f"{args.iters} timed rounds)")
@@ -488,7 +501,8 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
                   f"{', '.join(info['jax_devices'])}), flax {info['flax']}, haiku {info['haiku']}, "
                   f"torch {info['torch']} ({info['torch_threads']} threads), timm {info['timm']}")
     pk, mp = info["matmul_peak_gflops"], info["machine_peak_gflops"]
-    console.print(f"[bold]Matmul peak[/] 2048^3, GFLOP/s: float32 XLA {pk['xla_float32']:.0f}, torch "
+    eigen = f" (Eigen dots {pk['xla_float32_eigen']:.0f})" if "xla_float32_eigen" in pk else ""
+    console.print(f"[bold]Matmul peak[/] 2048^3, GFLOP/s: float32 XLA {pk['xla_float32']:.0f}{eigen}, torch "
                   f"{pk['torch_float32']:.0f}; bfloat16 XLA (float32 accumulation) {pk['xla_bfloat16_acc_float32']:.0f}, "
                   f"XLA (bf16 result) {pk['xla_bfloat16_bf16_result']:.0f}, torch {pk['torch_bfloat16']:.1f}"
                   f"{' (' + pk['torch_bfloat16_note'] + ')' if 'torch_bfloat16_note' in pk else ''}. "

@@ -133,3 +133,31 @@ def test_matmul_dtype_is_checked():
     assert ModelConfig(spec, matmul_dtype=jnp.bfloat16).matmul_dtype == "bfloat16"
     with pytest.raises(ValueError, match="matmul_dtype"):
         ModelConfig(spec, matmul_dtype="int8")
+
+
+def _compiled(jitted, *args) -> str:
+    return jitted.lower(*args).compile().as_text()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option chosen is a CPU one")
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_float32_compiles_with_eigen_dots_and_bf16_with_xla_defaults(framework, monkeypatch):
+    """float32 on the CPU runs XLA's Eigen dots, not its default YNNPACK fusions
+    (``vitport.xla_options``): in ``apply_fn`` and in the Trainer's step; bf16 keeps the defaults."""
+    from vitport import xla_options
+    from vitport.training import TrainConfig, Trainer
+
+    jm = vitport.from_timm(_model("vit_token"), framework=framework)
+    x = jm.as_input(images(jm.spec, dtype="float32"))
+    assert "__ynn_fusion" in _compiled(jax.jit(jm.front_end_apply), jm.params, x)  # XLA's default
+    assert jm.compiler_options == dict(xla_options.EIGEN_DOTS)
+    assert "__ynn_fusion" not in _compiled(jm.apply_fn, jm.params, x)
+    trainer = Trainer(jm, TrainConfig(total_steps=2))
+    step_args = (trainer.init(jm.params), x, jnp.zeros((x.shape[0],), jnp.int32))
+    assert "__ynn_fusion" not in _compiled(trainer.train_step, *step_args)
+    for low in (jm.astype(jnp.bfloat16), jm.astype(jnp.float32, matmul_dtype=jnp.bfloat16)):
+        assert low.compiler_options == {}
+        assert "__ynn_fusion" in _compiled(low.apply_fn, low.params, x)
+    assert xla_options.for_model(jm, "bfloat16") == {}
+    monkeypatch.setenv("VITPORT_XLA_CPU_DOTS", "default")
+    assert vitport.from_timm(_model("vit_token"), framework=framework).compiler_options == {}

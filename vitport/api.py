@@ -17,7 +17,7 @@ from converters.errors import InvalidArgumentError
 from converters.frameworks import layout, pure_tree as _pure
 from converters.lazy import aligned_copy
 
-from . import features
+from . import features, xla_options
 from .config import ModelConfig
 from .frontends import FrontEnd, front_end
 from .structure import scanned_lists
@@ -81,7 +81,14 @@ class JaxModel:
         ``train=True`` runs dropout and stochastic depth from ``rng``; with every rate at zero
         it is the same function as evaluation.
         """
-        return jax.jit(self.front_end.apply(self.config), static_argnames=("train", "return_intermediates", "stage"))
+        return jax.jit(self.front_end.apply(self.config), static_argnames=("train", "return_intermediates", "stage"),
+                       compiler_options=self.compiler_options)
+
+    @functools.cached_property
+    def compiler_options(self) -> dict:
+        """The XLA options this model's jits compile with (``vitport.xla_options``): Eigen's dots
+        for float32 on the CPU, XLA's defaults otherwise."""
+        return xla_options.for_model(self)
 
     def set_distilled_training(self, enable: bool = True) -> "JaxModel":
         """timm's ``set_distilled_training``: a distilled DeiT in training returns
@@ -120,7 +127,7 @@ class JaxModel:
 
     def _set_config(self, **settings: Any) -> "JaxModel":
         self.config = dataclasses.replace(self.config, **settings)
-        for built_for_old_config in ("apply_fn", "front_end_apply"):
+        for built_for_old_config in ("apply_fn", "front_end_apply", "compiler_options"):
             self.__dict__.pop(built_for_old_config, None)
         return self
 

@@ -93,7 +93,8 @@ def _forward(jm: "ShardedModel"):
             logits, acts = apply(params, x, return_intermediates=True)
             return logits, acts["pre_logits"]
 
-        fn = jm.__dict__["_vitport_global_forward"] = jax.jit(forward, out_shardings=(replicated, replicated))
+        fn = jax.jit(forward, out_shardings=(replicated, replicated), compiler_options=jm.compiler_options)
+        jm.__dict__["_vitport_global_forward"] = fn
     return fn
 
 

@@ -43,13 +43,15 @@ def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> list[i
 
 
 @functools.lru_cache(maxsize=32)
-def _selecting(apply_fn, keys: tuple[str, ...]):
+def _selecting(apply_fn, keys: tuple[str, ...], options: tuple[tuple[str, Any], ...]):
     """A jitted forward pass that returns only ``keys`` of the intermediates."""
-    return jax.jit(lambda params, x: {k: apply_fn(params, x, return_intermediates=True)[1][k] for k in keys})
+    return jax.jit(lambda params, x: {k: apply_fn(params, x, return_intermediates=True)[1][k] for k in keys},
+                   compiler_options=dict(options))
 
 
 def intermediates(jm: "JaxModel", images: Any, keys: Sequence[str]) -> dict[str, jax.Array]:
-    return _selecting(jm.front_end_apply, tuple(keys))(jm.params, jm.as_input(images))
+    options = tuple(sorted(jm.compiler_options.items()))
+    return _selecting(jm.front_end_apply, tuple(keys), options)(jm.params, jm.as_input(images))
 
 
 def forward_features(jm: "JaxModel", images: Any) -> jax.Array:

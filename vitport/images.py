@@ -65,7 +65,7 @@ def _forward_fn(jm: "JaxModel"):
             logits, acts = apply(params, x, return_intermediates=True)
             return logits, acts["pre_logits"]
 
-        fn = jm.__dict__["_vitport_forward"] = jax.jit(forward)
+        fn = jm.__dict__["_vitport_forward"] = jax.jit(forward, compiler_options=jm.compiler_options)
     return fn
 
 

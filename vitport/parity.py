@@ -320,7 +320,8 @@ def jax_gradients(jm: JaxModel, images_nhwc: np.ndarray, labels: np.ndarray,
         return classification_loss(jm.apply_fn(params, x, train=True, rng=rng), y)
 
     x, y = jax.numpy.asarray(images_nhwc, jm.input_dtype), jax.numpy.asarray(labels)
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(jm.params)  # one compile, apply_fn inlined
+    # one compile, apply_fn inlined (so this jit carries the model's compiler options)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn), compiler_options=jm.compiler_options)(jm.params)
     named = jm.with_params(grads).to_timm_state_dict()
     # Frozen tensors (BatchNorm running statistics: buffers in timm) have no timm gradient; theirs
     # must be exactly zero here (ops.batch_norm_frozen's stop_gradient).

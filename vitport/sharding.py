@@ -189,7 +189,8 @@ class ShardedModel(JaxModel):
 
     @functools.cached_property
     def apply_fn(self):
-        return jax.jit(self.front_end_apply, static_argnames=("train", "return_intermediates", "stage"))
+        return jax.jit(self.front_end_apply, static_argnames=("train", "return_intermediates", "stage"),
+                       compiler_options=self.compiler_options)
 
     @property
     def data_size(self) -> int:

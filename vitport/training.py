@@ -40,6 +40,7 @@ from converters.errors import InvalidArgumentError
 from converters.keymap import FROZEN_KINDS, key_table
 from converters.specs import CaiTSpec, Spec
 
+from . import xla_options
 from .api import JaxModel
 from .structure import scanned_lists
 
@@ -309,8 +310,9 @@ class Trainer:
         if cfg.remat:  # keep only the blocks' outputs; recompute inside each block when differentiating
             forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.save_only_these_names(BLOCK_OUTPUT))
         self._forward, self._apply = forward, apply
-        self.train_step = jax.jit(self._train_step, donate_argnums=0)
-        self.eval_step = jax.jit(self._eval_step)
+        options = xla_options.for_model(jm, cfg.compute_dtype)
+        self.train_step = jax.jit(self._train_step, donate_argnums=0, compiler_options=options)
+        self.eval_step = jax.jit(self._eval_step, compiler_options=options)
 
     def init(self, params: Any, seed: int = 0) -> TrainState:
         params = jax.tree.map(jnp.array, params)  # a copy: train_step donates the state's buffers

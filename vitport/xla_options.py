@@ -1,0 +1,73 @@
+"""XLA compiler options for vitport's jitted functions (passed per jit, never through XLA_FLAGS).
+
+float32 on the CPU: XLA's CPU backend hands dots to YNNPACK by default. For float32 inputs its
+Eigen dot is faster on the shapes of this family at batch >= 8 (ViT-B/16 and CaiT-S24 forward
+passes 6-12 % more images/s at batch 16, a ViT-B/16 train step 10 % at batch 8; no change at batch
+1), and the small per-image attention products inside CaiT's talking-heads map run on one core
+under YNNPACK but on both under Eigen. ``benchmarks/README.md`` has the runs; ``benchmark.py
+--modes float32 float32-ynnpack`` repeats them on any machine.
+
+bfloat16 inputs keep XLA's default: YNNPACK's bf16-in, float32-accumulate kernel is the fast one
+(Eigen's bf16 path ran CaiT-S24 at 0.7x). So do float64 models (Eigen either way) and params on
+another backend (the option is a CPU one).
+
+``VITPORT_XLA_CPU_DOTS=default`` in the environment turns the choice off (XLA's defaults for
+every model), to compare or to work around an XLA change.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+EIGEN_DOTS = (("xla_cpu_experimental_ynn_fusion_type", ""),)  # no YNNPACK fusions: Eigen's dots
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted(options: tuple[tuple[str, Any], ...]) -> bool:
+    """Whether this jaxlib knows the options (they are experimental: a newer XLA may drop them)."""
+    try:
+        jax.jit(lambda a: a + 1, compiler_options=dict(options)).lower(jnp.zeros(1, jnp.float32)).compile()
+    except Exception:  # noqa: BLE001  (XLA reports an unknown option as a generic runtime error)
+        return False
+    return True
+
+
+def eigen_dots() -> dict[str, Any]:
+    """The options that give XLA's CPU dots to Eigen, or ``{}`` where this jaxlib lacks them."""
+    return dict(EIGEN_DOTS) if _accepted(EIGEN_DOTS) else {}
+
+
+def _on_cpu(leaf: Any) -> bool:
+    devices = getattr(leaf, "devices", None)
+    if devices is None:  # a numpy array or an abstract value: placed on the default backend
+        return jax.default_backend() == "cpu"
+    return all(d.platform == "cpu" for d in devices())
+
+
+def compiler_options(params: Any, matmul_dtype: Any = None) -> dict[str, Any]:
+    """The options for a jit computing with ``params`` (any tree of arrays) whose matmuls take
+    ``matmul_dtype`` inputs (None: the params' own dtype): Eigen's dots for float32 on the CPU,
+    XLA's defaults (``{}``) otherwise."""
+    if os.environ.get("VITPORT_XLA_CPU_DOTS", "eigen") == "default" or matmul_dtype is not None:
+        return {}
+    floats = [leaf for leaf in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
+    if not floats or any(jnp.result_type(leaf) != jnp.float32 for leaf in floats):
+        return {}
+    if not all(_on_cpu(leaf) for leaf in floats):
+        return {}
+    return eigen_dots()
+
+
+def for_model(jm: Any, compute_dtype: Any = None) -> dict[str, Any]:
+    """``compiler_options`` for a ``JaxModel``'s params and config (``compute_dtype``: a
+    training cast of the params, ``TrainConfig.compute_dtype``)."""
+    if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32:
+        return {}
+    if jm.config.dtype is not None and jnp.dtype(jm.config.dtype) != jnp.float32:
+        return {}
+    return compiler_options(jm.params, jm.config.matmul_dtype)
