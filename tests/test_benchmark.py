@@ -4,6 +4,7 @@ writes its JSON: a smoke run on a small model, every front-end, every precision,
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,20 @@ def test_first_train_step_child_times_a_scanned_step():
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0 < r["compile_s"] < r["first_call_s"] and r["second_call_s"] > 0, r
+
+
+def test_profile_groups_the_ops_by_module_path():
+    """``benchmarks/profile.py``: a profiled forward pass, its ops grouped by module path, the
+    blocks folded into one row per op; ``--dots default`` keeps XLA's YNNPACK fusions."""
+    runs = {}
+    for dots in ("vitport", "default"):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "profile.py"), "vit_tiny_patch16_224", "--batch", "1",
+             "--iters", "1", "--profiled", "1", "--dots", dots, "--top", "100"],
+            capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "COLUMNS": "250"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[dots] = proc.stdout
+    assert "(0 YNNPACK fusions)" in runs["vitport"] and "(0 YNNPACK fusions)" not in runs["default"]
+    for out in runs.values():
+        assert "images/s" in out
+        assert "blocks_N/mlp/fc1" in out and "blocks_N/attn/qkv" in out, out

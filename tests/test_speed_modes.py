@@ -155,6 +155,17 @@ def test_float32_compiles_with_eigen_dots_and_bf16_with_xla_defaults(framework, 
     trainer = Trainer(jm, TrainConfig(total_steps=2))
     step_args = (trainer.init(jm.params), x, jnp.zeros((x.shape[0],), jnp.int32))
     assert "__ynn_fusion" not in _compiled(trainer.train_step, *step_args)
+    # jax takes compiler_options on a top-level jit only: under a user's jit / grad / vmap, apply_fn,
+    # the feature API and the train step nest as plain jits
+    logits = np.asarray(jm.apply_fn(jm.params, x))
+    np.testing.assert_allclose(jax.jit(lambda p, x: jm.apply_fn(p, x))(jm.params, x), logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(lambda xi: jm.apply_fn(jm.params, xi[None])[0])(x), logits,
+                               rtol=1e-5, atol=1e-6)
+    assert jax.tree.structure(jax.grad(lambda p: jm.apply_fn(p, x).sum())(jm.params)) == jax.tree.structure(jm.params)
+    features = jax.jit(lambda x: vitport.features.forward_features(jm, x))(x)
+    np.testing.assert_allclose(features, vitport.features.forward_features(jm, x), rtol=1e-5, atol=1e-6)
+    state, _ = jax.jit(trainer.train_step)(*step_args)
+    assert int(state.step) == 1
     for low in (jm.astype(jnp.bfloat16), jm.astype(jnp.float32, matmul_dtype=jnp.bfloat16)):
         assert low.compiler_options == {}
         assert "__ynn_fusion" in _compiled(low.apply_fn, low.params, x)

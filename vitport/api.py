@@ -81,8 +81,8 @@ class JaxModel:
         ``train=True`` runs dropout and stochastic depth from ``rng``; with every rate at zero
         it is the same function as evaluation.
         """
-        return jax.jit(self.front_end.apply(self.config), static_argnames=("train", "return_intermediates", "stage"),
-                       compiler_options=self.compiler_options)
+        return xla_options.jit(self.front_end.apply(self.config), self.compiler_options,
+                               static_argnames=("train", "return_intermediates", "stage"))
 
     @functools.cached_property
     def compiler_options(self) -> dict:

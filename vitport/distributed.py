@@ -93,7 +93,9 @@ def _forward(jm: "ShardedModel"):
             logits, acts = apply(params, x, return_intermediates=True)
             return logits, acts["pre_logits"]
 
-        fn = jax.jit(forward, out_shardings=(replicated, replicated), compiler_options=jm.compiler_options)
+        from . import xla_options
+
+        fn = xla_options.jit(forward, jm.compiler_options, out_shardings=(replicated, replicated))
         jm.__dict__["_vitport_global_forward"] = fn
     return fn
 

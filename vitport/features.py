@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from converters.errors import InvalidArgumentError
 from converters.specs import CaiTSpec
 
-from . import structure
+from . import structure, xla_options
 
 if TYPE_CHECKING:
     from .api import JaxModel
@@ -45,8 +45,8 @@ def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> list[i
 @functools.lru_cache(maxsize=32)
 def _selecting(apply_fn, keys: tuple[str, ...], options: tuple[tuple[str, Any], ...]):
     """A jitted forward pass that returns only ``keys`` of the intermediates."""
-    return jax.jit(lambda params, x: {k: apply_fn(params, x, return_intermediates=True)[1][k] for k in keys},
-                   compiler_options=dict(options))
+    return xla_options.jit(lambda params, x: {k: apply_fn(params, x, return_intermediates=True)[1][k] for k in keys},
+                           dict(options))
 
 
 def intermediates(jm: "JaxModel", images: Any, keys: Sequence[str]) -> dict[str, jax.Array]:

@@ -57,7 +57,7 @@ def _forward_fn(jm: "JaxModel"):
     ``JaxModel.apply_fn``."""
     fn = jm.__dict__.get("_vitport_forward")
     if fn is None:
-        import jax
+        from . import xla_options
 
         apply = jm.apply_fn
 
@@ -65,7 +65,7 @@ def _forward_fn(jm: "JaxModel"):
             logits, acts = apply(params, x, return_intermediates=True)
             return logits, acts["pre_logits"]
 
-        fn = jm.__dict__["_vitport_forward"] = jax.jit(forward, compiler_options=jm.compiler_options)
+        fn = jm.__dict__["_vitport_forward"] = xla_options.jit(forward, jm.compiler_options)
     return fn
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from converters import FRAMEWORKS
 
+from . import xla_options
 from .api import JaxModel
 
 # Per-dtype tolerance, relative to max(1, max|reference|) of each compared tensor.
@@ -321,7 +322,7 @@ def jax_gradients(jm: JaxModel, images_nhwc: np.ndarray, labels: np.ndarray,
 
     x, y = jax.numpy.asarray(images_nhwc, jm.input_dtype), jax.numpy.asarray(labels)
     # one compile, apply_fn inlined (so this jit carries the model's compiler options)
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn), compiler_options=jm.compiler_options)(jm.params)
+    loss, grads = xla_options.jit(jax.value_and_grad(loss_fn), jm.compiler_options)(jm.params)
     named = jm.with_params(grads).to_timm_state_dict()
     # Frozen tensors (BatchNorm running statistics: buffers in timm) have no timm gradient; theirs
     # must be exactly zero here (ops.batch_norm_frozen's stop_gradient).

@@ -50,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from converters import Entry, Spec, canonical_to_framework, key_table, stack_blocks
 from converters.errors import InvalidArgumentError
 
+from . import xla_options
 from .api import JaxModel
 from .structure import scanned_lists
 
@@ -189,8 +190,8 @@ class ShardedModel(JaxModel):
 
     @functools.cached_property
     def apply_fn(self):
-        return jax.jit(self.front_end_apply, static_argnames=("train", "return_intermediates", "stage"),
-                       compiler_options=self.compiler_options)
+        return xla_options.jit(self.front_end_apply, self.compiler_options,
+                               static_argnames=("train", "return_intermediates", "stage"))
 
     @property
     def data_size(self) -> int:

@@ -311,8 +311,8 @@ class Trainer:
             forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.save_only_these_names(BLOCK_OUTPUT))
         self._forward, self._apply = forward, apply
         options = xla_options.for_model(jm, cfg.compute_dtype)
-        self.train_step = jax.jit(self._train_step, donate_argnums=0, compiler_options=options)
-        self.eval_step = jax.jit(self._eval_step, compiler_options=options)
+        self.train_step = xla_options.jit(self._train_step, options, donate_argnums=0)
+        self.eval_step = xla_options.jit(self._eval_step, options)
 
     def init(self, params: Any, seed: int = 0) -> TrainState:
         params = jax.tree.map(jnp.array, params)  # a copy: train_step donates the state's buffers

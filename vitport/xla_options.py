@@ -13,13 +13,18 @@ another backend (the option is a CPU one).
 
 ``VITPORT_XLA_CPU_DOTS=default`` in the environment turns the choice off (XLA's defaults for
 every model), to compare or to work around an XLA change.
+
+jax takes ``compiler_options`` on a top-level jit only (a nested one raises ``ValueError``), and a
+user's own ``jax.jit``, ``grad`` or ``vmap`` around ``apply_fn`` must keep working: ``jit`` below
+compiles with the options when called at the top level and runs the plain jit under a trace
+(where the outer jit's compile decides anyway).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +40,35 @@ def _accepted(options: tuple[tuple[str, Any], ...]) -> bool:
     except Exception:  # noqa: BLE001  (XLA reports an unknown option as a generic runtime error)
         return False
     return True
+
+
+class TopLevelJit:
+    """``jax.jit(fun, **jit_kwargs)`` that compiles with ``options`` when called at the top level
+    and runs as the plain jit under a trace. Attributes (``lower``, ``trace``, ``eval_shape``,
+    ...) are the top-level jit's."""
+
+    def __init__(self, fun: Callable, options: dict[str, Any], **jit_kwargs: Any):
+        self.plain = jax.jit(fun, **jit_kwargs)
+        self.top_level = jax.jit(fun, compiler_options=options, **jit_kwargs) if options else self.plain
+        self.compiler_options = dict(options)
+        functools.update_wrapper(self, fun)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.top_level is self.plain or _traced(args, kwargs):
+            return self.plain(*args, **kwargs)
+        return self.top_level(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["top_level"], name)
+
+
+def _traced(*trees: Any) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
+def jit(fun: Callable, options: dict[str, Any], **jit_kwargs: Any) -> TopLevelJit:
+    """``jax.jit(fun, **jit_kwargs)`` compiled with ``options`` at the top level (``TopLevelJit``)."""
+    return TopLevelJit(fun, options, **jit_kwargs)
 
 
 def eigen_dots() -> dict[str, Any]:

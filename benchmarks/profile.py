@@ -1,0 +1,123 @@
+"""Where a vitport model's forward pass spends its time, op by op (``jax.profiler`` on XLA's CPU
+thunks), grouped by the model's module path: the profile to take before changing anything for
+speed (issue 11).
+
+    uv run python benchmarks/profile.py cait_s24_224 --batch 16
+    uv run python benchmarks/profile.py cait_s24_224 --batch 16 --dots default    # XLA's YNNPACK dots
+    uv run python benchmarks/profile.py cait_s24_224 --dtype bfloat16 --dots eigen
+    taskset -c 0 uv run python benchmarks/profile.py cait_s24_224 --batch 16      # one core: which ops use two
+
+The model has random weights (``vitport.create_model``); the timing does not depend on them.
+``--dots``: ``vitport`` (what ``jm.apply_fn`` compiles with, ``vitport.xla_options``), ``default``
+(XLA's own options) or ``eigen`` (XLA's Eigen dots whatever the dtype). It prints the median of
+``--iters`` timed calls, then each group of ops: total time per call, how many ops, the share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import vitport
+from converters import FRAMEWORKS
+from vitport import xla_options
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="timm architecture name")
+    p.add_argument("--framework", default="flax", choices=list(FRAMEWORKS))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "mixed"],
+                   help="bfloat16: jm.astype(jnp.bfloat16); mixed: float32 weights, bfloat16 matmuls")
+    p.add_argument("--dots", default="vitport", choices=["vitport", "default", "eigen"],
+                   help="XLA CPU options: vitport's choice, XLA's defaults (YNNPACK), or Eigen's dots")
+    p.add_argument("--scan-blocks", action="store_true", help="jm.set_scan_blocks()")
+    p.add_argument("--iters", type=int, default=5, help="timed calls before the profiled ones")
+    p.add_argument("--profiled", type=int, default=2, help="calls under the profiler (times are per call)")
+    p.add_argument("--top", type=int, default=30, help="groups to print")
+    return p.parse_args(argv)
+
+
+def compiled_apply(jm, dots: str):
+    options = {"vitport": jm.compiler_options, "default": {}, "eigen": xla_options.eigen_dots()}[dots]
+    return jax.jit(jm.front_end_apply, compiler_options=options)
+
+
+def op_groups(trace_dir: Path, hlo_text: str, calls: int) -> list[tuple[tuple[str, str, str], float, int]]:
+    """``((op kind, result shape, module path), ms per call, ops per call)``, slowest first: each
+    profiled thunk matched to its instruction in the optimized HLO, block indices folded."""
+    instructions = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?(\S+) = (\S+) ", line)
+        if m:
+            instructions[m.group(1)] = line
+    trace = next(trace_dir.rglob("*.trace.json.gz"))
+    events = [e for e in json.load(gzip.open(trace))["traceEvents"] if e.get("ph") == "X"]
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        line = instructions.get(e["name"])
+        if line is None:
+            continue
+        name = re.search(r'op_name="([^"]+)"', line)
+        path = re.sub(r"blocks[_.]\d+", "blocks_N", name.group(1)) if name else ""
+        kind = "YNNPACK fusion" if "ynn_fusion" in e["name"] else e["name"].rsplit(".", 1)[0]
+        key = (kind, line.split(" = ")[1].split(" ")[0], path.removeprefix("jit(apply)/"))
+        total[key] += e["dur"]
+        count[key] += 1
+    return [(k, v / calls / 1e3, count[k] // calls) for k, v in total.most_common()]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    console = Console()
+    jm = vitport.create_model(args.model, args.framework)
+    if args.dtype == "bfloat16":
+        jm = jm.astype(jnp.bfloat16)
+    elif args.dtype == "mixed":
+        jm = jm.astype(jnp.float32, matmul_dtype=jnp.bfloat16)
+    if args.scan_blocks:
+        jm.set_scan_blocks()
+    h, w = jm.spec.image_size
+    x = jax.device_put(jm.as_input(np.random.default_rng(0).standard_normal((args.batch, h, w, 3), np.float32)))
+    fn = compiled_apply(jm, args.dots)
+    compiled = fn.lower(jm.params, x).compile()
+    jax.block_until_ready(compiled(jm.params, x))
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(jm.params, x))
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    console.print(f"{args.model} {args.framework} {args.dtype} batch {args.batch}, dots: {args.dots} "
+                  f"({compiled.as_text().count('__ynn_fusion')} YNNPACK fusions): median "
+                  f"{median * 1e3:.1f} ms per call, {args.batch / median:.2f} images/s ({args.iters} calls)")
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(args.profiled):
+                jax.block_until_ready(compiled(jm.params, x))
+        groups = op_groups(Path(tmp), compiled.as_text(), args.profiled)
+    profiled = sum(ms for _, ms, _ in groups)
+    table = Table(title=f"XLA ops per call, grouped (profiled: {profiled:.1f} ms per call)")
+    for col in ("ms", "share", "ops", "kind", "result", "module path"):
+        table.add_column(col, justify="right" if col in ("ms", "share", "ops") else "left")
+    for (kind, shape, path), ms, n in groups[:args.top]:
+        table.add_row(f"{ms:.1f}", f"{ms / profiled:.0%}", str(n), kind, shape, path)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
