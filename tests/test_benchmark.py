@@ -65,12 +65,12 @@ def test_first_train_step_child_times_a_scanned_step():
 
 
 def test_profile_groups_the_ops_by_module_path():
-    """``benchmarks/profile.py``: a profiled forward pass, its ops grouped by module path, the
+    """``benchmarks/op_profile.py``: a profiled forward pass, its ops grouped by module path, the
     blocks folded into one row per op; ``--dots default`` keeps XLA's YNNPACK fusions."""
     runs = {}
     for dots in ("vitport", "default"):
         proc = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "profile.py"), "vit_tiny_patch16_224", "--batch", "1",
+            [sys.executable, str(ROOT / "benchmarks" / "op_profile.py"), "vit_tiny_patch16_224", "--batch", "1",
              "--iters", "1", "--profiled", "1", "--dots", dots, "--top", "100"],
             capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "COLUMNS": "250"})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,15 +1,15 @@
 """XLA compiler options for vitport's jitted functions (passed per jit, never through XLA_FLAGS).
 
-float32 on the CPU: XLA's CPU backend hands dots to YNNPACK by default. For float32 inputs its
-Eigen dot is faster on the shapes of this family at batch >= 8 (ViT-B/16 and CaiT-S24 forward
-passes 6-12 % more images/s at batch 16, a ViT-B/16 train step 10 % at batch 8; no change at batch
-1), and the small per-image attention products inside CaiT's talking-heads map run on one core
-under YNNPACK but on both under Eigen. ``benchmarks/README.md`` has the runs; ``benchmark.py
---modes float32 float32-ynnpack`` repeats them on any machine.
+float32 on the CPU: XLA's CPU backend hands dots to YNNPACK by default, which runs the small
+per-image attention products of CaiT's talking-heads map on one thread (``benchmarks/op_profile.py``
+under ``taskset -c 0`` times them as on two cores); Eigen hands its dots to XLA's thread pool. At batch 16 Eigen
+ran ViT-B/16 1.07-1.18x and CaiT-S24 0.97-1.20x as fast as YNNPACK, at batch 1 0.90-1.10x (three
+front-ends, 2-core AMD EPYC; ``benchmarks/README.md``; ``benchmark.py --modes float32
+float32-ynnpack`` repeats it on any machine).
 
 bfloat16 inputs keep XLA's default: YNNPACK's bf16-in, float32-accumulate kernel is the fast one
-(Eigen's bf16 path ran CaiT-S24 at 0.7x). So do float64 models (Eigen either way) and params on
-another backend (the option is a CPU one).
+(``op_profile.py --dtype bfloat16 --dots eigen`` against ``--dots vitport``). So do float64 models
+(Eigen either way) and params on another backend (the option is a CPU one).
 
 ``VITPORT_XLA_CPU_DOTS=default`` in the environment turns the choice off (XLA's defaults for
 every model), to compare or to work around an XLA change.

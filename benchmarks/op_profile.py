@@ -2,10 +2,10 @@
 thunks), grouped by the model's module path: the profile to take before changing anything for
 speed (issue 11).
 
-    uv run python benchmarks/profile.py cait_s24_224 --batch 16
-    uv run python benchmarks/profile.py cait_s24_224 --batch 16 --dots default    # XLA's YNNPACK dots
-    uv run python benchmarks/profile.py cait_s24_224 --dtype bfloat16 --dots eigen
-    taskset -c 0 uv run python benchmarks/profile.py cait_s24_224 --batch 16      # one core: which ops use two
+    uv run python benchmarks/op_profile.py cait_s24_224 --batch 16
+    uv run python benchmarks/op_profile.py cait_s24_224 --batch 16 --dots default    # XLA's YNNPACK dots
+    uv run python benchmarks/op_profile.py cait_s24_224 --dtype bfloat16 --dots eigen
+    taskset -c 0 uv run python benchmarks/op_profile.py cait_s24_224 --batch 16      # one core: which ops use two
 
 The model has random weights (``vitport.create_model``); the timing does not depend on them.
 ``--dots``: ``vitport`` (what ``jm.apply_fn`` compiles with, ``vitport.xla_options``), ``default``
