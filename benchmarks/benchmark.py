@@ -548,8 +548,9 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
         t = Table(title=f"First call of {called} against depth, batch 1, fresh process (median of "
                         f"{args.first_call_repeats}): trace + compile (+ run)")
         depths = sorted({r["depth"] for r in depth_rows})
-        for col in ("front-end", "blocks", *[f"depth {d} (s)" for d in depths], f"{depths[-1]} / {depths[0]}",
-                    f"steady call, depth {depths[0]} (ms)"):
+        growth = len(depths) > 1  # the last depth against the first
+        for col in ("front-end", "blocks", *[f"depth {d} (s)" for d in depths],
+                    *([f"{depths[-1]} / {depths[0]}"] if growth else []), f"steady call, depth {depths[0]} (ms)"):
             t.add_column(col, justify="left" if col in ("front-end", "blocks") else "right")
         for fw in dict.fromkeys(r["framework"] for r in depth_rows):
             for scan in (False, True):
@@ -560,8 +561,8 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
                     t.add_row(fw, ("lax.scan (scan_blocks)" if scan else "one by one (default)")
                               + (", warm jax cache" if cached else ""),
                               *[f"{by[d]['compile_s']:.2f} ({by[d]['first_call_s']:.2f})" for d in depths],
-                              f"{last['compile_s'] / first['compile_s']:.2f}× "
-                              f"({last['first_call_s'] / first['first_call_s']:.2f}×)",
+                              *([f"{last['compile_s'] / first['compile_s']:.2f}× "
+                                 f"({last['first_call_s'] / first['first_call_s']:.2f}×)"] if growth else []),
                               f"{first['second_call_s'] * 1e3:.0f}")
         console.print(t)
     conv = info.get("convert")
