@@ -58,8 +58,12 @@ class TopLevelJit:
             return self.plain(*args, **kwargs)
         return self.top_level(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["top_level"], name)
+    def __getattr__(self, name: str) -> Any:  # only for names the instance lacks
+        try:
+            top_level = self.__dict__["top_level"]
+        except KeyError:  # not initialised (copy, unpickling): a plain miss
+            raise AttributeError(name) from None
+        return getattr(top_level, name)
 
 
 def _traced(*trees: Any) -> bool:
