@@ -1,11 +1,12 @@
 """XLA compiler options for vitport's jitted functions (passed per jit, never through XLA_FLAGS).
 
 float32 on the CPU: XLA's CPU backend hands dots to YNNPACK by default, which runs the small
-per-image attention products of CaiT's talking-heads map on one thread (``benchmarks/op_profile.py``
-under ``taskset -c 0`` times them as on two cores); Eigen hands its dots to XLA's thread pool. At batch 16 Eigen
-ran ViT-B/16 1.07-1.18x and CaiT-S24 0.97-1.20x as fast as YNNPACK, at batch 1 0.90-1.10x (three
-front-ends, 2-core AMD EPYC; ``benchmarks/README.md``; ``benchmark.py --modes float32
-float32-ynnpack`` repeats it on any machine).
+per-image attention products of CaiT's talking-heads map on one thread
+(``benchmarks/op_profile.py`` under ``taskset -c 0`` times them as on two cores); Eigen hands its
+dots to XLA's thread pool. At batch 16 Eigen ran ViT-B/16 1.07-1.18x and CaiT-S24 0.97-1.20x as
+fast as YNNPACK, at batch 1 0.90-1.10x (three front-ends, 2-core AMD EPYC;
+``benchmarks/README.md``; ``benchmark.py --modes float32 float32-ynnpack`` repeats it on any
+machine).
 
 bfloat16 inputs keep XLA's default: YNNPACK's bf16-in, float32-accumulate kernel is the fast one
 (``op_profile.py --dtype bfloat16 --dots eigen`` against ``--dots vitport``). So do float64 models
