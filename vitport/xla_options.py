@@ -51,7 +51,6 @@ class TopLevelJit:
     def __init__(self, fun: Callable, options: dict[str, Any], **jit_kwargs: Any):
         self.plain = jax.jit(fun, **jit_kwargs)
         self.top_level = jax.jit(fun, compiler_options=options, **jit_kwargs) if options else self.plain
-        self.compiler_options = dict(options)
         functools.update_wrapper(self, fun)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
