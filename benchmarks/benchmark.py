@@ -363,7 +363,11 @@ else:  # one optimiser step at batch 1, at a fine-tuning drop_path_rate (each bl
         return (out[0], *args[1:])
 # jit's own first call, in its three steps: trace + lower + compile, then the first run
 t0 = time.perf_counter()
-compiled = fn.trace(*args).lower().compile()
+traced = fn.trace(*args)
+t_trace = time.perf_counter()
+lowered = traced.lower()
+t_lower = time.perf_counter()
+compiled = lowered.compile()
 t1 = time.perf_counter()
 out = jax.block_until_ready(compiled(*args))
 t2 = time.perf_counter()
@@ -372,7 +376,8 @@ for _ in range(5):
     t = time.perf_counter()
     out = jax.block_until_ready(compiled(*again(out)))
     steady.append(time.perf_counter() - t)
-print(json.dumps({"compile_s": t1 - t0, "first_call_s": t2 - t0, "second_call_s": statistics.median(steady)}))
+print(json.dumps({"compile_s": t1 - t0, "trace_s": t_trace - t0, "lower_s": t_lower - t_trace,
+                  "xla_compile_s": t1 - t_lower, "first_call_s": t2 - t0, "second_call_s": statistics.median(steady)}))
 """
 
 
@@ -553,7 +558,8 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
         depths = sorted({r["depth"] for r in depth_rows})
         growth = len(depths) > 1  # the last depth against the first
         for col in ("front-end", "blocks", *[f"depth {d} (s)" for d in depths],
-                    *([f"{depths[-1]} / {depths[0]}"] if growth else []), f"steady call, depth {depths[0]} (ms)"):
+                    *([f"{depths[-1]} / {depths[0]}"] if growth else []), f"steady call, depth {depths[0]} (ms)",
+                    f"depth {depths[-1]}: trace / lower / XLA compile (s)"):
             t.add_column(col, justify="left" if col in ("front-end", "blocks") else "right")
         for fw in dict.fromkeys(r["framework"] for r in depth_rows):
             for scan in (False, True):
@@ -566,7 +572,8 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
                               *[f"{by[d]['compile_s']:.2f} ({by[d]['first_call_s']:.2f})" for d in depths],
                               *([f"{last['compile_s'] / first['compile_s']:.2f}× "
                                  f"({last['first_call_s'] / first['first_call_s']:.2f}×)"] if growth else []),
-                              f"{first['second_call_s'] * 1e3:.0f}")
+                              f"{first['second_call_s'] * 1e3:.0f}",
+                              f"{last['trace_s']:.2f} / {last['lower_s']:.2f} / {last['xla_compile_s']:.2f}")
         console.print(t)
     conv = info.get("convert")
     if conv:

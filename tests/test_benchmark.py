@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,7 +48,9 @@ def test_first_call_against_depth_runs_both_block_modes(tmp_path):
             == {("apply", s, c, d) for s in (False, True) for c in (False, True) for d in (2,)})
     for r in rows:
         assert 0 < r["compile_s"] < r["first_call_s"] and r["second_call_s"] > 0, r
+        assert r["compile_s"] == pytest.approx(r["trace_s"] + r["lower_s"] + r["xla_compile_s"]), r
     assert "First call of cait_s24_224 against depth" in proc.stdout
+    assert "trace / lower / XLA compile" in proc.stdout
 
 
 def test_first_train_step_child_times_a_scanned_step():
