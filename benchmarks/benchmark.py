@@ -70,9 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="what the first call against depth times: the model's evaluation call (apply) and/or "
                         "Trainer.train_step (forward, backward and AdamW at drop_path_rate 0.1)")
     p.add_argument("--first-call-repeats", type=int, default=3, metavar="N",
-                   help="fresh processes per first-call point; the median is reported")
+                   help="fresh processes per first-call point (and per --init point); the median is reported")
     p.add_argument("--warm-cache", action="store_true",
                    help="also time each first call against a filled jax persistent compilation cache")
+    p.add_argument("--init", action="store_true",
+                   help="also time random init of each --models model, each front-end, in fresh processes: "
+                        "vitport.init_params (what create_model runs) against the framework's own init")
     p.add_argument("--bf16-rtol", type=float, default=1e-2,
                    help="as --rtol, for bfloat16 rows (against timm's float32 logits)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per (model, batch, implementation)")
@@ -418,6 +421,49 @@ def bench_first_call(console: Console, frameworks: list[str], depths: list[int],
     return rows
 
 
+# --------------------------------------------------------------------------- random init
+
+_INIT_CHILD = r"""
+import json, sys, time
+import jax, jax.numpy as jnp
+jnp.zeros(1).block_until_ready()
+import vitport, vitport.api, vitport.random_init
+from converters.architectures import arch_spec
+from vitport.config import ModelConfig
+from vitport.frontends import front_end
+name, fw, how = sys.argv[1:4]
+cfg = ModelConfig(arch_spec(name))
+compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: compiles.append(duration) if event == "/jax/core/compile/backend_compile_duration" else None)
+t0 = time.perf_counter()
+params = vitport.init_params(cfg, fw, 0) if how == "vitport" else front_end(fw).init(cfg, jax.random.PRNGKey(0))
+jax.block_until_ready(params)
+print(json.dumps({"seconds": time.perf_counter() - t0, "compiles": len(compiles), "compile_s": sum(compiles)}))
+"""
+
+
+def bench_init(console: Console, models: list[str], frameworks: list[str], repeats: int) -> list[dict]:
+    """Random init of each model in each front-end, in fresh processes (after the imports):
+    ``vitport.init_params`` (``vitport.random_init``, what ``create_model`` runs) against the
+    framework's own init (``FrontEnd.init``: Haiku's and linen's ``init``, NNX's construction);
+    the median of ``repeats`` processes, with the XLA compiles each made."""
+    import subprocess
+
+    rows = []
+    for name in models:
+        for fw in frameworks:
+            for how in ("vitport", "own"):
+                runs = [json.loads(subprocess.run([sys.executable, "-c", _INIT_CHILD, name, fw, how], check=True,
+                                                  capture_output=True, text=True).stdout.strip().splitlines()[-1])
+                        for _ in range(repeats)]
+                r = {k: statistics.median(one[k] for one in runs) for k in runs[0]}
+                rows.append({"model": name, "framework": fw, "init": how, **r,
+                             "runs_s": [one["seconds"] for one in runs]})
+                console.log(f"init {name} {fw} {how}: {r['seconds']:.2f} s, {r['compiles']:.0f} compiles")
+    return rows
+
+
 # -------------------------------------------------------------------------- conversion
 
 _CONVERT_CHILD = r"""
@@ -575,6 +621,20 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
                               f"{first['second_call_s'] * 1e3:.0f}",
                               f"{last['trace_s']:.2f} / {last['lower_s']:.2f} / {last['xla_compile_s']:.2f}")
         console.print(t)
+    init_rows = info.get("random_init")
+    if init_rows:
+        t = Table(title="Random init, fresh process after the imports (median): vitport.init_params / "
+                        "create_model against the framework's own init", title_justify="left")
+        for col in ("model", "front-end", "init_params (s)", "compiles", "own init (s)", "compiles", "own / init_params"):
+            t.add_column(col, justify="left" if col in ("model", "front-end") else "right")
+        for r in init_rows:
+            if r["init"] != "vitport":
+                continue
+            own = next(o for o in init_rows if o["init"] == "own" and (o["model"], o["framework"]) ==
+                       (r["model"], r["framework"]))
+            t.add_row(r["model"], r["framework"], f"{r['seconds']:.2f}", f"{r['compiles']:.0f}", f"{own['seconds']:.2f}",
+                      f"{own['compiles']:.0f}", f"{own['seconds'] / r['seconds']:.1f}×")
+        console.print(t)
     conv = info.get("convert")
     if conv:
         console.print(f"[bold]convert cait_s24_224[/] from safetensors: {conv['convert_s']:.2f} s, peak extra memory "
@@ -607,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.depths:
         info["first_call_vs_depth"] = bench_first_call(console, args.frameworks, args.depths, args.first_call_repeats,
                                                        args.warm_cache, args.first_call_of)
+    if args.init:
+        info["random_init"] = bench_init(console, args.models, args.frameworks, args.first_call_repeats)
     if not args.no_convert:
         import tempfile
 

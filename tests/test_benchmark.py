@@ -36,14 +36,21 @@ def test_benchmark_runs_and_checks_every_row(tmp_path):
         peaks["xla_float32"], peaks["xla_float32_eigen"], peaks["torch_float32"])
 
 
-def test_first_call_against_depth_runs_both_block_modes(tmp_path):
+def test_first_call_against_depth_and_random_init(tmp_path):
     out = tmp_path / "first-call.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--models", "--no-convert", "--frameworks",
-         "flax", "--depths", "2", "--first-call-repeats", "1", "--warm-cache", "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--models", "vit_tiny_patch16_224", "--batches",
+         "1", "--iters", "1", "--warmup", "0", "--modes", "float32", "--no-compile", "--no-convert", "--frameworks",
+         "flax", "--depths", "2", "--first-call-repeats", "1", "--warm-cache", "--init", "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["machine"]["first_call_vs_depth"]
+    machine = json.loads(out.read_text())["machine"]
+    init = {r["init"]: r for r in machine["random_init"]}
+    assert set(init) == {"vitport", "own"} and all(r["seconds"] > 0 for r in init.values())
+    # one chunked draw program (vitport.random_init), against one per op and shape
+    assert init["vitport"]["compiles"] <= 3 < init["own"]["compiles"], init
+    assert "Random init, fresh process" in proc.stdout
+    rows = machine["first_call_vs_depth"]
     assert ({(r["of"], r["scan_blocks"], r["warm_cache"], r["depth"]) for r in rows}
             == {("apply", s, c, d) for s in (False, True) for c in (False, True) for d in (2,)})
     for r in rows:

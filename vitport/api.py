@@ -277,10 +277,13 @@ def from_state_dict(state_dict: Mapping[str, Any], spec: Spec, framework: Framew
 
 
 def init_params(spec_or_config: Spec | ModelConfig, framework: Framework, rng: int | jax.Array = 0) -> Any:
-    """Random (timm-style) init of a model's params in one framework."""
+    """Random (timm-style) init of a model's params in one framework: the same numbers in every
+    framework for the same ``rng`` (``vitport.random_init``), stacked where ``scan_blocks`` is on."""
+    from .random_init import init_params as canonical_init_params
+
     cfg = spec_or_config if isinstance(spec_or_config, ModelConfig) else ModelConfig(spec_or_config)
     key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
-    return _pure(front_end(check_framework(framework)).init(cfg, key))
+    return canonical_init_params(cfg, check_framework(framework), key)
 
 
 __all__ = ["FRAMEWORKS", "JaxModel", "from_state_dict", "init_params"]

@@ -64,9 +64,11 @@ class FrontEnd:
         return layout(self.name)
 
 
-# Random init runs eagerly, not under one jit: jitted, every param's threefry draw is its own
-# kernel to compile (20-23 s for cait_s24_224 here), while eagerly jax compiles each draw once per
-# shape and reuses it across blocks and models (6-13 s; measured with a fresh process per model).
+# A framework's own init (``FrontEnd.init``) runs eagerly, not under one jit: jitted, every param's
+# threefry draw is its own kernel to compile (20-23 s for cait_s24_224 here), while eagerly jax
+# compiles each draw once per shape and reuses it across blocks and models (6-13 s; measured with a
+# fresh process per model). ``vitport.init_params`` and ``create_model`` use neither: they draw one
+# canonical tree for all front-ends (``vitport.random_init``).
 def _example(cfg: ModelConfig) -> jax.Array:
     return jnp.zeros((1, *cfg.spec.image_size, cfg.spec.channels), jnp.dtype(cfg.param_dtype))
 
