@@ -4,16 +4,16 @@
 So the three front-ends start from the same numbers for the same key, and init is quick. The
 frameworks' own inits stay (``FrontEnd.init``; the linen and Haiku modules' ``init``), but they
 are slow: Haiku's and linen's run the forward pass eagerly to create their params (one XLA
-compile per op and shape), NNX's draws each param eagerly. Here each distinct (initializer,
-shape, dtype) compiles one small jit, every param of it is one call of that jit, and constants
-(biases, norm scales, LayerScale, frozen statistics) are made on the host without XLA.
-``benchmarks/benchmark.py --init`` times both on any machine.
+compile per op and shape), NNX's draws each param eagerly (one per shape). Here one jitted
+program draws fixed-size chunks of a unit distribution for every tensor of every shape (the
+chunks are joined and scaled after), and constants (biases, norm scales, LayerScale, frozen
+statistics) are made on the host without XLA. ``benchmarks/benchmark.py --init`` times both.
 
-The distributions are the front-ends': timm's ViT init (``structure.WEIGHT_INIT``, std 0.02
-truncated normal) for every Linear and conv kernel, zero biases, norm scales at their
-declared ``scale_init``, and each free ``Param``'s own ``structure.initializer``. Each tensor's
-key is ``fold_in(key, crc32(its timm key))``: a tensor's draw does not depend on which others
-the architecture has.
+The distributions are the front-ends': ``structure.WEIGHT_INIT`` (jax's truncated_normal(0.02),
+timm's std) for every Linear and conv kernel, zero biases, norm scales at their declared
+``scale_init``, and each free ``Param``'s own ``structure.initializer``. Each tensor's key is
+``fold_in(key, crc32(its timm key))``: a tensor's draw does not depend on which others the
+architecture has.
 """
 
 from __future__ import annotations
@@ -76,9 +76,10 @@ def init_rule(e: Entry, decls: dict[str, Any]) -> Rule:
     return ("constant", 0.0)  # biases and running means
 
 
-# Every jax.random program costs about 0.3 s of XLA compile here (threefry), whatever its
-# size, and runs at ~90 M values/s: so one program draws fixed-size chunks of a unit
-# distribution for every tensor of every shape, and the chunks are joined and scaled after.
+# Every jax.random program costs a fixed XLA compile (threefry), whatever its size: about
+# 0.3 s on the project's 2-core machine (``benchmark.py --init`` reports the compiles and their
+# seconds). So one program draws fixed-size chunks of a unit distribution for every tensor of
+# every shape, and the chunks are joined and scaled after.
 CHUNK = 1 << 18
 UNIT_DRAWS = ("truncated_normal", "normal")  # truncated to [-2, 2] (jax's initializer), plain
 # jax.nn.initializers.truncated_normal(std) scales a [-2, 2] truncated unit normal by std / its own
@@ -107,6 +108,13 @@ def _unit_draw(key: jax.Array, salt: np.uint32, draw: str, shape: tuple[int, ...
     return np.concatenate([np.asarray(c) for c in chunks])[:n].reshape(shape) if n else np.zeros(shape, np.float32)
 
 
+def _scaled(a: Any, std: float, dtype: np.dtype) -> jax.Array:
+    if isinstance(a, jax.Array):  # traced
+        return (a * np.float32(std)).astype(dtype)
+    a *= np.float32(std)  # a fresh host array: scaled in place, cast (when needed) once, copied to the device once
+    return jax.device_put(a.astype(dtype, copy=False))
+
+
 @functools.lru_cache(maxsize=None)
 def _param_sampler(p: structure.Param, dtype: str) -> Callable[[jax.Array, Any], jax.Array]:
     """A jit for a free parameter with an initializer of its own (RoPE's mixed frequencies)."""
@@ -125,8 +133,7 @@ def canonical_init(cfg: ModelConfig, key: jax.Array) -> dict:
         salt = np.uint32(zlib.crc32(e.timm_key.encode()))
         if kind == "unit":
             draw, std = what
-            a = _unit_draw(key, salt, draw, e.jax_shape) * np.float32(std)
-            tree[e.key] = a.astype(dtype) if isinstance(a, jax.Array) else jax.device_put(a.astype(dtype))
+            tree[e.key] = _scaled(_unit_draw(key, salt, draw, e.jax_shape), std, dtype)
         elif kind == "param":
             tree[e.key] = _param_sampler(what, dtype.name)(key, salt)
         else:
