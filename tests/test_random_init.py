@@ -27,12 +27,18 @@ def _shapes(tree):
     return jax.tree.map(lambda a: (a.shape, a.dtype), tree)
 
 
+# Stacking is shared code (converters.stack_blocks): scanned layouts for a family each, and for
+# the block lists that stay unscanned.
+SCANNED_CASES = {"vit_token", "cait", "eva_rope_mixed_ape", "relpos_mlp_res_post_cls_token", "hybrid_resnet_d",
+                 "diff_attention_reg"}
+
+
 @pytest.mark.parametrize("case", sorted(TINY_CASES))
 def test_tree_matches_each_frameworks_own_init(case):
-    """Same names, shapes and dtypes as the framework's own init, every option, both block
-    layouts (a framework's own init may leave scanned blocks unstacked: compared unstacked)."""
+    """Same names, shapes and dtypes as the framework's own init, every option (a framework's
+    own init may leave scanned blocks unstacked: compared unstacked)."""
     spec = tiny_spec(case)
-    for scan in (False, True):
+    for scan in (False, True) if case in SCANNED_CASES else (False,):
         cfg = ModelConfig(spec, scan_blocks=scan)
         for fw in FRAMEWORKS:
             own = jax.eval_shape(lambda: unstack_blocks(pure_tree(front_end(fw).init(cfg, jax.random.PRNGKey(0))),
