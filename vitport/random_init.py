@@ -76,10 +76,10 @@ def init_rule(e: Entry, decls: dict[str, Any]) -> Rule:
     return ("constant", 0.0)  # biases and running means
 
 
-# Every jax.random program costs a fixed XLA compile (threefry), whatever its size: about
-# 0.3 s on the project's 2-core machine (``benchmark.py --init`` reports the compiles and their
-# seconds). So one program draws fixed-size chunks of a unit distribution for every tensor of
-# every shape, and the chunks are joined and scaled after.
+# Every jax.random program costs an XLA compile (threefry) whatever its size
+# (``benchmark.py --init`` reports the compiles and their seconds). So one program draws
+# fixed-size chunks of a unit distribution for every tensor of every shape, and the chunks are
+# joined and scaled after.
 CHUNK = 1 << 18
 UNIT_DRAWS = ("truncated_normal", "normal")  # truncated to [-2, 2] (jax's initializer), plain
 # jax.nn.initializers.truncated_normal(std) scales a [-2, 2] truncated unit normal by std / its own
