@@ -134,7 +134,7 @@ def test_dropout_only_in_training(framework, family):
     cfg = small_config(family)
     fe = front_end(framework)
     img = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3), jnp.float32)
-    params = fe.init(cfg, jax.random.PRNGKey(1))
+    params = vitport.init_params(cfg, framework, 1)
     apply = jax.jit(fe.apply(cfg), static_argnames=("train", "return_intermediates"))
     eval_a, eval_b = apply(params, img), apply(params, img, train=False)
     np.testing.assert_array_equal(eval_a, eval_b)
@@ -159,7 +159,7 @@ def test_cait_trains_with_layer_dropout(framework):
     fe = front_end(framework)
     img = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3), jnp.float32)
     labels = jnp.array([0, 1, 2, 3])
-    params = fe.init(cfg, jax.random.PRNGKey(1))
+    params = vitport.init_params(cfg, framework, 1)
     apply = fe.apply(cfg)
 
     def loss_fn(p, rng):
@@ -196,7 +196,7 @@ def test_cait_layer_dropout_rate_is_constant_over_depth(framework):
     for family in ("cait", "vit"):
         cfg = small_config(family, depth=3, dropout=0.0, emb_dropout=0.0, layer_dropout=0.5)
         fe = front_end(framework)
-        params = fe.init(cfg, jax.random.PRNGKey(0))
+        params = vitport.init_params(cfg, framework, 0)
         apply = jax.jit(fe.apply(cfg), static_argnames=("train", "return_intermediates"))
         _, out = apply(params, img, train=True, rng=jax.random.PRNGKey(1), return_intermediates=True)
         _, ref = apply(params, img, return_intermediates=True)

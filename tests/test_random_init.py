@@ -52,8 +52,8 @@ def test_tree_matches_each_frameworks_own_init(case):
 
 
 @pytest.mark.parametrize("case", ["deit3_layerscale_no_embed_class", "diff_attention_reg",
-                                  "eva_rope_mixed_ape", "hybrid_resnet_d", "relpos_mlp_res_post_cls_token",
-                                  "parallel_scaling_rmsnorm_xp"])
+                                  "eva_rope_mixed_ape", "hybrid_resnetv2_same",
+                                  "relpos_mlp_res_post_cls_token", "parallel_scaling_rmsnorm_xp"])
 def test_values_follow_the_frameworks_own_init(case):
     """Against NNX's own init (it builds every param from the same declarations): every
     constant tensor (biases, norm scales, LayerScale, BatchNorm statistics) equal, every random
@@ -136,3 +136,21 @@ def test_init_compiles_a_fixed_number_of_programs():
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert len(compiles) <= 3, len(compiles)
+
+
+def test_every_registered_architecture_has_an_init_rule_for_every_tensor():
+    """All of timm's architectures vitport builds (not only the tiny twins): every tensor of the
+    key table finds its declaration, and kernels are the only drawn tensors besides free params."""
+    from converters.architectures import arch_spec, list_architectures
+
+    names = list_architectures()
+    assert len(names) > 100
+    for name in names:
+        cfg = ModelConfig(arch_spec(name))
+        decls = random_init.declarations(cfg)
+        for e in random_init.param_table(cfg.spec):
+            kind, what = random_init.init_rule(e, decls)
+            if kind == "unit" and e.kind != "param":
+                assert e.leaf == "kernel" and what == random_init.WEIGHT_DRAW, (name, e)
+            elif kind == "constant":
+                assert e.leaf != "kernel", (name, e)
