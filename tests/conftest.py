@@ -9,10 +9,37 @@ import pytest
 # Tests never touch the network: the hub is offline unless a test points it at local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# The tests compile hundreds of distinct small programs and run each once or twice: they spend
+# their time in XLA's compiler, not in the programs. LLVM at -O0 and XLA's classic loop emitters
+# compile them about twice as fast (the whole suite: 49 min -> 24 min on the 2-core AMD EPYC CI
+# machine, durations in the notes on issue 11). The programs are the same and XLA's CPU backend uses no
+# fast-math at any level; float32 results move by a rounding (2e-7 on tiny models' logits), far
+# inside every tolerance. XLA reads XLA_FLAGS once, when the backend starts, so the flags are taken
+# out of the environment again: the benchmarks and CLI runs that tests start compile as a user's
+# would, except subprocesses whose numbers a test compares bit for bit with its own
+# (helpers.env_with_test_xla_flags). VITPORT_TESTS_XLA_FLAGS= (empty) runs with XLA's defaults.
+FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ.setdefault("VITPORT_TESTS_XLA_FLAGS", FAST_COMPILE_XLA_FLAGS)
+
 import jax  # noqa: E402
 
 # float64 parity tiers need x64; float32 models stay float32 (params carry their dtype).
 jax.config.update("jax_enable_x64", True)
+
+
+def _start_xla_with_test_flags() -> None:
+    users = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = f"{users or ''} {os.environ['VITPORT_TESTS_XLA_FLAGS']}".strip()
+    try:
+        jax.devices()  # starts the CPU backend, which parses XLA_FLAGS (once per process)
+    finally:
+        if users is None:
+            del os.environ["XLA_FLAGS"]
+        else:
+            os.environ["XLA_FLAGS"] = users
+
+
+_start_xla_with_test_flags()
 
 
 def _share_compilation_cache() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -118,9 +119,19 @@ def images(spec, batch: int = 2, dtype: str = "float64", seed: int = 1, size=Non
 BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['timm'] = None\n"
 
 
+def env_with_test_xla_flags(**extra: str) -> dict[str, str]:
+    """This process's environment plus ``extra``, with the tests' compile-fast XLA flags
+    (conftest.py) added to XLA_FLAGS: a subprocess whose numbers a test compares with its own, bit
+    for bit, must compile as the test process does."""
+    env = dict(os.environ, **extra)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {os.environ.get('VITPORT_TESTS_XLA_FLAGS', '')}".strip()
+    return env
+
+
 def run_without_torch(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter where importing torch or timm fails."""
+    """Run ``code`` in a fresh interpreter where importing torch or timm fails (compiling with
+    the tests' XLA flags)."""
     proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env_with_test_xla_flags())
     assert proc.returncode == 0, proc.stderr
     return proc

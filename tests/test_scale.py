@@ -9,7 +9,6 @@ loopback.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 import vitport
 from converters import FRAMEWORKS
 from converters.errors import InvalidArgumentError, MissingFileError
-from helpers import TINY, images, tiny_timm
+from helpers import TINY, env_with_test_xla_flags, images, tiny_timm
 from test_checkpoints import populate_hub_cache, save_hub_dir, timm_logits, tree_equal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xdist_group("scale")
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT / "tests"))
-    env.pop("XLA_FLAGS", None)
-    env.update(extra)
-    return env
+def _env(xla_flags: str = "") -> dict[str, str]:
+    return env_with_test_xla_flags(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT / "tests"),
+                                   XLA_FLAGS=xla_flags)
 
 
 # ---------------------------------------------------------------------- sharded models
@@ -142,7 +139,7 @@ def strategy_run():
     """Started when the module starts, so the 8-device run overlaps the other tests; read by
     the last test."""
     proc = subprocess.Popen([sys.executable, "-c", STRATEGY_CHECK], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), cwd=ROOT)
+                            text=True, env=_env("--xla_force_host_platform_device_count=8"), cwd=ROOT)
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -155,7 +152,7 @@ def finetune_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded-finetune")
     proc = subprocess.Popen([sys.executable, "-c", FINETUNE_CHECK, str(root)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                            env=_env("--xla_force_host_platform_device_count=8"))
     yield proc
     if proc.poll() is None:
         proc.kill()
