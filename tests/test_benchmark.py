@@ -14,6 +14,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_benchmarks_started_by_tests_compile_with_xla_defaults():
+    """conftest.py's compile-fast XLA flags reach the test process only: the benchmark processes
+    below inherit an environment without them, while a subprocess compared bit for bit gets them."""
+    from helpers import env_with_test_xla_flags
+
+    flags = os.environ["VITPORT_TESTS_XLA_FLAGS"].split()
+    assert not set(flags) & set(os.environ.get("XLA_FLAGS", "").split())
+    assert set(flags) <= set(env_with_test_xla_flags()["XLA_FLAGS"].split())
+
+
 def test_benchmark_runs_and_checks_every_row(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
