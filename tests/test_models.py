@@ -291,6 +291,40 @@ def test_nnx_module_is_built_abstractly_and_filled():
                                   np.asarray(jm.params["blocks"][1]["attn"]["qkv"]["kernel"]))
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["blockwise", "scanned"])
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "cait_xxs24_224", "vit_base_patch16_rope_reg1_gap_256",
+                                  "vit_relpos_medium_patch16_224"])
+def test_nnx_graph_draws_no_keys_and_gives_each_stream_its_own(name, scan, monkeypatch):
+    """The graph converted weights are merged into (``frontends._nnx_graph``) is built without
+    jax.random, whose eager seed and fold_in compiled five programs on a process's first NNX call;
+    yet every Dropout / DropPath / rope stream in it has a key of its own, so a model trained
+    from its own streams draws different masks per layer and per call."""
+    from vitport import frontends
+
+    jm = vitport.create_model(name, "nnx", img_size=32, patch_size=8, depth=2, num_classes=3, drop_rate=0.1,
+                              proj_drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.2)
+    cfg = dataclasses.replace(jm.config, scan_blocks=scan)
+
+    def no_keys(*args, **kwargs):
+        raise AssertionError("jax.random ran while the NNX graph was built")
+
+    with monkeypatch.context() as patched:
+        for fn in ("key", "PRNGKey", "fold_in", "split"):
+            patched.setattr(jax.random, fn, no_keys)
+        _, rest = frontends._nnx_graph.__wrapped__(cfg)
+    keys = [np.asarray(jax.random.key_data(v.get_value())).tobytes()
+            for _, v in nnx.to_flat_state(rest) if isinstance(v, nnx.RngKey)]
+    assert len(keys) >= 4 and len(set(keys)) == len(keys)
+
+    model = frontends.nnx_module(cfg, jm.params if not scan else jm.set_scan_blocks().params)
+    model.train()
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    first, second = np.asarray(model(x)), np.asarray(model(x))
+    model.eval()
+    assert np.isfinite(first).all() and np.abs(first - second).max() > 0
+    assert np.abs(first - np.asarray(model(x))).max() > 0
+
+
 # ------------------------------------------------------------------------------- create_model
 
 

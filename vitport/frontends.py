@@ -136,9 +136,9 @@ FLAX = FrontEnd("flax", vflax, "train=True in apply",
 # --------------------------------------------------------------------------------- NNX
 
 
-def _nnx_build(cfg: ModelConfig, key: jax.Array):
+def _nnx_build(cfg: ModelConfig, rngs: nnx.Rngs):
     return {"vit": vnnx.ViT, "cait": vnnx.CaiT, "eva": vnnx.Eva,
-            "relpos": vnnx.VisionTransformerRelPos}[cfg.family].from_config(cfg, rngs=nnx.Rngs(key))
+            "relpos": vnnx.VisionTransformerRelPos}[cfg.family].from_config(cfg, rngs=rngs)
 
 
 @functools.lru_cache(maxsize=64)
@@ -148,7 +148,7 @@ def _nnx_graph(cfg: ModelConfig):
     # Eagerly even when first asked inside a jit trace: the cached graph must hold no tracers,
     # and traced rng counters made each new layer ask jax for a costly error message.
     with jax.ensure_compile_time_eval(), nnx_layers.abstract_weights():
-        model = _nnx_build(cfg, jax.random.key(0))
+        model = _nnx_build(cfg, nnx_layers.graph_rngs())
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, rest
 
@@ -162,7 +162,7 @@ def nnx_module(cfg: ModelConfig, params: Any) -> nnx.Module:
 
 
 def _nnx_init(cfg: ModelConfig, key: jax.Array) -> Any:
-    return nnx.to_pure_dict(nnx.state(_nnx_build(cfg, key), nnx.Param))
+    return nnx.to_pure_dict(nnx.state(_nnx_build(cfg, nnx.Rngs(key)), nnx.Param))
 
 
 @functools.lru_cache(maxsize=64)
