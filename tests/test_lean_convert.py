@@ -77,3 +77,25 @@ def test_lazy_read_reads_nothing_until_placed(tmp_path):
     for k in eager:
         assert lazy[k].shape == eager[k].shape and np.array_equal(materialize(lazy[k]), eager[k]), k
     assert len(calls) == len(eager) and calls[-1][1:] == (len(eager), len(eager))
+
+
+def _lazy_and_eager(tmp_path):
+    from vitport.hub import resolve
+
+    src = _checkpoint(tmp_path / "vit.safetensors")
+    r = resolve(src, arch="vit_base_patch16_224", model_args=dict(embed_dim=384, depth=6, num_heads=6))
+    return src, read_canonical(r, lazy=True), read_canonical(r)
+
+
+def test_a_checkpoint_truncated_after_its_header_was_read_is_named(tmp_path):
+    """The file shrinks between the header check and the read: a CheckpointError naming it."""
+    import pytest
+
+    from converters.errors import CheckpointError
+
+    src, lazy, _ = _lazy_and_eager(tmp_path)
+    with open(src, "r+b") as f:
+        f.truncate(8 + int.from_bytes(f.read(8), "little"))  # the header stays, the data goes
+    for k in lazy:
+        with pytest.raises(CheckpointError, match="shorter than its header says"):
+            lazy[k].load()
