@@ -325,6 +325,23 @@ def test_nnx_graph_draws_no_keys_and_gives_each_stream_its_own(name, scan, monke
     assert np.abs(first - np.asarray(model(x))).max() > 0
 
 
+def test_linen_apply_checks_param_shapes_and_init_still_draws():
+    """On apply, linen's layers get a shape-only initializer (tracing timm's truncated normal for
+    every param only to check its shape cost trace time): a wrongly shaped param is still
+    refused by name, and ``init`` still draws (no kernel is all zeros)."""
+    import flax
+
+    v = FlaxViT(**dict(SMALL_VIT, dropout=0.0, emb_dropout=0.0))
+    img = jnp.zeros((1, 32, 32, 3))
+    params = v.init(jax.random.PRNGKey(0), img)
+    kernels = [a for path, a in jax.tree_util.tree_leaves_with_path(params) if "kernel" in jax.tree_util.keystr(path)]
+    assert kernels and all(float(jnp.abs(k).max()) > 0 for k in kernels)
+    bad = jax.tree_util.tree_map(lambda a: a, params)
+    bad["params"]["head"]["kernel"] = jnp.zeros((7, 1000))
+    with pytest.raises(flax.errors.ScopeParamShapeError, match="head"):
+        v.apply(bad, img)
+
+
 # ------------------------------------------------------------------------------- create_model
 
 

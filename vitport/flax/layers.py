@@ -88,12 +88,22 @@ class Layers(structure.LazyLayers):
 
     def param(self, name: str) -> jax.Array:
         decl = self.declarations[name]
-        return self.module.param(name, structure.initializer(decl), decl.shape, jnp.dtype(self.cfg.param_dtype))
+        return self.module.param(name, self._init(structure.initializer(decl)), decl.shape,
+                                 jnp.dtype(self.cfg.param_dtype))
+
+    def _init(self, init: Callable) -> Callable:
+        """``init`` when params are being made; else a shape-only stand-in. On apply, linen's
+        ``param`` traces the initializer (``jax.eval_shape``) only to check the stored param's
+        shape, and tracing timm's truncated normal once per Linear was most of linen's lead in
+        trace time over Haiku."""
+        if self.module.is_initializing() or self.module.is_mutable_collection("params"):
+            return init
+        return jax.nn.initializers.zeros
 
     def build(self, name: str, decl: Any) -> Callable:
         kw = dict(dtype=self.cfg.dtype, param_dtype=jnp.dtype(self.cfg.param_dtype), name=name)
         if isinstance(decl, structure.Linear):
-            return nn.Dense(decl.out_features, use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT,
+            return nn.Dense(decl.out_features, use_bias=decl.bias, kernel_init=self._init(structure.WEIGHT_INIT),
                             dot_general=ops.dot_general(self.cfg.matmul_dtype), **kw)
         if isinstance(decl, structure.Norm):
             if decl.scale_init != 1.0:
@@ -105,7 +115,7 @@ class Layers(structure.LazyLayers):
         if isinstance(decl, structure.PatchConv):
             p = decl.patch_size
             return nn.Conv(decl.out_channels, (p, p), strides=(p, p), padding="VALID", use_bias=decl.bias,
-                           kernel_init=structure.WEIGHT_INIT,
+                           kernel_init=self._init(structure.WEIGHT_INIT),
                            conv_general_dilated=ops.conv_general_dilated(self.cfg.matmul_dtype), **kw)
         if isinstance(decl, structure.Conv):
             k = decl.kernel_size
@@ -113,7 +123,7 @@ class Layers(structure.LazyLayers):
                     else ops.std_conv_general_dilated(self.cfg.matmul_dtype, decl.std_eps))
             return nn.Conv(decl.out_channels, (k, k), strides=(decl.stride, decl.stride),
                            padding=ops.conv_padding(decl.padding), feature_group_count=decl.groups,
-                           use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT, conv_general_dilated=conv, **kw)
+                           use_bias=decl.bias, kernel_init=self._init(structure.WEIGHT_INIT), conv_general_dilated=conv, **kw)
         if isinstance(decl, structure.GroupNorm):
             return nn.GroupNorm(num_groups=decl.groups, epsilon=decl.eps, use_fast_variance=False, **kw)
         if isinstance(decl, structure.BatchNorm):
