@@ -123,7 +123,8 @@ class Layers(structure.LazyLayers):
                     else ops.std_conv_general_dilated(self.cfg.matmul_dtype, decl.std_eps))
             return nn.Conv(decl.out_channels, (k, k), strides=(decl.stride, decl.stride),
                            padding=ops.conv_padding(decl.padding), feature_group_count=decl.groups,
-                           use_bias=decl.bias, kernel_init=self._init(structure.WEIGHT_INIT), conv_general_dilated=conv, **kw)
+                           use_bias=decl.bias, kernel_init=self._init(structure.WEIGHT_INIT),
+                           conv_general_dilated=conv, **kw)
         if isinstance(decl, structure.GroupNorm):
             return nn.GroupNorm(num_groups=decl.groups, epsilon=decl.eps, use_fast_variance=False, **kw)
         if isinstance(decl, structure.BatchNorm):

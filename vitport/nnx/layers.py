@@ -57,8 +57,8 @@ class _GraphStream(nnx.RngStream):
     no key is drawn: ``params()`` hands out the seed as it is, and each ``fork()`` (a Dropout's or
     DropPath's own stream, kept in the graph) gets a distinct key made from numpy. So building runs
     no XLA computation; jax.random's eager seed, fold_in and counter add compiled five programs
-    (about 0.3 s) on a process's first NNX graph. Threefry keys whatever jax's default, like
-    ``jax.random.key(n)`` under it."""
+    (about 0.3 s) on a process's first NNX graph. The keys are threefry keys whatever jax's
+    default PRNG (``jax.random.key(n)`` where that default is threefry)."""
 
     def __init__(self, *, tag: str = "default"):
         super().__init__(self._key(0), tag=tag)
