@@ -9,12 +9,60 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
 
 from .. import ops, structure
 from ..config import ModelConfig
+
+
+class StoredParams:
+    """Linen module mixin: on apply, ``param`` returns the stored param after checking its shape
+    against the declared one, without tracing the initializer. flax's ``Scope.param`` makes that
+    check with ``jax.eval_shape`` of the initializer, once per param per call: 380 traces for
+    CaiT-S24 block by block, a third of linen's trace time (``benchmarks/README.md``)."""
+
+    def param(self, name: str, init_fn: Callable, *init_args: Any, unbox: bool = True, **init_kwargs: Any) -> Any:
+        shape = init_args[0] if init_args else init_kwargs.get("shape")
+        scope = self.scope
+        if (scope is None or not _is_shape(shape) or self.is_initializing()
+                or not scope.has_variable("params", name)):
+            return super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        scope.reserve(name, "params")  # a second param of the same name is refused, as by flax
+        value = scope.get_variable("params", name)
+        value = meta.unbox(value) if unbox else value
+        if np.shape(meta.unbox(value)) != tuple(shape):
+            raise flax.errors.ScopeParamShapeError(name, scope.path_text, np.shape(meta.unbox(value)), tuple(shape))
+        return value
+
+
+def _is_shape(shape: Any) -> bool:
+    return isinstance(shape, (tuple, list)) and all(isinstance(d, (int, np.integer)) for d in shape)
+
+
+# flax's layers, reading their params as ``StoredParams`` does
+class Dense(StoredParams, nn.Dense):
+    pass
+
+
+class Conv(StoredParams, nn.Conv):
+    pass
+
+
+class LayerNorm(StoredParams, nn.LayerNorm):
+    pass
+
+
+class RMSNorm(StoredParams, nn.RMSNorm):
+    pass
+
+
+class GroupNorm(StoredParams, nn.GroupNorm):
+    pass
 
 
 class DropPath(nn.Module):
@@ -30,7 +78,7 @@ class DropPath(nn.Module):
         return ops.drop_path(x, rate, self.make_rng("dropout"))
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(StoredParams, nn.Module):
     """torch ``BatchNorm2d`` in evaluation mode (``structure.BatchNorm``): params ``scale``,
     ``bias`` and the frozen running statistics ``mean``, ``var``, held in the ``params`` collection
     (one tree carries the checkpoint; ``ops.batch_norm_frozen`` stops their gradient and
@@ -88,45 +136,35 @@ class Layers(structure.LazyLayers):
 
     def param(self, name: str) -> jax.Array:
         decl = self.declarations[name]
-        return self.module.param(name, self._init(structure.initializer(decl)), decl.shape,
-                                 jnp.dtype(self.cfg.param_dtype))
-
-    def _init(self, init: Callable) -> Callable:
-        """``init`` when params are being made; else a shape-only stand-in. On apply, linen's
-        ``param`` traces the initializer (``jax.eval_shape``) only to check the stored param's
-        shape, and tracing timm's truncated normal once per Linear was most of linen's lead in
-        trace time over Haiku."""
-        if self.module.is_initializing() or self.module.is_mutable_collection("params"):
-            return init
-        return jax.nn.initializers.zeros
+        return self.module.param(name, structure.initializer(decl), decl.shape, jnp.dtype(self.cfg.param_dtype))
 
     def build(self, name: str, decl: Any) -> Callable:
         kw = dict(dtype=self.cfg.dtype, param_dtype=jnp.dtype(self.cfg.param_dtype), name=name)
         if isinstance(decl, structure.Linear):
-            return nn.Dense(decl.out_features, use_bias=decl.bias, kernel_init=self._init(structure.WEIGHT_INIT),
+            return Dense(decl.out_features, use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT,
                             dot_general=ops.dot_general(self.cfg.matmul_dtype), **kw)
         if isinstance(decl, structure.Norm):
             if decl.scale_init != 1.0:
                 kw["scale_init"] = jax.nn.initializers.constant(decl.scale_init)
             if decl.kind == "RmsNorm":  # timm RmsNorm: x * rsqrt(mean(x**2) + eps) * weight, no bias
-                return nn.RMSNorm(epsilon=decl.eps, **kw)
+                return RMSNorm(epsilon=decl.eps, **kw)
             # Two-pass variance like torch; flax's default fast variance loses digits in float32.
-            return nn.LayerNorm(epsilon=decl.eps, use_fast_variance=False, **kw)
+            return LayerNorm(epsilon=decl.eps, use_fast_variance=False, **kw)
         if isinstance(decl, structure.PatchConv):
             p = decl.patch_size
-            return nn.Conv(decl.out_channels, (p, p), strides=(p, p), padding="VALID", use_bias=decl.bias,
-                           kernel_init=self._init(structure.WEIGHT_INIT),
+            return Conv(decl.out_channels, (p, p), strides=(p, p), padding="VALID", use_bias=decl.bias,
+                           kernel_init=structure.WEIGHT_INIT,
                            conv_general_dilated=ops.conv_general_dilated(self.cfg.matmul_dtype), **kw)
         if isinstance(decl, structure.Conv):
             k = decl.kernel_size
             conv = (ops.conv_general_dilated(self.cfg.matmul_dtype) if decl.std_eps is None
                     else ops.std_conv_general_dilated(self.cfg.matmul_dtype, decl.std_eps))
-            return nn.Conv(decl.out_channels, (k, k), strides=(decl.stride, decl.stride),
+            return Conv(decl.out_channels, (k, k), strides=(decl.stride, decl.stride),
                            padding=ops.conv_padding(decl.padding), feature_group_count=decl.groups,
-                           use_bias=decl.bias, kernel_init=self._init(structure.WEIGHT_INIT),
+                           use_bias=decl.bias, kernel_init=structure.WEIGHT_INIT,
                            conv_general_dilated=conv, **kw)
         if isinstance(decl, structure.GroupNorm):
-            return nn.GroupNorm(num_groups=decl.groups, epsilon=decl.eps, use_fast_variance=False, **kw)
+            return GroupNorm(num_groups=decl.groups, epsilon=decl.eps, use_fast_variance=False, **kw)
         if isinstance(decl, structure.BatchNorm):
             return BatchNorm(decl.features, decl.eps, jnp.dtype(self.cfg.param_dtype), name=name)
         if isinstance(decl, structure.Dropout):
@@ -140,7 +178,7 @@ class Layers(structure.LazyLayers):
         raise TypeError(f"no linen layer for {decl!r}")
 
 
-class Node(nn.Module):
+class Node(StoredParams, nn.Module):
     """A composite timm module (``node.kind``): its children and wiring come from ``structure``."""
 
     node: structure.Node

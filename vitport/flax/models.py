@@ -11,12 +11,12 @@ import jax
 from converters.specs import EvaSpec, RelPosSpec
 
 from ..config import RUNTIME_FIELDS, ModelConfig, config_from_kwargs, config_kwargs
-from .layers import run_root
+from .layers import StoredParams, run_root
 
 Dtype = Any
 
 
-class _Root(nn.Module):
+class _Root(StoredParams, nn.Module):
     """Shared by ``ViT`` and ``CaiT``: the module's fields are the constructor keywords of
     ``vitport.config``; ``config`` resolves them into the one description every layer reads."""
 
