@@ -818,9 +818,10 @@ def attention_pool(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 def talking_head_attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """CaiT: attention logits (``proj_l``) and weights (``proj_w``) mixed across heads."""
-    q, k, v = _heads(cfg.spec, *jnp.split(m("qkv")(x), 3, axis=-1))
+    qkv = m("qkv")(x)
     if cfg.attn_dropout == 0.0:
-        return m("proj_drop")(m("proj")(ops.merge_heads(_talking_heads_per_image(m, cfg, q, k, v))))
+        return m("proj_drop")(m("proj")(_talking_heads_per_image(m, cfg, qkv)))
+    q, k, v = _heads(cfg.spec, *jnp.split(qkv, 3, axis=-1))
     # proj_l / proj_w are Linear layers over the heads axis: move heads last and back.
     logits = m("proj_l")(ops.attention_logits(q, k, cfg.matmul_dtype).transpose(0, 2, 3, 1))
     weights = m("proj_w")(ops.softmax(logits, axis=-2)).transpose(0, 3, 1, 2)
@@ -829,14 +830,16 @@ def talking_head_attention(m: Layers, cfg: ModelConfig, x: jax.Array) -> jax.Arr
     return m("proj_drop")(m("proj")(ops.merge_heads(ops.attend(weights, v, cfg.matmul_dtype))))
 
 
-def _talking_heads_per_image(m: Layers, cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def _talking_heads_per_image(m: Layers, cfg: ModelConfig, qkv: jax.Array) -> jax.Array:
     """The talking-heads core (logits, ``proj_l``, softmax, ``proj_w``, weights @ v) one image at a
-    time: an image's (heads, N, N) maps stay in cache through the five passes over them, where
-    the batch's would go to memory and back each time (2.5-3x faster on a 2-core EPYC at batch 16,
-    ``benchmarks/README.md``). ``proj_l`` / ``proj_w`` mix the heads as timm's Linear layers on
-    the heads axis do: ``out[g] = sum_h a[h] W[g, h] + b[g]``."""
+    time, (B, N, 3D) fused qkv -> (B, N, D): an image's (heads, N, N) maps stay in cache through
+    the five passes over them, where the batch's would go to memory and back each time (2.5-3x
+    faster on a 2-core EPYC at batch 16, ``benchmarks/README.md``); heads are split and merged
+    inside the map too, so the batch's q, k, v and output are never transposed as a whole.
+    ``proj_l`` / ``proj_w`` mix the heads as timm's Linear layers on the heads axis do:
+    ``out[g] = sum_h a[h] W[g, h] + b[g]``."""
     md = cfg.matmul_dtype
-    heads = jnp.zeros((1, q.shape[1]), q.dtype)  # what proj_l / proj_w see: vectors over the heads
+    heads = jnp.zeros((1, cfg.spec.heads), qkv.dtype)  # what proj_l / proj_w see: vectors over the heads
     mixes = [m.linear(name, heads) for name in ("proj_l", "proj_w")]
 
     def mix(a, weights):
@@ -849,11 +852,11 @@ def _talking_heads_per_image(m: Layers, cfg: ModelConfig, q: jax.Array, k: jax.A
         return (a if bias is None else a + bias.astype(wide)[:, None, None]).astype(dtype)
 
     def one_image(qkv):
-        q, k, v = (t[None] for t in qkv)
+        q, k, v = _heads(cfg.spec, *jnp.split(qkv[None], 3, axis=-1))
         weights = mix(ops.softmax(mix(ops.attention_logits(q, k, md)[0], mixes[0]), axis=-1), mixes[1])
-        return ops.attend(weights[None], v, md)[0], weights
+        return ops.merge_heads(ops.attend(weights[None], v, md))[0], weights
 
-    out, weights = jax.lax.map(one_image, (q, k, v))
+    out, weights = jax.lax.map(one_image, qkv)
     _record_attention(weights)
     return out
 
