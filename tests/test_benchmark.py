@@ -109,3 +109,29 @@ def test_profile_groups_the_ops_by_module_path():
     out = proc.stdout
     assert "(0 YNNPACK fusions)" in out and "images/s" in out
     assert "blocks_N/mlp/fc1" in out and "blocks_N/attn/qkv" in out, out
+
+
+def test_xla_dots_times_attention_products_and_the_model_per_fusion_type():
+    """``benchmarks/xla_dots.py``: the attention products at the model's shapes (CaiT's blocks see
+    the patches only) under Eigen's and XLA's default dots, whole and split, then the whole model
+    per option value, with its logits against the first value's."""
+    def run(*args):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "xla_dots.py"), *args],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    out = run("vit_tiny_patch16_224", "--batch", "2", "--fusion-types", "", "default", "--splits", "1", "2",
+              "--rounds", "1")
+    assert "(B, heads, N, Dh) = (2, 3, 197, 64)" in out
+    for product in ("q·kᵀ", "weights·v"):
+        for how in ("eigen", "xla default (ynnpack)"):
+            rows = [line for line in out.splitlines() if line.strip().startswith(product) and how in line]
+            assert len(rows) == 2 and any("batch in 2 dots" in row for row in rows), out
+    model_rows = {how: line for line in out.splitlines() for how in ("eigen", "xla default (ynnpack)")
+                  if "YNNPACK fusions" in line and line.split("  ")[1].strip() == how}
+    assert set(model_rows) == {"eigen", "xla default (ynnpack)"}, out
+    assert " 0 YNNPACK fusions" in model_rows["eigen"] and " 0 YNNPACK fusions" not in model_rows["xla default (ynnpack)"]
+    assert float(model_rows["xla default (ynnpack)"].rsplit(" ", 1)[1]) < 1e-4, out
+    assert "(B, heads, N, Dh) = (1, 4, 196, 48)" in run("cait_xxs24_224", "--batch", "1", "--no-model", "--splits",
+                                                          "1", "--fusion-types", "", "--rounds", "1")
