@@ -6,6 +6,7 @@ speed (issue 11).
     uv run python benchmarks/op_profile.py cait_s24_224 --batch 16 --dots default    # XLA's YNNPACK dots
     uv run python benchmarks/op_profile.py cait_s24_224 --dtype bfloat16 --dots eigen
     taskset -c 0 uv run python benchmarks/op_profile.py cait_s24_224 --batch 16      # one core: which ops use two
+    uv run python benchmarks/op_profile.py cait_s24_224 --batch 1 --scan-blocks --compile  # where XLA's compile goes
 
 The model has random weights (``vitport.create_model``); the timing does not depend on them.
 ``--dots``: ``vitport`` (what ``jm.apply_fn`` compiles with, ``vitport.xla_options``), ``default``
@@ -16,6 +17,12 @@ The profiler times each thunk XLA runs. YNNPACK fusions and loop fusions run ins
 so their times are whole; Eigen's dots (``--dots eigen``, and float32 under ``vitport``) are
 handed to the thread pool and their events time only the launch: the title says what share of
 the median call the table covers. ``--dots default`` gives the complete breakdown.
+
+``--compile`` profiles XLA's compile of the forward pass instead (the first call's largest part
+in a fresh process): XLA's own phases by name (HLO passes, each fusion's MLIR compile, LLVM),
+summed over threads, and the optimized HLO's fusions by kind. ``create_model``'s random init has
+compiled before it, so the compiler is warm as it is after loading a checkpoint's weights with
+``vitport.load``, not colder.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=5, help="timed calls before the profiled ones")
     p.add_argument("--profiled", type=int, default=2, help="calls under the profiler (times are per call)")
     p.add_argument("--top", type=int, default=30, help="groups to print")
+    p.add_argument("--compile", action="store_true", help="profile XLA's compile instead of the calls")
     return p.parse_args(argv)
 
 
@@ -87,6 +95,37 @@ def op_groups(trace_dir: Path, hlo_text: str, calls: int) -> list[tuple[tuple[st
     return [(k, v / calls / 1e3, count[k] // calls) for k, v in total.most_common()]
 
 
+def compile_phases(trace_dir: Path) -> list[tuple[str, float, int]]:
+    """``(XLA event name, ms, count)`` of a profiled compile, slowest first; jax's Python frames
+    (``$file:line``) are left out. Events on different threads overlap: sums exceed the wall time."""
+    trace = next(trace_dir.rglob("*.trace.json.gz"))
+    total, count = collections.Counter(), collections.Counter()
+    for e in json.load(gzip.open(trace))["traceEvents"]:
+        if e.get("ph") == "X" and not e["name"].startswith("$"):
+            total[e["name"]] += e["dur"]
+            count[e["name"]] += 1
+    return [(name, us / 1e3, count[name]) for name, us in total.most_common()]
+
+
+def profile_compile(console: Console, lowered, top: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            start = time.perf_counter()
+            compiled = lowered.compile()
+            wall = time.perf_counter() - start
+        phases = compile_phases(Path(tmp))
+    table = Table(title=f"XLA compile: {wall * 1e3:.0f} ms wall; phases summed over threads")
+    for col in ("ms", "count", "phase"):
+        table.add_column(col, justify="left" if col == "phase" else "right")
+    for name, ms, n in phases[:top]:
+        table.add_row(f"{ms:.1f}", str(n), name)
+    console.print(table)
+    fusions = collections.Counter(re.sub(r"\.\d+$", "", m) for m in re.findall(
+        r"^\s*(?:ROOT )?%(\S+) = \S+ fusion\(", compiled.as_text(), re.M))
+    console.print(f"{sum(fusions.values())} fusions in the optimized HLO: "
+                  + ", ".join(f"{n} {kind}" for kind, n in fusions.most_common()), soft_wrap=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 200)
@@ -100,6 +139,11 @@ def main(argv=None) -> None:
     h, w = jm.spec.image_size
     x = jax.device_put(jm.as_input(np.random.default_rng(0).standard_normal((args.batch, h, w, 3), np.float32)))
     fn = compiled_apply(jm, args.dots)
+    if args.compile:
+        console.print(f"{args.model} {args.framework} {args.dtype} batch {args.batch}, dots: {args.dots}, "
+                      f"{'scanned' if args.scan_blocks else 'block by block'}")
+        profile_compile(console, fn.lower(jm.params, x), args.top)
+        return
     compiled = fn.lower(jm.params, x).compile()
     jax.block_until_ready(compiled(jm.params, x))
     times = []

@@ -4,6 +4,7 @@ writes its JSON: a smoke run on a small model, every front-end, every precision,
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -135,3 +136,20 @@ def test_xla_dots_times_attention_products_and_the_model_per_fusion_type():
     assert float(model_rows["xla default (ynnpack)"].rsplit(" ", 1)[1]) < 1e-4, out
     assert "(B, heads, N, Dh) = (1, 4, 196, 48)" in run("cait_xxs24_224", "--batch", "1", "--no-model", "--splits",
                                                           "1", "--fusion-types", "", "--rounds", "1")
+
+
+def test_profile_of_the_compile_lists_xla_phases_and_fusions():
+    """``op_profile.py --compile``: XLA's compile of the forward pass under the profiler, its
+    phases by name (jax's Python frames left out) and the optimized HLO's fusions by kind."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "op_profile.py"), "vit_tiny_patch16_224", "--batch", "1",
+         "--scan-blocks", "--compile", "--top", "200"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "COLUMNS": "250"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "scanned" in out and "XLA compile:" in out and "ms wall" in out
+    assert "FusionCompiler::Compile" in out and "$" not in out.split("XLA compile:")[1].split("fusions in")[0]
+    fusions = re.search(r"^(\d+) fusions in the optimized HLO: (.+)$", out, re.M)
+    assert fusions and int(fusions.group(1)) > 0, out
+    kinds = [item.split(" ") for item in fusions.group(2).strip().split(", ")]
+    assert all(len(k) == 2 for k in kinds) and sum(int(n) for n, _ in kinds) == int(fusions.group(1)), out
