@@ -25,8 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import vitport
-from converters import key_table
-from converters.architectures import arch_spec
 
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # "" = no YNNPACK fusions (Eigen's dots, vitport's float32 choice); "default" = XLA's own setting;
@@ -74,15 +72,13 @@ def attention_products(spec: Any, batch: int, fusion_types: list[str], splits: l
                 print(f"  {name:9s} {label(fusion_type):38s} {how:17s} {ms:8.2f} ms  {flops / ms / 1e6:6.1f} GFLOP/s")
 
 
-def whole_model(name: str, spec: Any, batch: int, fusion_types: list[str], rounds: int) -> None:
-    rng = np.random.default_rng(0)
-    weights = {e.timm_key: (0.02 * rng.standard_normal(e.timm_shape)).astype(np.float32) for e in key_table(spec)}
-    jm = vitport.from_state_dict(weights, spec, "haiku")
-    x = jax.device_put(jm.as_input(rng.standard_normal((batch, *spec.image_size, spec.channels)).astype(np.float32)))
+def whole_model(name: str, jm: vitport.JaxModel, batch: int, fusion_types: list[str], rounds: int) -> None:
+    spec = jm.spec
+    x = jax.device_put(jm.as_input(np.random.default_rng(0).standard_normal(
+        (batch, *spec.image_size, spec.channels)).astype(np.float32)))
     compiled = {}
     for fusion_type in fusion_types:
-        # apply_fn under an outer jit runs as the plain jit: the outer jit's options decide.
-        f = jax.jit(lambda p, x: jm.apply_fn(p, x), compiler_options=compiler_options(fusion_type))
+        f = jax.jit(jm.front_end_apply, compiler_options=compiler_options(fusion_type))  # as op_profile.py compiles
         fusions = f.lower(jm.params, x).compile().as_text().count("__ynn_fusion")
         compiled[fusion_type] = (f, fusions, np.asarray(f(jm.params, x)))
     times: dict[str, list[float]] = {t: [] for t in fusion_types}
@@ -108,11 +104,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-model", action="store_true", help="only the attention products")
     args = p.parse_args()
-    spec = arch_spec(args.model)
+    jm = vitport.create_model(args.model, "haiku")  # random weights: the timing does not depend on them
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
-    attention_products(spec, args.batch, args.fusion_types, args.splits, max(args.rounds, 10))
+    attention_products(jm.spec, args.batch, args.fusion_types, args.splits, max(args.rounds, 10))
     if not args.no_model:
-        whole_model(args.model, spec, args.batch, args.fusion_types, args.rounds)
+        whole_model(args.model, jm, args.batch, args.fusion_types, args.rounds)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ writes its JSON: a smoke run on a small model, every front-end, every precision,
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
