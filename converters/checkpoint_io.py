@@ -402,11 +402,14 @@ def _counted(refs: dict, progress: Callable[[str, int, int], None] | None, descr
     """Lazy tensors that report ``progress(description, done, total)`` as they are read."""
     if progress is None:
         return refs
-    done = [0]
+    import threading
+
+    done, lock = [0], threading.Lock()  # tensors are read in threads (vitport.api.place_all)
 
     def tick(a):
-        done[0] += 1
-        progress(description, done[0], len(refs))
+        with lock:
+            done[0] += 1
+            progress(description, done[0], len(refs))
         return a
 
     return {k: v.map(tick) for k, v in refs.items()}

@@ -26,7 +26,7 @@ TORCH_INDEX = "pytorch_model.bin.index.json"
 INDEX_FILES = (SAFETENSORS_INDEX, TORCH_INDEX)
 SHARD_PATTERN = "model{suffix}.safetensors"  # huggingface_hub's default names
 SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-DEFAULT_MAX_SHARD_SIZE = "2GB"  # vitport's own folders above this are written in shards
+DEFAULT_MAX_SHARD_SIZE = 2 * 10**9  # "2GB" in huggingface_hub's decimal units: larger folders are written in shards
 MAX_SHARD_SIZE_ENV = "VITPORT_MAX_SHARD_SIZE"
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -130,12 +130,15 @@ def files_of(path: str | os.PathLike) -> list[Path]:
 
 def max_shard_bytes(max_shard_size: int | str | None = None) -> int:
     """``max_shard_size`` (bytes, or ``"2GB"``, ``"500MB"``) else ``$VITPORT_MAX_SHARD_SIZE`` else 2 GB."""
-    from huggingface_hub.serialization._base import parse_size_to_int
-
     value = max_shard_size if max_shard_size is not None else os.environ.get(MAX_SHARD_SIZE_ENV,
                                                                              DEFAULT_MAX_SHARD_SIZE)
     try:
-        n = int(value) if isinstance(value, int) or str(value).strip().isdigit() else parse_size_to_int(str(value))
+        if isinstance(value, int) or str(value).strip().isdigit():
+            n = int(value)
+        else:  # imported only here: huggingface_hub.serialization takes ~20 ms to import
+            from huggingface_hub.serialization._base import parse_size_to_int
+
+            n = parse_size_to_int(str(value))
     except ValueError:
         n = 0
     if n <= 0:
@@ -144,22 +147,27 @@ def max_shard_bytes(max_shard_size: int | str | None = None) -> int:
     return n
 
 
+def _nbytes(a: Any) -> int:
+    return int(a.nbytes) if hasattr(a, "nbytes") else int(np.asarray(a).nbytes)
+
+
 def write_shards(tensors: Mapping[str, Any], folder: str | os.PathLike, *, max_shard_size: int | str | None = None,
                  metadata: Mapping[str, str] | None = None, single_name: str = "model.safetensors") -> list[str]:
     """Write ``tensors`` into ``folder`` (not atomic: call it inside ``atomic_dir``): one
     ``single_name`` file when they fit in one shard, else shards and ``model.safetensors.index.json``
     in huggingface_hub's layout. Returns the file names written."""
-    from huggingface_hub import split_state_dict_into_shards_factory
-
     from .writer import write_json, write_safetensors
 
     folder = Path(folder)
-    split = split_state_dict_into_shards_factory(
-        dict(tensors), get_storage_size=lambda a: int(np.asarray(a).nbytes), filename_pattern=SHARD_PATTERN,
-        max_shard_size=max_shard_bytes(max_shard_size))
-    if not split.is_sharded:
+    limit = max_shard_bytes(max_shard_size)
+    if sum(_nbytes(a) for a in tensors.values()) <= limit:  # one shard: no split to plan
         write_safetensors(tensors, folder / single_name, metadata)
         return [single_name]
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    split = split_state_dict_into_shards_factory(
+        dict(tensors), get_storage_size=_nbytes, filename_pattern=SHARD_PATTERN,
+        max_shard_size=limit)
     for name, keys in split.filename_to_tensors.items():
         write_safetensors({k: tensors[k] for k in keys}, folder / name, metadata)
     write_json({"metadata": {**(metadata or {}), "total_size": split.metadata["total_size"]},

@@ -99,3 +99,44 @@ def test_a_checkpoint_truncated_after_its_header_was_read_is_named(tmp_path):
     for k in lazy:
         with pytest.raises(CheckpointError, match="shorter than its header says"):
             lazy[k].load()
+
+
+def test_place_all_keeps_every_key_and_value_and_consumes_the_tree(tmp_path):
+    """Tensors are read and placed in threads; the result is the tree itself, in its order."""
+    from vitport.api import place_all
+
+    _, lazy, eager = _lazy_and_eager(tmp_path)
+    keys = list(lazy)
+    placed = place_all(lazy, consume=True)
+    assert not lazy and list(placed) == keys
+    for k in keys:
+        assert placed[k].shape == eager[k].shape and np.array_equal(np.asarray(placed[k]), eager[k]), k
+
+
+def test_place_all_stops_reading_at_the_first_error():
+    """A bad tensor (non-finite, truncated) raises its own error, and the reads still queued are
+    cancelled instead of reading the rest of the checkpoint first."""
+    import threading
+    import time
+
+    import pytest
+
+    from converters.errors import CheckpointError
+    from vitport.api import place_all
+
+    reads, lock = [], threading.Lock()
+
+    def reader(i):
+        def load():
+            time.sleep(0.05)
+            with lock:
+                reads.append(i)
+            if i == 1:
+                raise CheckpointError("tensor 1 is shorter than its header says")
+            return np.full((4,), i, np.float32)
+        return load
+
+    tree = {f"t{i}": LazyTensor(reader(i), (4,), np.float32) for i in range(100)}
+    with pytest.raises(CheckpointError, match="tensor 1 is shorter"):
+        place_all(tree)
+    assert 2 <= len(reads) < 20, len(reads)

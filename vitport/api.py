@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -15,7 +16,7 @@ from converters import (FRAMEWORKS, Spec, canonical_to_framework, canonical_to_t
                         stack_blocks, timm_to_canonical, unstack_blocks)
 from converters.errors import InvalidArgumentError
 from converters.frameworks import layout, pure_tree as _pure
-from converters.lazy import aligned_copy
+from converters.lazy import LazyTensor, aligned_copy, materialize
 
 from . import features, xla_options
 from .config import ModelConfig
@@ -28,6 +29,9 @@ Framework = str  # one of converters.FRAMEWORKS
 def check_framework(framework: str) -> str:
     layout(framework)  # raises InvalidArgumentError naming the choices
     return framework
+
+
+PLACE_THREADS = 4  # tensors read and placed at once (each holds its read buffer until placed)
 
 
 def to_jax_array(a: Any, owned: bool = False) -> jax.Array:
@@ -44,6 +48,31 @@ def to_jax_array(a: Any, owned: bool = False) -> jax.Array:
     if not owned and a.flags.c_contiguous and jax.default_backend() == "cpu":
         a = aligned_copy(a)
     return jax.device_put(a)  # jnp.asarray would dispatch a primitive per tensor
+
+
+def place_all(tree: dict, consume: bool = False) -> dict:
+    """``{key: to_jax_array(value)}`` for a tree of host arrays or ``converters.lazy.LazyTensor``
+    values (read here, each a fresh buffer the device may take as it is), a few at a time in
+    threads. Most of a conversion's time is the kernel's page faults on the first write to the
+    converted weights' fresh memory (one per 4 KiB), and faults on two cores overlap
+    (``benchmarks/README.md``, 2026-12-03 session 7).
+    ``consume``: empty ``tree`` as its tensors are taken, so the host copies are not all held."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def place(value):
+        return to_jax_array(materialize(value), owned=isinstance(value, LazyTensor))
+
+    keys = list(tree)
+    workers = max(1, min(PLACE_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="vitport-place") as pool:
+        futures = [pool.submit(place, tree.pop(k) if consume else tree[k]) for k in keys]
+        try:
+            return {k: f.result() for k, f in zip(keys, futures)}
+        except BaseException:
+            for f in futures:  # an error (a non-finite tensor, a truncated file) stops the reads
+                f.cancel()
+            raise
 
 
 @dataclass
@@ -272,7 +301,7 @@ def from_state_dict(state_dict: Mapping[str, Any], spec: Spec, framework: Framew
     """Convert a timm state_dict of numpy arrays into a JaxModel (no torch needed)."""
     check_framework(framework)
     canonical = timm_to_canonical(state_dict, spec, source=source)
-    params = canonical_to_framework({k: to_jax_array(v) for k, v in canonical.items()}, spec, framework)
+    params = canonical_to_framework(place_all(canonical), spec, framework)
     return JaxModel(spec, framework, params, **meta)
 
 

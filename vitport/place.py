@@ -12,7 +12,7 @@ from converters.errors import InvalidArgumentError
 from converters.lazy import LazyTensor, materialize
 from converters.specs import pair
 
-from .api import JaxModel, check_framework, to_jax_array
+from .api import JaxModel, check_framework, place_all
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -72,13 +72,7 @@ def model_from_canonical(tree: dict, r, framework: str | None = None, *, image_s
         if spec is not r.spec:
             cfg["input_size"] = [spec.channels, *spec.image_size]
     tree = _cast(tree, dtype)
-    def place(v):  # a tensor read lazily is a fresh buffer: the device may take it as it is
-        return to_jax_array(materialize(v), owned=isinstance(v, LazyTensor))
-
-    if consume:
-        tree = {k: place(tree.pop(k)) for k in list(tree)}
-    else:
-        tree = {k: place(v) for k, v in tree.items()}
+    tree = place_all(tree, consume)
     params = canonical_to_framework(tree, spec, framework)
     return JaxModel(spec, framework, params, cfg, r.architecture or None)
 
