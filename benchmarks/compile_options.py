@@ -15,7 +15,7 @@ Weights are drawn on the host and loaded as a checkpoint's would be (``vitport.f
 so no random-init compile warms the compiler first::
 
     uv run python benchmarks/compile_options.py cait_s24_224 --scan-blocks \\
-        --options '{}' '{"xla_backend_optimization_level": null}' --batches 1 16
+        --options '{}' '{"xla_backend_optimization_level": 1}' --batches 1 16
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("model", help="timm architecture name")
     p.add_argument("--framework", default="flax", choices=list(FRAMEWORKS))
     p.add_argument("--scan-blocks", action="store_true", help="jm.set_scan_blocks()")
-    p.add_argument("--options", nargs="+", default=["{}", '{"xla_backend_optimization_level": null}'],
+    p.add_argument("--options", nargs="+", default=["{}", '{"xla_backend_optimization_level": 1}'],
                    help='JSON objects of XLA options added to vitport\'s own (null drops one); "xla" for '
                         "XLA's defaults alone")
     p.add_argument("--compile-rounds", type=int, default=5)

@@ -160,15 +160,16 @@ def test_compile_options_compares_compile_and_run_times_and_logits_per_option_se
     and run time per batch, with its logits against the first set's; a null drops an option."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compile_options.py"), "vit_tiny_patch16_224", "--scan-blocks",
-         "--options", "{}", '{"xla_backend_optimization_level": null}', "xla", "--compile-rounds", "2",
-         "--batches", "2", "--rounds", "1"],
+         "--options", "{}", '{"xla_backend_optimization_level": 1}', '{"xla_cpu_experimental_ynn_fusion_type": null}',
+         "xla", "--compile-rounds", "2", "--batches", "2", "--rounds", "1"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    assert "(flax, scanned)" in out and "xla_backend_optimization_level': 1" in out.splitlines()[0], out
+    assert "(flax, scanned)" in out and "'xla_cpu_experimental_ynn_fusion_type': ''" in out.splitlines()[0], out
     compile_rows = re.findall(r"^  (\S+.*?)\s+(\d+\.\d+) s wall \((\d+\.\d+)-(\d+\.\d+)\),\s+(\d+\.\d+) s CPU$",
                               out.split("run at batch")[0], re.M)
-    assert [r[0] for r in compile_rows] == ["{}", '{"xla_backend_optimization_level": null}', "xla"], out
+    assert [r[0] for r in compile_rows] == ["{}", '{"xla_backend_optimization_level": 1}',
+                                            '{"xla_cpu_experimental_ynn_fusion_type": null}', "xla"], out
     assert all(float(lo) <= float(med) <= float(hi) and float(c) > 0 for _, med, lo, hi, c in compile_rows), out
     run_rows = re.findall(r"^  (\S+.*?)\s+(\d+\.\d+) ms .* max \|Δlogit\| (\S+)$", out.split("run at batch 2")[1], re.M)
-    assert len(run_rows) == 3 and float(run_rows[0][2]) == 0.0 and all(float(d) < 1e-4 for *_, d in run_rows), out
+    assert len(run_rows) == 4 and float(run_rows[0][2]) == 0.0 and all(float(d) < 1e-4 for *_, d in run_rows), out

@@ -150,7 +150,7 @@ def test_float32_compiles_with_eigen_dots_and_bf16_with_xla_defaults(framework, 
     jm = vitport.from_timm(_model("vit_token"), framework=framework)
     x = jm.as_input(images(jm.spec, dtype="float32"))
     assert "__ynn_fusion" in _compiled(jax.jit(jm.front_end_apply), jm.params, x)  # XLA's default
-    assert jm.compiler_options == {**dict(xla_options.EIGEN_DOTS), **dict(xla_options.FAST_BACKEND)}
+    assert jm.compiler_options == dict(xla_options.EIGEN_DOTS)
     assert "__ynn_fusion" not in _compiled(jm.apply_fn, jm.params, x)
     trainer = Trainer(jm, TrainConfig(total_steps=2))
     step_args = (trainer.init(jm.params), x, jnp.zeros((x.shape[0],), jnp.int32))
