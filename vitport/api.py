@@ -53,8 +53,8 @@ def to_jax_array(a: Any, owned: bool = False) -> jax.Array:
 def place_all(tree: dict, consume: bool = False) -> dict:
     """``{key: to_jax_array(value)}`` for a tree of host arrays or ``converters.lazy.LazyTensor``
     values (read here, each a fresh buffer the device may take as it is), a few at a time in
-    threads. Most of a conversion's time is the kernel's page faults on the first write to the
-    converted weights' fresh memory (one per 4 KiB), and faults on two cores overlap
+    threads. A third of a conversion's time was the kernel's page faults on the first write to
+    the converted weights' fresh memory (one per 4 KiB), and faults on two cores overlap
     (``benchmarks/README.md``, 2026-12-03 session 7).
     ``consume``: empty ``tree`` as its tensors are taken, so the host copies are not all held."""
     from concurrent.futures import ThreadPoolExecutor
