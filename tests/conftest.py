@@ -42,6 +42,19 @@ def _start_xla_with_test_flags() -> None:
 _start_xla_with_test_flags()
 
 
+def _keep_the_tests_llvm_level() -> None:
+    """vitport's float32 jits ask for LLVM -O1 per jit unless XLA_FLAGS sets a level
+    (``vitport.xla_options.fast_backend``), and a per-jit option overrides XLA_FLAGS. The flags
+    left the environment again above, so in-process tests keep their -O0 here."""
+    if "xla_backend_optimization_level" in os.environ["VITPORT_TESTS_XLA_FLAGS"]:
+        from vitport import xla_options
+
+        xla_options.FAST_BACKEND = ()
+
+
+_keep_the_tests_llvm_level()
+
+
 def _share_compilation_cache() -> None:
     """One jax persistent compilation cache for the whole run, shared by the xdist workers: tests
     build the same tiny models and eager draws over and over, in new jits and in both workers,

@@ -165,7 +165,9 @@ def test_compile_options_compares_compile_and_run_times_and_logits_per_option_se
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    assert "(flax, scanned)" in out and "'xla_cpu_experimental_ynn_fusion_type': ''" in out.splitlines()[0], out
+    first = out.splitlines()[0]  # a subprocess: vitport's own options, not the tests' -O0 (conftest.py)
+    assert "(flax, scanned)" in first and "'xla_cpu_experimental_ynn_fusion_type': ''" in first, out
+    assert "'xla_backend_optimization_level': 1" in first, out
     compile_rows = re.findall(r"^  (\S+.*?)\s+(\d+\.\d+) s wall \((\d+\.\d+)-(\d+\.\d+)\),\s+(\d+\.\d+) s CPU$",
                               out.split("run at batch")[0], re.M)
     assert [r[0] for r in compile_rows] == ["{}", '{"xla_backend_optimization_level": 1}',

@@ -140,6 +140,23 @@ def _compiled(jitted, *args) -> str:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option chosen is a CPU one")
+def test_float32_asks_for_llvm_o1_unless_xla_flags_set_a_level(monkeypatch):
+    """float32 CPU jits compile XLA's fused loops at LLVM -O1 (``xla_options.fast_backend``); a
+    level in XLA_FLAGS is the user's choice and wins. (The tests themselves run at -O0: conftest.py.)"""
+    from vitport import xla_options
+
+    monkeypatch.setattr(xla_options, "FAST_BACKEND", (("xla_backend_optimization_level", 1),))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    params = {"w": jnp.zeros((2, 2), jnp.float32)}
+    assert xla_options.compiler_options(params) == {**dict(xla_options.EIGEN_DOTS),
+                                                    "xla_backend_optimization_level": 1}
+    assert xla_options.compiler_options(params, jnp.bfloat16) == {}
+    assert xla_options.compiler_options({"w": jnp.zeros((2, 2), jnp.bfloat16)}) == {}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false --xla_backend_optimization_level=2")
+    assert xla_options.compiler_options(params) == dict(xla_options.EIGEN_DOTS)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option chosen is a CPU one")
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_float32_compiles_with_eigen_dots_and_bf16_with_xla_defaults(framework, monkeypatch):
     """float32 on the CPU runs XLA's Eigen dots, not its default YNNPACK fusions

@@ -12,6 +12,12 @@ bfloat16 inputs keep XLA's default: YNNPACK's bf16-in, float32-accumulate kernel
 (``op_profile.py --dtype bfloat16 --dots eigen`` against ``--dots vitport``). So do float64 models
 (Eigen either way) and params on another backend (the option is a CPU one).
 
+The same float32 CPU jits compile XLA's fused loops with LLVM at -O1
+(``xla_backend_optimization_level=1``, below XLA's default): scanned CaiT-S24's XLA compile took
+11-13 % less time and block by block 6 % less, while ViT-B/16 and CaiT-S24 ran as fast at batch 1
+and 16, logits equal or within 2e-6 (2-core EPYC; ``benchmarks/README.md``, 2026-12-03 session 7;
+``benchmarks/compile_options.py`` repeats it). A level set in XLA_FLAGS wins.
+
 ``VITPORT_XLA_CPU_DOTS=default`` in the environment turns the choice off (XLA's defaults for
 every model), to compare or to work around an XLA change.
 
@@ -31,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 EIGEN_DOTS = (("xla_cpu_experimental_ynn_fusion_type", ""),)  # no YNNPACK fusions: Eigen's dots
+FAST_BACKEND = (("xla_backend_optimization_level", 1),)  # LLVM -O1 for the fused loops: faster compile
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,6 +87,19 @@ def eigen_dots() -> dict[str, Any]:
     return dict(EIGEN_DOTS) if _accepted(EIGEN_DOTS) else {}
 
 
+def fast_backend() -> dict[str, Any]:
+    """The option that compiles XLA's fused loops at LLVM -O1; ``{}`` where this jaxlib lacks it
+    or where XLA_FLAGS sets a level (a per-jit option would override the user's choice)."""
+    if "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "") or not FAST_BACKEND:
+        return {}
+    return dict(FAST_BACKEND) if _accepted(FAST_BACKEND) else {}
+
+
+def float32_cpu() -> dict[str, Any]:
+    """vitport's options for float32 on the CPU: Eigen's dots, LLVM -O1 for the fused loops."""
+    return {**eigen_dots(), **fast_backend()}
+
+
 def _on_cpu(leaf: Any) -> bool:
     devices = getattr(leaf, "devices", None)
     if devices is None:  # a numpy array or an abstract value: placed on the default backend
@@ -89,8 +109,8 @@ def _on_cpu(leaf: Any) -> bool:
 
 def compiler_options(params: Any, matmul_dtype: Any = None) -> dict[str, Any]:
     """The options for a jit computing with ``params`` (any tree of arrays) whose matmuls take
-    ``matmul_dtype`` inputs (None: the params' own dtype): Eigen's dots for float32 on the CPU,
-    XLA's defaults (``{}``) otherwise."""
+    ``matmul_dtype`` inputs (None: the params' own dtype): ``float32_cpu()`` for float32 on the
+    CPU, XLA's defaults (``{}``) otherwise."""
     if os.environ.get("VITPORT_XLA_CPU_DOTS", "eigen") == "default" or matmul_dtype is not None:
         return {}
     floats = [leaf for leaf in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
@@ -98,7 +118,7 @@ def compiler_options(params: Any, matmul_dtype: Any = None) -> dict[str, Any]:
         return {}
     if not all(_on_cpu(leaf) for leaf in floats):
         return {}
-    return eigen_dots()
+    return float32_cpu()
 
 
 def for_model(jm: Any, compute_dtype: Any = None) -> dict[str, Any]:
