@@ -7,6 +7,7 @@ speed (issue 11).
     uv run python benchmarks/op_profile.py cait_s24_224 --dtype bfloat16 --dots eigen
     taskset -c 0 uv run python benchmarks/op_profile.py cait_s24_224 --batch 16      # one core: which ops use two
     uv run python benchmarks/op_profile.py cait_s24_224 --batch 1 --scan-blocks --compile  # where XLA's compile goes
+    uv run python benchmarks/op_profile.py vit_base_patch16_224 --batch 8 --train-step     # Trainer's step
 
 The model has random weights (``vitport.create_model``); the timing does not depend on them.
 ``--dots``: ``vitport`` (what ``jm.apply_fn`` compiles with, ``vitport.xla_options``), ``default``
@@ -17,6 +18,10 @@ The profiler times each thunk XLA runs. YNNPACK fusions and loop fusions run ins
 so their times are whole; Eigen's dots (``--dots eigen``, and float32 under ``vitport``) are
 handed to the thread pool and their events time only the launch: the title says what share of
 the median call the table covers. ``--dots default`` gives the complete breakdown.
+
+``--train-step`` profiles ``vitport.training.Trainer``'s train step instead of the forward pass
+(forward, backward and AdamW at ``drop_path_rate`` 0.1, the state not donated so every call takes
+the same one).
 
 ``--compile`` profiles XLA's compile of the forward pass instead (the first call's largest part
 in a fresh process): XLA's own phases by name (HLO passes, each fusion's MLIR compile, LLVM),
@@ -63,12 +68,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profiled", type=int, default=2, help="calls under the profiler (times are per call)")
     p.add_argument("--top", type=int, default=30, help="groups to print")
     p.add_argument("--compile", action="store_true", help="profile XLA's compile instead of the calls")
+    p.add_argument("--train-step", action="store_true",
+                   help="profile Trainer's train step (forward, backward, AdamW) instead of the forward pass")
     return p.parse_args(argv)
 
 
-def compiled_apply(jm, dots: str):
-    options = {"vitport": jm.compiler_options, "default": {}, "eigen": xla_options.eigen_dots()}[dots]
-    return jax.jit(jm.front_end_apply, compiler_options=options)
+def options_for(jm, dots: str) -> dict:
+    return {"vitport": jm.compiler_options, "default": {}, "eigen": xla_options.eigen_dots()}[dots]
+
+
+def jitted_call(jm, x: jax.Array, dots: str, train_step: bool) -> tuple:
+    """``(jitted fn, its arguments)``: the forward pass, or Trainer's train step (undonated)."""
+    options = options_for(jm, dots)
+    if not train_step:
+        return jax.jit(jm.front_end_apply, compiler_options=options), (jm.params, x)
+    import dataclasses
+
+    from vitport.training import TrainConfig, Trainer
+
+    jm = dataclasses.replace(jm, config=dataclasses.replace(jm.config, layer_dropout=0.1))
+    trainer = Trainer(jm, TrainConfig(total_steps=100))
+    labels = jnp.asarray(np.arange(x.shape[0]) % jm.spec.num_classes, jnp.int32)
+    return jax.jit(trainer._train_step, compiler_options=options), (trainer.init(jm.params), x, labels)
 
 
 def op_groups(trace_dir: Path, hlo_text: str, calls: int) -> list[tuple[tuple[str, str, str], float, int]]:
@@ -138,27 +159,28 @@ def main(argv=None) -> None:
         jm.set_scan_blocks()
     h, w = jm.spec.image_size
     x = jax.device_put(jm.as_input(np.random.default_rng(0).standard_normal((args.batch, h, w, 3), np.float32)))
-    fn = compiled_apply(jm, args.dots)
+    fn, call_args = jitted_call(jm, x, args.dots, args.train_step)
+    what = "train step" if args.train_step else "forward"
     if args.compile:
-        console.print(f"{args.model} {args.framework} {args.dtype} batch {args.batch}, dots: {args.dots}, "
+        console.print(f"{args.model} {what} {args.framework} {args.dtype} batch {args.batch}, dots: {args.dots}, "
                       f"{'scanned' if args.scan_blocks else 'block by block'}")
-        profile_compile(console, fn.lower(jm.params, x), args.top)
+        profile_compile(console, fn.lower(*call_args), args.top)
         return
-    compiled = fn.lower(jm.params, x).compile()
-    jax.block_until_ready(compiled(jm.params, x))
+    compiled = fn.lower(*call_args).compile()
+    jax.block_until_ready(compiled(*call_args))
     times = []
     for _ in range(args.iters):
         t = time.perf_counter()
-        jax.block_until_ready(compiled(jm.params, x))
+        jax.block_until_ready(compiled(*call_args))
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
-    console.print(f"{args.model} {args.framework} {args.dtype} batch {args.batch}, dots: {args.dots} "
+    console.print(f"{args.model} {what} {args.framework} {args.dtype} batch {args.batch}, dots: {args.dots} "
                   f"({compiled.as_text().count('__ynn_fusion')} YNNPACK fusions): median "
                   f"{median * 1e3:.1f} ms per call, {args.batch / median:.2f} images/s ({args.iters} calls)")
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(args.profiled):
-                jax.block_until_ready(compiled(jm.params, x))
+                jax.block_until_ready(compiled(*call_args))
         groups = op_groups(Path(tmp), compiled.as_text(), args.profiled)
     profiled = sum(ms for _, ms, _ in groups)
     table = Table(title=f"XLA ops per call, grouped: {profiled:.1f} ms per call timed, {profiled / 1e3 / median:.0%} "

@@ -112,6 +112,22 @@ def test_profile_groups_the_ops_by_module_path():
     assert "blocks_N/mlp/fc1" in out and "blocks_N/attn/qkv" in out, out
 
 
+def test_profile_of_the_train_step_has_the_backward_pass_and_the_optimizer():
+    """``op_profile.py --train-step``: Trainer's step profiled, its backward ops (jax's
+    ``transpose(jvp(...))``) grouped by the block paths like the forward ones."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "op_profile.py"), "vit_tiny_patch16_224", "--batch", "1",
+         "--train-step", "--dots", "default", "--iters", "1", "--profiled", "1", "--top", "400"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "COLUMNS": "300"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.startswith("vit_tiny_patch16_224 train step flax float32 batch 1, dots: default"), out
+    backward = [line for line in out.splitlines() if "transpose(jvp(" in line and "blocks_N/mlp/fc1" in line]
+    forward = [line for line in out.splitlines() if "/jvp(" in line and "transpose(" not in line
+               and "blocks_N/mlp/fc1" in line]
+    assert backward and forward, out
+
+
 def test_xla_dots_times_attention_products_and_the_model_per_fusion_type():
     """``benchmarks/xla_dots.py``: the attention products at the model's shapes (CaiT's blocks see
     the patches only) under Eigen's and XLA's default dots, whole and split, then the whole model
@@ -175,3 +191,21 @@ def test_compile_options_compares_compile_and_run_times_and_logits_per_option_se
     assert all(float(lo) <= float(med) <= float(hi) and float(c) > 0 for _, med, lo, hi, c in compile_rows), out
     run_rows = re.findall(r"^  (\S+.*?)\s+(\d+\.\d+) ms .* max \|Δlogit\| (\S+)$", out.split("run at batch 2")[1], re.M)
     assert len(run_rows) == 4 and float(run_rows[0][2]) == 0.0 and all(float(d) < 1e-4 for *_, d in run_rows), out
+
+
+def test_compile_options_times_the_train_step():
+    """``--train-step``: Trainer's step (forward, backward, AdamW) is compiled and run per option
+    set; its loss and updated params are compared with the first set's."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compile_options.py"), "cait_xxs24_224", "--depth", "2",
+         "--train-step", "--options", "{}", '{"xla_backend_optimization_level": 3}',
+         "--compile-rounds", "1", "--batches", "2", "--rounds", "1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.splitlines()[0].startswith("cait_xxs24_224 Trainer's train step (flax, block by block)"), out
+    run_rows = re.findall(r"^  (\S+.*?)\s+(\d+\.\d+) ms .* max \|Δloss, params\| (\S+)$",
+                          out.split("run at batch 2")[1], re.M)
+    # the same step compiled at another LLVM level: equal up to float32 rounding
+    assert [r[0] for r in run_rows] == ["{}", '{"xla_backend_optimization_level": 3}'], out
+    assert float(run_rows[0][2]) == 0.0 and float(run_rows[1][2]) < 1e-4, out
