@@ -20,8 +20,7 @@ handed to the thread pool and their events time only the launch: the title says 
 the median call the table covers. ``--dots default`` gives the complete breakdown.
 
 ``--train-step`` profiles ``vitport.training.Trainer``'s train step instead of the forward pass
-(forward, backward and AdamW at ``drop_path_rate`` 0.1, the state not donated so every call takes
-the same one).
+(forward, backward and AdamW at ``drop_path_rate`` 0.1, its state donated as ``Trainer`` does).
 
 ``--compile`` profiles XLA's compile of the forward pass instead (the first call's largest part
 in a fresh process): XLA's own phases by name (HLO passes, each fusion's MLIR compile, LLVM),
@@ -78,10 +77,13 @@ def options_for(jm, dots: str) -> dict:
 
 
 def jitted_call(jm, x: jax.Array, dots: str, train_step: bool) -> tuple:
-    """``(jitted fn, its arguments)``: the forward pass, or Trainer's train step (undonated)."""
+    """``(jitted fn, its first arguments, the next call's arguments from a call's output)``: the
+    forward pass, or Trainer's train step, which donates its state as ``Trainer.train_step`` does
+    (each call takes the state the call before returned)."""
     options = options_for(jm, dots)
     if not train_step:
-        return jax.jit(jm.front_end_apply, compiler_options=options), (jm.params, x)
+        args = (jm.params, x)
+        return jax.jit(jm.front_end_apply, compiler_options=options), args, lambda out: args
     import dataclasses
 
     from vitport.training import TrainConfig, Trainer
@@ -89,7 +91,8 @@ def jitted_call(jm, x: jax.Array, dots: str, train_step: bool) -> tuple:
     jm = dataclasses.replace(jm, config=dataclasses.replace(jm.config, layer_dropout=0.1))
     trainer = Trainer(jm, TrainConfig(total_steps=100))
     labels = jnp.asarray(np.arange(x.shape[0]) % jm.spec.num_classes, jnp.int32)
-    return jax.jit(trainer._train_step, compiler_options=options), (trainer.init(jm.params), x, labels)
+    return (jax.jit(trainer._train_step, compiler_options=options, donate_argnums=0),
+            (trainer.init(jm.params), x, labels), lambda out: (out[0], x, labels))
 
 
 def op_groups(trace_dir: Path, hlo_text: str, calls: int) -> list[tuple[tuple[str, str, str], float, int]]:
@@ -159,7 +162,7 @@ def main(argv=None) -> None:
         jm.set_scan_blocks()
     h, w = jm.spec.image_size
     x = jax.device_put(jm.as_input(np.random.default_rng(0).standard_normal((args.batch, h, w, 3), np.float32)))
-    fn, call_args = jitted_call(jm, x, args.dots, args.train_step)
+    fn, call_args, next_args = jitted_call(jm, x, args.dots, args.train_step)
     what = "train step" if args.train_step else "forward"
     if args.compile:
         console.print(f"{args.model} {what} {args.framework} {args.dtype} batch {args.batch}, dots: {args.dots}, "
@@ -167,11 +170,11 @@ def main(argv=None) -> None:
         profile_compile(console, fn.lower(*call_args), args.top)
         return
     compiled = fn.lower(*call_args).compile()
-    jax.block_until_ready(compiled(*call_args))
+    call_args = next_args(jax.block_until_ready(compiled(*call_args)))
     times = []
     for _ in range(args.iters):
         t = time.perf_counter()
-        jax.block_until_ready(compiled(*call_args))
+        call_args = next_args(jax.block_until_ready(compiled(*call_args)))
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
     console.print(f"{args.model} {what} {args.framework} {args.dtype} batch {args.batch}, dots: {args.dots} "
@@ -180,7 +183,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(args.profiled):
-                jax.block_until_ready(compiled(*call_args))
+                call_args = next_args(jax.block_until_ready(compiled(*call_args)))
         groups = op_groups(Path(tmp), compiled.as_text(), args.profiled)
     profiled = sum(ms for _, ms, _ in groups)
     table = Table(title=f"XLA ops per call, grouped: {profiled:.1f} ms per call timed, {profiled / 1e3 / median:.0%} "

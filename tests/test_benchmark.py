@@ -209,3 +209,21 @@ def test_compile_options_times_the_train_step():
     # the same step compiled at another LLVM level: equal up to float32 rounding
     assert [r[0] for r in run_rows] == ["{}", '{"xla_backend_optimization_level": 3}'], out
     assert float(run_rows[0][2]) == 0.0 and float(run_rows[1][2]) < 1e-4, out
+
+
+def test_train_step_times_vitport_against_timm_on_the_same_step():
+    """``benchmarks/train_step.py``: timm's eager step and vitport's Trainer step, blocks one by
+    one and scanned, each with its time, images/s, ratio to timm and page faults per step."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "vit_tiny_patch16_224", "--depth", "2",
+         "--batches", "2", "--steps", "2"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(
+        r"│\s+2 │ (timm eager|vitport unrolled|vitport scanned)\s+│\s+([\d.]*) │\s+(\d+) │\s+([\d.]+) │\s+([\d.]+)x │"
+        r"\s+(\d+) │", proc.stdout)}
+    assert set(rows) == {"timm eager", "vitport unrolled", "vitport scanned"}, proc.stdout
+    assert rows["timm eager"][0] == "" and rows["timm eager"][3] == "1.00", proc.stdout
+    for name in ("vitport unrolled", "vitport scanned"):
+        compile_s, ms, ips, ratio, _ = rows[name]
+        assert float(compile_s) > 0 and abs(2 / (int(ms) / 1e3) - float(ips)) <= 0.05 * float(ips) + 0.01, proc.stdout
