@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -90,7 +91,7 @@ def main(argv=None) -> None:
     import torch
 
     args = parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     kwargs = {} if args.depth is None else {"depth": args.depth}
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, drop_path_rate=0.1, **kwargs).train()

@@ -69,7 +69,9 @@ class FinetuneConfig:
     framework: str | None = None
     compute_dtype: str | None = None
     remat: bool = False
-    scan_blocks: bool = False  # train the blocks as one lax.scan (JaxModel.set_scan_blocks)
+    # The blocks as one lax.scan (JaxModel.set_scan_blocks): the train step compiles 3-10x faster and ran
+    # faster too (benchmarks/train_step.py; benchmarks/README.md, session 8). False: block by block.
+    scan_blocks: bool = True
     seed: int = 0
     workers: int = 4
     shard: str | None = None  # a ``vitport.sharding`` strategy over every local device; None: one device
