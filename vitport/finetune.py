@@ -69,8 +69,9 @@ class FinetuneConfig:
     framework: str | None = None
     compute_dtype: str | None = None
     remat: bool = False
-    # The blocks as one lax.scan (JaxModel.set_scan_blocks): the train step compiles 3-10x faster and ran
-    # faster too (benchmarks/train_step.py; benchmarks/README.md, session 8). False: block by block.
+    # The blocks as one lax.scan (JaxModel.set_scan_blocks): the train step compiled 3-9x faster and ran
+    # 1.15-3.0x as fast at batch 8 (benchmarks/train_step.py; benchmarks/README.md, session 8).
+    # False: block by block.
     scan_blocks: bool = True
     seed: int = 0
     workers: int = 4
