@@ -5,6 +5,9 @@ convolution take the fast XLA CPU form: bf16 inputs accumulating into float32.""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import jax
 import jax.extend.core
 import jax.numpy as jnp
@@ -148,12 +151,55 @@ def test_float32_asks_for_llvm_o1_unless_xla_flags_set_a_level(monkeypatch):
     monkeypatch.setattr(xla_options, "FAST_BACKEND", (("xla_backend_optimization_level", 1),))
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     params = {"w": jnp.zeros((2, 2), jnp.float32)}
+    keep = {"xla_disable_hlo_passes": "cse_barrier_expander"}  # xla_options.keep_barriers
     assert xla_options.compiler_options(params) == {**dict(xla_options.EIGEN_DOTS),
-                                                    "xla_backend_optimization_level": 1}
+                                                    "xla_backend_optimization_level": 1, **keep}
     assert xla_options.compiler_options(params, jnp.bfloat16) == {}
     assert xla_options.compiler_options({"w": jnp.zeros((2, 2), jnp.bfloat16)}) == {}
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false --xla_backend_optimization_level=2")
-    assert xla_options.compiler_options(params) == dict(xla_options.EIGEN_DOTS)
+    assert xla_options.compiler_options(params) == {**dict(xla_options.EIGEN_DOTS), **keep}
+    # a pass list in XLA_FLAGS is the user's too: a per-jit list would replace it
+    monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=algsimp")
+    assert xla_options.compiler_options(params) == {**dict(xla_options.EIGEN_DOTS),
+                                                    "xla_backend_optimization_level": 1}
+
+
+def _largest_backward_fusion(hlo: str) -> int:
+    """The most operands any backward-pass fusion (jax's ``transpose(jvp(...))``) of the optimized
+    HLO's entry computation takes. (The gradient norm's fusion takes every gradient: it grows
+    with the params, as it should.)"""
+    entry = hlo[hlo.index("ENTRY"):]
+    return max(m.group(1).count("%") for m in re.finditer(r" fusion\((.*?)\), kind=.*transpose\(jvp\(", entry))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option chosen is a CPU one")
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_train_step_fusions_do_not_grow_with_depth(framework):
+    """Block by block, each block's output sits behind an optimization barrier that XLA keeps
+    through fusion (``xla_options.keep_barriers``), and so does the residual stream's gradient:
+    XLA materialises it once per block. Without the barriers its CPU fusion inlined every later
+    block's gradient adds into each block's backward (ViT-B/16: fusions of 179 operands), a
+    cost quadratic in depth."""
+    from vitport.training import TrainConfig, Trainer
+
+    def largest(depth: int, keep_barriers: bool) -> tuple[int, int]:
+        arch, kwargs = TINY_CASES["vit_token"]
+        jm = vitport.from_timm(tiny_timm(arch, "float32", **{**kwargs, "depth": depth}), framework=framework)
+        jm = dataclasses.replace(jm, config=dataclasses.replace(jm.config, layer_dropout=0.1))
+        trainer = Trainer(jm, TrainConfig(total_steps=2))
+        x = jm.as_input(images(jm.spec, batch=4, dtype="float32"))
+        options = dict(jm.compiler_options)
+        if not keep_barriers:
+            options.pop("xla_disable_hlo_passes")
+        step = jax.jit(trainer._train_step, compiler_options=options)
+        hlo = _compiled(step, trainer.init(jm.params), x, jnp.zeros((4,), jnp.int32))
+        return _largest_backward_fusion(hlo), hlo.count("opt-barrier(")
+
+    (shallow, shallow_barriers), (deep, deep_barriers) = largest(2, True), largest(8, True)
+    assert deep_barriers >= 2 * 8 and shallow_barriers >= 2 * 2  # forward and backward, per block
+    assert deep <= shallow, (shallow, deep)
+    unkept, _ = largest(8, False)  # the quadratic fusion this guards against
+    assert unkept > 2 * deep, (deep, unkept)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option chosen is a CPU one")
@@ -167,7 +213,7 @@ def test_float32_compiles_with_eigen_dots_and_bf16_with_xla_defaults(framework, 
     jm = vitport.from_timm(_model("vit_token"), framework=framework)
     x = jm.as_input(images(jm.spec, dtype="float32"))
     assert "__ynn_fusion" in _compiled(jax.jit(jm.front_end_apply), jm.params, x)  # XLA's default
-    assert jm.compiler_options == dict(xla_options.EIGEN_DOTS)
+    assert jm.compiler_options == {**dict(xla_options.EIGEN_DOTS), **dict(xla_options.KEEP_BARRIERS)}
     assert "__ynn_fusion" not in _compiled(jm.apply_fn, jm.params, x)
     trainer = Trainer(jm, TrainConfig(total_steps=2))
     step_args = (trainer.init(jm.params), x, jnp.zeros((x.shape[0],), jnp.int32))

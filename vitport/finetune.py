@@ -69,10 +69,7 @@ class FinetuneConfig:
     framework: str | None = None
     compute_dtype: str | None = None
     remat: bool = False
-    # The blocks as one lax.scan (JaxModel.set_scan_blocks): the train step compiled 3-9x faster and ran
-    # 1.15-3.0x as fast at batch 8 (benchmarks/train_step.py; benchmarks/README.md, session 8).
-    # False: block by block.
-    scan_blocks: bool = True
+    scan_blocks: bool = False  # train the blocks as one lax.scan (JaxModel.set_scan_blocks)
     seed: int = 0
     workers: int = 4
     shard: str | None = None  # a ``vitport.sharding`` strategy over every local device; None: one device

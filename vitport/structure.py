@@ -1142,6 +1142,16 @@ def scan_step(prefix: str, run: Callable[[Any, Any, jax.Array], jax.Array]) -> C
     return step
 
 
+def _block_output(y: jax.Array) -> jax.Array:
+    """A block's output, run block by block: named for rematerialisation (vitport.training,
+    remat=True) and behind an optimization barrier, whose transpose puts one on the residual
+    stream's gradient. With the barriers kept through fusion (``xla_options.keep_barriers``), XLA
+    materialises that gradient once per block; without them its CPU fusion inlined the later
+    blocks' whole chain of gradient adds into every block's backward (fusions of up to 179
+    operands for ViT-B/16), a cost quadratic in depth."""
+    return checkpoint_name(jax.lax.optimization_barrier(y), "vitport_block")
+
+
 def _blocks(m: Layers, prefix: str, count: int, x: jax.Array, out: dict, *extra: jax.Array) -> jax.Array:
     """Run ``prefix.0`` ... ``prefix.{count-1}``, recording each output under its timm name: as one
     ``lax.scan`` where the front-end can (``Layers.scan``, see ``scannable``), else block by block."""
@@ -1157,8 +1167,7 @@ def _blocks(m: Layers, prefix: str, count: int, x: jax.Array, out: dict, *extra:
     for i in range(count):
         name = f"{prefix}.{i}"
         with _in_block(name):
-            # Named for rematerialisation (vitport.training, remat=True).
-            x = out[name] = checkpoint_name(m(name)(*extra, x) if extra else m(name)(x), "vitport_block")
+            x = out[name] = _block_output(m(name)(*extra, x) if extra else m(name)(x))
     return x
 
 
@@ -1249,7 +1258,7 @@ def _mixed_rope_blocks(m: Layers, s: EvaSpec, x: jax.Array, out: dict, rope: jax
     for i in range(s.depth):
         name = f"blocks.{i}"
         with _in_block(name):
-            x = out[name] = checkpoint_name(m(name)(rope[i], x), "vitport_block")
+            x = out[name] = _block_output(m(name)(rope[i], x))
     return x
 
 

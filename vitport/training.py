@@ -294,11 +294,9 @@ class Trainer:
     ``jm`` carries the dropout / stochastic-depth rates (``jm.config``); they run in
     ``train_step`` from the state's rng. A model with ``set_scan_blocks()`` trains its stacked
     blocks as one ``lax.scan`` (each step at its block's rate, with its own rng key, and
-    ``layer_decay`` slice by slice): the step compiles once for any depth. On XLA's CPU that is
-    also the faster step at batch 8 and up: block by block, XLA fuses the later blocks' residual
-    gradients into each block's backward, a cost quadratic in depth (CaiT-S24 at batch 8: 17.3 s
-    a step against 5.8 s scanned, compile 70 s against 12 s; ``benchmarks/train_step.py``,
-    ``benchmarks/README.md`` session 8). ``vitport finetune`` scans by default.
+    ``layer_decay`` slice by slice): the step compiles once for any depth, 2-3x faster than block
+    by block on a 2-core CPU, but its steps ran 0.81-0.99x as fast (``benchmarks/train_step.py``;
+    ``benchmarks/README.md``, session 8).
     """
 
     def __init__(self, jm: JaxModel, cfg: TrainConfig):
