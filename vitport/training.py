@@ -295,7 +295,7 @@ class Trainer:
     ``train_step`` from the state's rng. A model with ``set_scan_blocks()`` trains its stacked
     blocks as one ``lax.scan`` (each step at its block's rate, with its own rng key, and
     ``layer_decay`` slice by slice): the step compiles once for any depth, 2-3x faster than block
-    by block on a 2-core CPU, but its steps ran 0.81-0.99x as fast (``benchmarks/train_step.py``;
+    by block on a 2-core CPU, but its steps ran 0.77-1.02x as fast (``benchmarks/train_step.py``;
     ``benchmarks/README.md``, session 8).
     """
 
