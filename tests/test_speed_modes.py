@@ -154,8 +154,10 @@ def test_float32_asks_for_llvm_o1_unless_xla_flags_set_a_level(monkeypatch):
     keep = {"xla_disable_hlo_passes": "cse_barrier_expander"}  # xla_options.keep_barriers
     assert xla_options.compiler_options(params) == {**dict(xla_options.EIGEN_DOTS),
                                                     "xla_backend_optimization_level": 1, **keep}
-    assert xla_options.compiler_options(params, jnp.bfloat16) == {}
-    assert xla_options.compiler_options({"w": jnp.zeros((2, 2), jnp.bfloat16)}) == {}
+    # other dtypes keep XLA's dots, and the block barriers (they matter in any dtype)
+    assert xla_options.compiler_options(params, jnp.bfloat16) == keep
+    assert xla_options.compiler_options({"w": jnp.zeros((2, 2), jnp.bfloat16)}) == keep
+    assert xla_options.compiler_options({"w": jnp.zeros((2, 2), jnp.float64)}) == keep
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false --xla_backend_optimization_level=2")
     assert xla_options.compiler_options(params) == {**dict(xla_options.EIGEN_DOTS), **keep}
     # a pass list in XLA_FLAGS is the user's too: a per-jit list would replace it
@@ -180,15 +182,16 @@ def test_train_step_fusions_do_not_grow_with_depth(framework):
     XLA materialises it once per block. Without the barriers its CPU fusion inlined every later
     block's gradient adds into each block's backward (ViT-B/16: fusions of 179 operands), a
     cost quadratic in depth."""
+    from vitport import xla_options
     from vitport.training import TrainConfig, Trainer
 
-    def largest(depth: int, keep_barriers: bool) -> tuple[int, int]:
+    def largest(depth: int, keep_barriers: bool, compute_dtype: str | None = None) -> tuple[int, int]:
         arch, kwargs = TINY_CASES["vit_token"]
         jm = vitport.from_timm(tiny_timm(arch, "float32", **{**kwargs, "depth": depth}), framework=framework)
         jm = dataclasses.replace(jm, config=dataclasses.replace(jm.config, layer_dropout=0.1))
-        trainer = Trainer(jm, TrainConfig(total_steps=2))
+        trainer = Trainer(jm, TrainConfig(total_steps=2, compute_dtype=compute_dtype))
         x = jm.as_input(images(jm.spec, batch=4, dtype="float32"))
-        options = dict(jm.compiler_options)
+        options = xla_options.for_model(jm, compute_dtype)
         if not keep_barriers:
             options.pop("xla_disable_hlo_passes")
         step = jax.jit(trainer._train_step, compiler_options=options)
@@ -200,6 +203,8 @@ def test_train_step_fusions_do_not_grow_with_depth(framework):
     assert deep <= shallow, (shallow, deep)
     unkept, _ = largest(8, False)  # the quadratic fusion this guards against
     assert unkept > 2 * deep, (deep, unkept)
+    bf16, bf16_barriers = largest(8, True, "bfloat16")  # bfloat16 compute keeps them too
+    assert bf16 <= shallow and bf16_barriers >= 2 * 8, (shallow, bf16)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option chosen is a CPU one")
@@ -230,8 +235,8 @@ def test_float32_compiles_with_eigen_dots_and_bf16_with_xla_defaults(framework, 
     state, _ = jax.jit(trainer.train_step)(*step_args)
     assert int(state.step) == 1
     for low in (jm.astype(jnp.bfloat16), jm.astype(jnp.float32, matmul_dtype=jnp.bfloat16)):
-        assert low.compiler_options == {}
+        assert low.compiler_options == dict(xla_options.KEEP_BARRIERS)
         assert "__ynn_fusion" in _compiled(low.apply_fn, low.params, x)
-    assert xla_options.for_model(jm, "bfloat16") == {}
+    assert xla_options.for_model(jm, "bfloat16") == dict(xla_options.KEEP_BARRIERS)
     monkeypatch.setenv("VITPORT_XLA_CPU_DOTS", "default")
     assert vitport.from_timm(_model("vit_token"), framework=framework).compiler_options == {}

@@ -8,9 +8,9 @@ fast as YNNPACK, at batch 1 0.90-1.10x (three front-ends, 2-core AMD EPYC;
 ``benchmarks/README.md``; ``benchmark.py --modes float32 float32-ynnpack`` repeats it on any
 machine).
 
-bfloat16 inputs keep XLA's default: YNNPACK's bf16-in, float32-accumulate kernel is the fast one
-(``op_profile.py --dtype bfloat16 --dots eigen`` against ``--dots vitport``). So do float64 models
-(Eigen either way) and params on another backend (the option is a CPU one).
+bfloat16 inputs keep XLA's default dots: YNNPACK's bf16-in, float32-accumulate kernel is the fast
+one (``op_profile.py --dtype bfloat16 --dots eigen`` against ``--dots vitport``). So do float64
+models (Eigen either way); params on another backend get no options (they are CPU ones).
 
 The same float32 CPU jits compile XLA's fused loops with LLVM at -O1
 (``xla_backend_optimization_level=1``, below XLA's default): scanned CaiT-S24's XLA compile took
@@ -132,22 +132,23 @@ def _on_cpu(leaf: Any) -> bool:
 def compiler_options(params: Any, matmul_dtype: Any = None) -> dict[str, Any]:
     """The options for a jit computing with ``params`` (any tree of arrays) whose matmuls take
     ``matmul_dtype`` inputs (None: the params' own dtype): ``float32_cpu()`` for float32 on the
-    CPU, XLA's defaults (``{}``) otherwise."""
-    if os.environ.get("VITPORT_XLA_CPU_DOTS", "eigen") == "default" or matmul_dtype is not None:
+    CPU; XLA's defaults plus ``keep_barriers()`` for other dtypes on the CPU (their dots stay
+    XLA's, the block barriers matter in any dtype); ``{}`` off the CPU."""
+    if os.environ.get("VITPORT_XLA_CPU_DOTS", "eigen") == "default":
         return {}
     floats = [leaf for leaf in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
-    if not floats or any(jnp.result_type(leaf) != jnp.float32 for leaf in floats):
+    if not floats or not all(_on_cpu(leaf) for leaf in floats):
         return {}
-    if not all(_on_cpu(leaf) for leaf in floats):
-        return {}
+    if matmul_dtype is not None or any(jnp.result_type(leaf) != jnp.float32 for leaf in floats):
+        return keep_barriers()
     return float32_cpu()
 
 
 def for_model(jm: Any, compute_dtype: Any = None) -> dict[str, Any]:
     """``compiler_options`` for a ``JaxModel``'s params and config (``compute_dtype``: a
     training cast of the params, ``TrainConfig.compute_dtype``)."""
-    if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32:
-        return {}
-    if jm.config.dtype is not None and jnp.dtype(jm.config.dtype) != jnp.float32:
-        return {}
+    low = (compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32) or (
+        jm.config.dtype is not None and jnp.dtype(jm.config.dtype) != jnp.float32)
+    if low:  # float32 params computing in another dtype: XLA's dots, the barriers kept
+        return compiler_options(jm.params, compute_dtype or jm.config.dtype)
     return compiler_options(jm.params, jm.config.matmul_dtype)
