@@ -18,9 +18,10 @@ The same float32 CPU jits compile XLA's fused loops with LLVM at -O1
 and 16, logits equal or within 2e-6 (2-core EPYC; ``benchmarks/README.md``, 2026-12-03 session 7;
 ``benchmarks/compile_options.py`` repeats it). A level set in XLA_FLAGS wins.
 
-They also keep jax's optimization barriers through XLA's fusion (``keep_barriers``): the one on
-each block's output, transposed onto the residual stream's gradient, stops XLA's CPU fusion from
-recomputing every later block's gradient adds inside each block's backward. Block by block, the
+Every CPU jit, float32 or not, also keeps jax's optimization barriers through XLA's fusion
+(``keep_barriers``): the one on each block's output, transposed onto the residual stream's
+gradient, stops XLA's CPU fusion from recomputing every later block's gradient adds inside each
+block's backward. Block by block, the
 ViT-B/16 train step at batch 8 then compiled in 7.5 s against 14.2 s and ran in 7.2 s against
 9.7 s, same loss and params within 2e-7; forward passes compile to the same fusions
 (``benchmarks/compile_options.py --train-step``; ``benchmarks/README.md``, session 8).
@@ -96,12 +97,17 @@ def eigen_dots() -> dict[str, Any]:
     return dict(EIGEN_DOTS) if _accepted(EIGEN_DOTS) else {}
 
 
-def fast_backend() -> dict[str, Any]:
-    """The option that compiles XLA's fused loops at LLVM -O1; ``{}`` where this jaxlib lacks it
-    or where XLA_FLAGS sets a level (a per-jit option would override the user's choice)."""
-    if "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "") or not FAST_BACKEND:
+def _unless_user_set(options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """``options``, or ``{}`` where XLA_FLAGS sets one of them (a per-jit option would override
+    the user's choice) or this jaxlib refuses them."""
+    if not options or any(name in os.environ.get("XLA_FLAGS", "") for name, _ in options):
         return {}
-    return dict(FAST_BACKEND) if _accepted(FAST_BACKEND) else {}
+    return dict(options) if _accepted(options) else {}
+
+
+def fast_backend() -> dict[str, Any]:
+    """The option that compiles XLA's fused loops at LLVM -O1 (``_unless_user_set``)."""
+    return _unless_user_set(FAST_BACKEND)
 
 
 def keep_barriers() -> dict[str, Any]:
@@ -109,11 +115,9 @@ def keep_barriers() -> dict[str, Any]:
     ``cse_barrier_expander`` pass otherwise removes the barriers before fusing. vitport puts one
     on each block's output (``structure._block_output``); its transpose puts one on the residual
     stream's gradient, which XLA then materialises once per block instead of fusing the later
-    blocks' whole chain of gradient adds into every block's backward. ``{}`` where XLA_FLAGS
-    disables passes itself (a per-jit option would replace its list) or this jaxlib refuses it."""
-    if "xla_disable_hlo_passes" in os.environ.get("XLA_FLAGS", "") or not KEEP_BARRIERS:
-        return {}
-    return dict(KEEP_BARRIERS) if _accepted(KEEP_BARRIERS) else {}
+    blocks' whole chain of gradient adds into every block's backward (``_unless_user_set``: a
+    pass list in XLA_FLAGS wins, as a per-jit one would replace it)."""
+    return _unless_user_set(KEEP_BARRIERS)
 
 
 def float32_cpu() -> dict[str, Any]:
