@@ -44,8 +44,8 @@ from converters.specs import CaiTSpec, Spec
 
 DEFAULT_MODELS = ("vit_base_patch16_224", "cait_s24_224")
 MODES = ("float32", "bfloat16", "mixed")
-# float32 with XLA's default CPU dots (YNNPACK) instead of vitport.xla_options' Eigen dots: what they gain
-EXTRA_MODES = ("float32-ynnpack",)
+# each mode compiled with XLA's default CPU dots (YNNPACK) instead of vitport.xla_options' choice: what it gains
+EXTRA_MODES = ("float32-ynnpack", "bfloat16-ynnpack", "mixed-ynnpack")
 FIRST_CALL_OF = ("apply", "train_step")  # what the first call against depth times
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
              "amx_bf16", "amx_int8")
@@ -58,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="batch sizes 1 2 4 8 16 32 (overrides --batches)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + EXTRA_MODES,
                    help="vitport precisions: float32, bfloat16 (bf16 weights and matmuls), mixed (float32 "
-                        "weights, bfloat16 matmuls); float32-ynnpack: float32 with XLA's default CPU dots "
-                        "(YNNPACK) instead of vitport's Eigen ones (vitport.xla_options), not in the default")
+                        "weights, bfloat16 matmuls); MODE-ynnpack: MODE compiled with XLA's defaults (its "
+                        "YNNPACK dots) instead of vitport's options (vitport.xla_options), not in the default")
     p.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=list(FRAMEWORKS),
                    help="vitport front-ends to time (default: all)")
     p.add_argument("--no-compile", action="store_true", help="skip the timm + torch.compile row")
@@ -189,6 +189,9 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     eigen = xla_options.eigen_dots()
     dot_eigen = jax.jit(jnp.dot, compiler_options=eigen) if eigen else None
     dot_acc32 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    # Eigen's bf16 dot: vitport's choice on a CPU without bf16 dot instructions (xla_options.low_precision_cpu)
+    dot_acc32_eigen = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32),
+                              compiler_options=eigen) if eigen else None
     t32, t16 = torch.from_numpy(np.array(a32)), torch.from_numpy(np.array(b32))
     t32b, t16b = t32.bfloat16(), t16.bfloat16()
     res = {}
@@ -203,12 +206,13 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
         "xla_float32": lambda: dot(a32, b32).block_until_ready(),
         "xla_float32_eigen": lambda: dot_eigen(a32, b32).block_until_ready(),
         "xla_bfloat16_acc_float32": lambda: dot_acc32(a16, b16).block_until_ready(),
+        "xla_bfloat16_acc_float32_eigen": lambda: dot_acc32_eigen(a16, b16).block_until_ready(),
         "xla_bfloat16_bf16_result": lambda: dot(a16, b16).block_until_ready(),
         "torch_float32": lambda: torch.mm(t32, t16),
         "torch_bfloat16": lambda: torch.mm(t32b, t16b),
     }
     if dot_eigen is None:
-        del cases["xla_float32_eigen"]
+        del cases["xla_float32_eigen"], cases["xla_bfloat16_acc_float32_eigen"]
     if probe < 20:
         del cases["torch_bfloat16"]
         res["torch_bfloat16"] = probe
@@ -221,7 +225,8 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
 def machine_peak(peaks: dict[str, float]) -> dict[str, float]:
     """The machine's peak per precision: the best any library reached."""
     return {"float32": max(peaks["xla_float32"], peaks.get("xla_float32_eigen", 0.0), peaks["torch_float32"]),
-            "bfloat16": max(peaks["xla_bfloat16_acc_float32"], peaks["torch_bfloat16"])}
+            "bfloat16": max(peaks["xla_bfloat16_acc_float32"], peaks.get("xla_bfloat16_acc_float32_eigen", 0.0),
+                            peaks["torch_bfloat16"])}
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -259,8 +264,9 @@ def model_flops(spec: Spec) -> float:
 def vitport_variant(jm: Any, mode: str) -> tuple[Any, Callable]:
     """``(model, its jitted apply)``. float32: as converted; bfloat16: bf16 weights and matmuls
     (float32 activations between them); mixed: float32 weights, bf16 matmuls accumulating in
-    float32; float32-ynnpack: float32 compiled with XLA's defaults, not ``jm.compiler_options``."""
-    if mode == "float32-ynnpack":
+    float32; ``MODE-ynnpack``: MODE compiled with XLA's defaults, not ``jm.compiler_options``."""
+    if mode.endswith("-ynnpack"):
+        jm, _ = vitport_variant(jm, mode.removesuffix("-ynnpack"))
         return jm, jax.jit(jm.front_end_apply)
     if mode == "bfloat16":
         jm = jm.astype(jnp.bfloat16)
@@ -556,8 +562,10 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
                   f"torch {info['torch']} ({info['torch_threads']} threads), timm {info['timm']}")
     pk, mp = info["matmul_peak_gflops"], info["machine_peak_gflops"]
     eigen = f" (Eigen dots {pk['xla_float32_eigen']:.0f})" if "xla_float32_eigen" in pk else ""
+    eigen16 = (f" (Eigen dots {pk['xla_bfloat16_acc_float32_eigen']:.0f})"
+               if "xla_bfloat16_acc_float32_eigen" in pk else "")
     console.print(f"[bold]Matmul peak[/] 2048^3, GFLOP/s: float32 XLA {pk['xla_float32']:.0f}{eigen}, torch "
-                  f"{pk['torch_float32']:.0f}; bfloat16 XLA (float32 accumulation) {pk['xla_bfloat16_acc_float32']:.0f}, "
+                  f"{pk['torch_float32']:.0f}; bfloat16 XLA (float32 accumulation) {pk['xla_bfloat16_acc_float32']:.0f}{eigen16}, "
                   f"XLA (bf16 result) {pk['xla_bfloat16_bf16_result']:.0f}, torch {pk['torch_bfloat16']:.1f}"
                   f"{' (' + pk['torch_bfloat16_note'] + ')' if 'torch_bfloat16_note' in pk else ''}. "
                   f"Peak used: float32 {mp['float32']:.0f}, bfloat16 {mp['bfloat16']:.0f} (the best library)")

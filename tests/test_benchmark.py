@@ -30,14 +30,14 @@ def test_benchmark_runs_and_checks_every_row(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--models", "vit_tiny_patch16_224",
          "--batches", "2", "--iters", "1", "--warmup", "0", "--no-compile", "--no-convert", "--depths",
-         "--modes", "float32", "bfloat16", "mixed", "float32-ynnpack",
+         "--modes", "float32", "bfloat16", "mixed", "float32-ynnpack", "bfloat16-ynnpack",
          "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     impls = {r["impl"] for r in result["results"]}
     assert {f"{fw} {mode}" for fw in ("haiku", "flax", "nnx") for mode in ("float32", "bfloat16", "mixed")} <= impls
-    assert {f"{fw} float32-ynnpack" for fw in ("haiku", "flax", "nnx")} <= impls
+    assert {f"{fw} {mode}-ynnpack" for fw in ("haiku", "flax", "nnx") for mode in ("float32", "bfloat16")} <= impls
     assert "timm eager" in impls
     for r in result["results"]:
         assert r["outputs_match"], r
@@ -45,6 +45,10 @@ def test_benchmark_runs_and_checks_every_row(tmp_path):
     peaks = result["machine"]["matmul_peak_gflops"]
     assert result["machine"]["machine_peak_gflops"]["float32"] == max(
         peaks["xla_float32"], peaks["xla_float32_eigen"], peaks["torch_float32"])
+    assert result["machine"]["machine_peak_gflops"]["bfloat16"] == max(
+        peaks["xla_bfloat16_acc_float32"], peaks["xla_bfloat16_acc_float32_eigen"], peaks["torch_bfloat16"])
+    low = {r["impl"]: r["precision"] for r in result["results"]}
+    assert low["flax bfloat16-ynnpack"] == low["flax mixed"] == "bfloat16" and low["flax float32-ynnpack"] == "float32"
 
 
 def test_first_call_against_depth_runs_both_block_modes(tmp_path):

@@ -149,6 +149,7 @@ def test_float32_asks_for_llvm_o1_unless_xla_flags_set_a_level(monkeypatch):
     from vitport import xla_options
 
     monkeypatch.setattr(xla_options, "FAST_BACKEND", (("xla_backend_optimization_level", 1),))
+    monkeypatch.setattr(xla_options, "native_bf16_matmul", lambda: True)
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     params = {"w": jnp.zeros((2, 2), jnp.float32)}
     keep = {"xla_disable_hlo_passes": "cse_barrier_expander"}  # xla_options.keep_barriers
@@ -215,6 +216,7 @@ def test_float32_compiles_with_eigen_dots_and_bf16_with_xla_defaults(framework, 
     from vitport import xla_options
     from vitport.training import TrainConfig, Trainer
 
+    monkeypatch.setattr(xla_options, "native_bf16_matmul", lambda: True)  # a CPU with bf16 dot instructions
     jm = vitport.from_timm(_model("vit_token"), framework=framework)
     x = jm.as_input(images(jm.spec, dtype="float32"))
     assert "__ynn_fusion" in _compiled(jax.jit(jm.front_end_apply), jm.params, x)  # XLA's default
@@ -240,3 +242,46 @@ def test_float32_compiles_with_eigen_dots_and_bf16_with_xla_defaults(framework, 
     assert xla_options.for_model(jm, "bfloat16") == dict(xla_options.KEEP_BARRIERS)
     monkeypatch.setenv("VITPORT_XLA_CPU_DOTS", "default")
     assert vitport.from_timm(_model("vit_token"), framework=framework).compiler_options == {}
+
+
+def test_cpu_flags_name_bf16_dot_instructions():
+    from vitport import xla_options
+
+    x86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma avx512f avx512_bf16\n\nprocessor\t: 1\n"
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16 i8mm\nCPU implementer\t: 0x41\n"
+    ice_lake = "flags\t\t: avx2 avx512f avx512bw avx512_vnni avx512_bitalg\n"
+    assert "avx512_bf16" in xla_options.cpu_flags(x86) and "bf16" in xla_options.cpu_flags(arm)
+    assert [bool(xla_options.cpu_flags(t) & xla_options.NATIVE_BF16_FLAGS) for t in (x86, arm, ice_lake)] == [
+        True, True, False]
+    assert xla_options.cpu_flags("processor\t: 0\n") is None
+    assert xla_options.native_bf16_matmul() in (True, False, None)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option chosen is a CPU one")
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_bf16_without_native_units_takes_eigen_dots(framework, monkeypatch):
+    """On a CPU without bf16 dot instructions bf16 matmuls run Eigen's dots (YNNPACK's bf16 kernel
+    is slower than its float32 there), in apply_fn and a bf16 train step, still within 1e-2 of
+    float32 timm; where the CPU has them, or its flags are unknown, XLA's default dots."""
+    from vitport import xla_options
+    from vitport.training import TrainConfig, Trainer
+
+    keep, eigen = dict(xla_options.KEEP_BARRIERS), dict(xla_options.EIGEN_DOTS)
+    model = _model("cait", timm_init=True)
+    for native, expected in ((False, {**eigen, **keep}), (True, keep), (None, keep)):
+        monkeypatch.setattr(xla_options, "native_bf16_matmul", lambda native=native: native)
+        jm32 = vitport.from_timm(model, framework=framework)
+        x = jm32.as_input(images(jm32.spec, dtype="float32"))
+        for mode, make in MODES.items():
+            jm = make(jm32)
+            assert jm.compiler_options == expected, (native, mode)
+            assert ("__ynn_fusion" in _compiled(jm.apply_fn, jm.params, x)) == (native is not False), (native, mode)
+            assert _rel_error(model, jm) <= 1e-2, (native, mode)
+        assert xla_options.for_model(jm32, "bfloat16") == expected
+        assert xla_options.for_model(jm32, "float16") == keep  # float16 keeps XLA's dots
+    monkeypatch.setattr(xla_options, "native_bf16_matmul", lambda: False)
+    trainer = Trainer(jm32, TrainConfig(total_steps=2, compute_dtype="bfloat16"))
+    step_args = (trainer.init(jm32.params), x, jnp.zeros((x.shape[0],), jnp.int32))
+    assert "__ynn_fusion" not in _compiled(trainer.train_step, *step_args)
+    state, metrics = trainer.train_step(*step_args)
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))

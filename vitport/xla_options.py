@@ -8,9 +8,16 @@ fast as YNNPACK, at batch 1 0.90-1.10x (three front-ends, 2-core AMD EPYC;
 ``benchmarks/README.md``; ``benchmark.py --modes float32 float32-ynnpack`` repeats it on any
 machine).
 
-bfloat16 inputs keep XLA's default dots: YNNPACK's bf16-in, float32-accumulate kernel is the fast
-one (``op_profile.py --dtype bfloat16 --dots eigen`` against ``--dots vitport``). So do float64
-models (Eigen either way); params on another backend get no options (they are CPU ones).
+bfloat16 matmuls keep XLA's default dots on a CPU with bf16 dot instructions (``avx512_bf16``,
+``amx_bf16``, Arm's ``bf16``): YNNPACK's bf16-in, float32-accumulate kernel is the fast one there
+(``op_profile.py --dtype bfloat16 --dots eigen`` against ``--dots vitport``). On a CPU without
+them YNNPACK's bf16 kernel is slower than its own float32 and Eigen's bf16 dots are faster: on a
+2-core Intel Ice Lake VM (AVX-512, no ``avx512_bf16``), ViT-B/16 at batch 16 ran in bf16 at
+3.4-3.6 s per call with Eigen's dots against 5.0-5.1 s with YNNPACK's, CaiT-S24 2.4-2.5 s against
+3.4-3.5 s (``benchmark.py --modes bfloat16 bfloat16-ynnpack``; ``benchmarks/README.md``, session
+9), so there bf16 gets Eigen's dots (``native_bf16_matmul``). Where the CPU's flags cannot be
+read (no ``/proc/cpuinfo``) bf16 keeps XLA's defaults. float64 and float16 keep XLA's defaults
+(Eigen either way for float64); params on another backend get no options (they are CPU ones).
 
 The same float32 CPU jits compile XLA's fused loops with LLVM at -O1
 (``xla_backend_optimization_level=1``, below XLA's default): scanned CaiT-S24's XLA compile took
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -48,6 +56,8 @@ EIGEN_DOTS = (("xla_cpu_experimental_ynn_fusion_type", ""),)  # no YNNPACK fusio
 FAST_BACKEND = (("xla_backend_optimization_level", 1),)  # LLVM -O1 for the fused loops: faster compile
 # jax's optimization barriers kept through XLA's fusion (see keep_barriers)
 KEEP_BARRIERS = (("xla_disable_hlo_passes", "cse_barrier_expander"),)
+# CPU flags (x86 /proc/cpuinfo "flags", Arm "Features") of bf16 dot instructions: YNNPACK's fast bf16 kernel
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,6 +136,36 @@ def float32_cpu() -> dict[str, Any]:
     return {**eigen_dots(), **fast_backend(), **keep_barriers()}
 
 
+def cpu_flags(cpuinfo: str) -> frozenset[str] | None:
+    """The first processor's flags in ``/proc/cpuinfo`` text (x86 ``flags``, Arm ``Features``),
+    or None where the text has neither."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16_matmul() -> bool | None:
+    """Whether this machine's CPU has bf16 dot instructions (``NATIVE_BF16_FLAGS``); None where
+    its flags cannot be read (no ``/proc/cpuinfo``: macOS, Windows)."""
+    try:
+        flags = cpu_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return None
+    return None if flags is None else bool(flags & NATIVE_BF16_FLAGS)
+
+
+def low_precision_cpu(matmul_dtype: Any) -> dict[str, Any]:
+    """vitport's options for matmuls in ``matmul_dtype`` other than float32 on the CPU: the block
+    barriers (``keep_barriers``) in every dtype, and for bfloat16 on a CPU without bf16 dot
+    instructions Eigen's dots, faster there than YNNPACK's (module docstring)."""
+    if jnp.dtype(matmul_dtype) == jnp.bfloat16 and native_bf16_matmul() is False:
+        return {**eigen_dots(), **keep_barriers()}
+    return keep_barriers()
+
+
 def _on_cpu(leaf: Any) -> bool:
     devices = getattr(leaf, "devices", None)
     if devices is None:  # a numpy array or an abstract value: placed on the default backend
@@ -136,15 +176,17 @@ def _on_cpu(leaf: Any) -> bool:
 def compiler_options(params: Any, matmul_dtype: Any = None) -> dict[str, Any]:
     """The options for a jit computing with ``params`` (any tree of arrays) whose matmuls take
     ``matmul_dtype`` inputs (None: the params' own dtype): ``float32_cpu()`` for float32 on the
-    CPU; XLA's defaults plus ``keep_barriers()`` for other dtypes on the CPU (their dots stay
-    XLA's, the block barriers matter in any dtype); ``{}`` off the CPU."""
+    CPU, ``low_precision_cpu()`` for other dtypes on the CPU; ``{}`` off the CPU."""
     if os.environ.get("VITPORT_XLA_CPU_DOTS", "eigen") == "default":
         return {}
     floats = [leaf for leaf in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
     if not floats or not all(_on_cpu(leaf) for leaf in floats):
         return {}
-    if matmul_dtype is not None or any(jnp.result_type(leaf) != jnp.float32 for leaf in floats):
-        return keep_barriers()
+    if matmul_dtype is None:
+        low = [jnp.result_type(leaf) for leaf in floats if jnp.result_type(leaf) != jnp.float32]
+        matmul_dtype = low[0] if low else None
+    if matmul_dtype is not None and jnp.dtype(matmul_dtype) != jnp.float32:
+        return low_precision_cpu(matmul_dtype)
     return float32_cpu()
 
 
@@ -153,6 +195,6 @@ def for_model(jm: Any, compute_dtype: Any = None) -> dict[str, Any]:
     training cast of the params, ``TrainConfig.compute_dtype``)."""
     low = (compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32) or (
         jm.config.dtype is not None and jnp.dtype(jm.config.dtype) != jnp.float32)
-    if low:  # float32 params computing in another dtype: XLA's dots, the barriers kept
+    if low:  # float32 params computing in another dtype
         return compiler_options(jm.params, compute_dtype or jm.config.dtype)
     return compiler_options(jm.params, jm.config.matmul_dtype)
