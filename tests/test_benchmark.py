@@ -231,3 +231,17 @@ def test_train_step_times_vitport_against_timm_on_the_same_step():
     for name in ("vitport unrolled", "vitport scanned"):
         compile_s, ms, ips, ratio, _ = rows[name]
         assert float(compile_s) > 0 and abs(2 / (int(ms) / 1e3) - float(ips)) <= 0.05 * float(ips) + 0.01, proc.stdout
+
+
+def test_train_step_times_bf16_compute_and_xla_default_options():
+    """``train_step.py --compute-dtypes float32 bfloat16 --dots vitport default``: one row per
+    compute dtype and option set, each a working step."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "vit_tiny_patch16_224", "--depth", "2",
+         "--batches", "2", "--steps", "1", "--blocks", "unrolled", "--compute-dtypes", "float32", "bfloat16",
+         "--dots", "vitport", "default"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = set(re.findall(r"│\s+2 │ (vitport [a-z0-9 -]+?)\s+│\s+[\d.]+ │\s+\d+ │", proc.stdout))
+    assert names == {f"vitport unrolled {dtype}{dots}" for dtype in ("float32", "bfloat16")
+                     for dots in ("", " xla-default-dots")}, proc.stdout

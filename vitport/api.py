@@ -115,8 +115,9 @@ class JaxModel:
 
     @functools.cached_property
     def compiler_options(self) -> dict:
-        """The XLA options this model's jits compile with (``vitport.xla_options``): Eigen's dots
-        for float32 on the CPU, XLA's defaults otherwise."""
+        """The XLA options this model's jits compile with (``vitport.xla_options``): on the CPU,
+        Eigen's dots for float32 and for bfloat16 where the CPU lacks bf16 dot instructions,
+        XLA's default dots otherwise, and the block barriers kept through fusion; ``{}`` off the CPU."""
         return xla_options.for_model(self)
 
     def set_distilled_training(self, enable: bool = True) -> "JaxModel":
