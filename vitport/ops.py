@@ -15,9 +15,24 @@ from jax import lax
 
 from converters.specs import pair  # noqa: F401  (re-exported for the front-ends)
 
+_SQRT_HALF = 0.7071067811865476
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """timm's exact GELU, ``x/2 * (1 + erf(x/sqrt(2)))`` as torch computes it. XLA's erf is one
+    polynomial; ``jax.nn.gelu(approximate=False)`` takes ``erfc``, a piecewise exp and
+    polynomial that XLA's CPU evaluates in two fusions and, in training, saves as two residuals:
+    forward and backward of a (8, 197, 3072) float32 array took 26.7 ms with it against 15.9 ms
+    (2-core Intel Xeon VM; ``benchmarks/README.md``, session 9). float64 keeps ``erfc``: XLA's
+    float64 erf is about 5e-9 off torch's there, erfc within 2e-15."""
+    if x.dtype == jnp.float64:
+        return jax.nn.gelu(x, approximate=False)
+    return 0.5 * x * (1 + lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+
+
 # timm's activations; jax.nn.gelu defaults to the tanh approximation, timm's GELU is exact.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "silu": jax.nn.silu,
@@ -385,8 +400,9 @@ def rel_pos_log_coords(grid: tuple[int, int], mode: str):
     offsets ``(dy, dx)``, in float32 as timm computes them whatever the model's dtype ('cr':
     ``sign(c) log(1 + |c|)``; 'swin': ``c / (side - 1) * 8``, then ``sign(c) log2(1 + |c|) / 3``).
     numpy's float32 log equals torch's for 'cr' on every grid (w, w + 3), w <= 55, tried (timm
-    1.0.31 / torch 2.15 on this CPU); 'swin''s log2 differs in the last bit on a few grids
-    (14: 108 of 1458 entries), like the RoPE tables (docs/design.md)."""
+    1.0.31 / torch 2.15 on an AMD EPYC); on an Intel AVX-512 Xeon torch's own log is one ulp off
+    on some entries (log(7)), where numpy's is correctly rounded. 'swin''s log2 differs in the
+    last bit on a few grids (14: 108 of 1458 entries), like the RoPE tables (docs/design.md)."""
     import numpy as np
 
     h, w = grid
