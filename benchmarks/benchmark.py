@@ -532,8 +532,10 @@ def bench_convert(console: Console, workdir: Path) -> dict[str, Any]:
     return res
 
 
-def cpu_snapshot() -> tuple[float, float, float] | None:
-    """(machine busy CPU-seconds, machine total CPU-seconds, this process's CPU-seconds), Linux only."""
+def cpu_snapshot() -> tuple[float, float, float, float] | None:
+    """(machine busy CPU-seconds, machine total CPU-seconds, this process's CPU-seconds, CPU-seconds
+    the hypervisor stole from this VM: counted as busy, since they slow a run as other processes
+    do), Linux only."""
     try:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
@@ -542,7 +544,7 @@ def cpu_snapshot() -> tuple[float, float, float] | None:
     idle = fields[3] + fields[4]  # idle + iowait
     own = os.times()  # with the finished child processes this run started (first-call probes, convert)
     return (sum(fields[:8]) - idle) / hz, sum(fields[:8]) / hz, own.user + own.system + own.children_user + \
-        own.children_system
+        own.children_system, fields[7] / hz
 
 
 def other_cpu_share(before, after) -> float | None:
@@ -552,6 +554,13 @@ def other_cpu_share(before, after) -> float | None:
         return None
     others = (after[0] - before[0]) - (after[2] - before[2])
     return max(0.0, others / (after[1] - before[1]))
+
+
+def steal_share(before, after) -> float | None:
+    """The part of ``other_cpu_share`` the hypervisor stole (``steal`` in /proc/stat)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[3] - before[3]) / (after[1] - before[1])
 
 
 def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, console: Console) -> None:
@@ -572,7 +581,10 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
     share = info["other_processes_cpu_share"]
     if share is not None:
         style = "bold red" if share > 0.05 else "green"
+        steal = info.get("steal_cpu_share")
+        stolen = f" (the hypervisor's steal: {steal:.1%})" if steal else ""
         console.print(f"[bold]Other processes[/] used [{style}]{share:.1%}[/] of the machine's CPU time during the run"
+                      + stolen
                       + (" — these timings are contaminated; rerun on a quiet machine" if share > 0.05 else ""))
     console.print(f"[bold]Settings[/]: eval mode, {args.warmup} warm-up + {args.iters} timed rounds "
                   f"(every implementation called in turn), median per call; first call includes trace + compile")
@@ -682,7 +694,9 @@ def main(argv: list[str] | None = None) -> int:
 
         with tempfile.TemporaryDirectory(prefix="vitport-bench-") as tmp:
             info["convert"] = bench_convert(console, Path(tmp))
-    info["other_processes_cpu_share"] = other_cpu_share(snap, cpu_snapshot())
+    snap_after = cpu_snapshot()
+    info["other_processes_cpu_share"] = other_cpu_share(snap, snap_after)
+    info["steal_cpu_share"] = steal_share(snap, snap_after)
 
     render(rows, info, args, console)
     if args.json:

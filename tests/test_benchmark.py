@@ -47,6 +47,8 @@ def test_benchmark_runs_and_checks_every_row(tmp_path):
         peaks["xla_float32"], peaks["xla_float32_eigen"], peaks["torch_float32"])
     assert result["machine"]["machine_peak_gflops"]["bfloat16"] == max(
         peaks["xla_bfloat16_acc_float32"], peaks["xla_bfloat16_acc_float32_eigen"], peaks["torch_bfloat16"])
+    steal = result["machine"]["steal_cpu_share"]  # None off Linux
+    assert steal is None or 0.0 <= steal <= 1.0
     low = {r["impl"]: r["precision"] for r in result["results"]}
     assert low["flax bfloat16-ynnpack"] == low["flax mixed"] == "bfloat16" and low["flax float32-ynnpack"] == "float32"
 

@@ -12,10 +12,12 @@ bfloat16 matmuls keep XLA's default dots on a CPU with bf16 dot instructions (``
 ``amx_bf16``, Arm's ``bf16``): YNNPACK's bf16-in, float32-accumulate kernel is the fast one there
 (``op_profile.py --dtype bfloat16 --dots eigen`` against ``--dots vitport``). On a CPU without
 them YNNPACK's bf16 kernel is slower than its own float32 and Eigen's bf16 dots are faster: on a
-2-core Intel Ice Lake VM (AVX-512, no ``avx512_bf16``), ViT-B/16 at batch 16 ran in bf16 at
-3.4-3.6 s per call with Eigen's dots against 5.0-5.1 s with YNNPACK's, CaiT-S24 2.4-2.5 s against
-3.4-3.5 s (``benchmark.py --modes bfloat16 bfloat16-ynnpack``; ``benchmarks/README.md``, session
-9), so there bf16 gets Eigen's dots (``native_bf16_matmul``). Where the CPU's flags cannot be
+2-core Intel Xeon VM (AVX-512 without ``avx512_bf16``) the 2048^3 bf16 probe ran at 202 GFLOP/s
+with Eigen's dots against 133 with YNNPACK's, and at batch 16 bf16 and mixed ViT-B/16 ran
+1.31-1.50x and CaiT-S24 1.21-1.42x as fast with Eigen's dots, at batch 1 0.99-1.17x (three
+front-ends; ``benchmark.py --modes bfloat16 bfloat16-ynnpack mixed mixed-ynnpack``;
+``benchmarks/README.md``, session 9). So there bf16 gets Eigen's dots (``native_bf16_matmul``),
+and bf16 stays slower than float32 all the same (no bf16 units). Where the CPU's flags cannot be
 read (no ``/proc/cpuinfo``) bf16 keeps XLA's defaults. float64 and float16 keep XLA's defaults
 (Eigen either way for float64); params on another backend get no options (they are CPU ones).
 
