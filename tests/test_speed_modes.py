@@ -208,6 +208,39 @@ def test_train_step_fusions_do_not_grow_with_depth(framework):
     assert bf16 <= shallow and bf16_barriers >= 2 * 8, (shallow, bf16)
 
 
+# a backward-pass dot that jax's dot_general transpose rule made for the rhs (the weight) gradient
+_WEIGHT_GRAD_DOT = re.compile(r"= f32\[\d+,\d+\]\S* dot\((.*?)\), lhs_contracting_dims=\{(.*?)\}, "
+                              r"rhs_contracting_dims=\{(.*?)\}, metadata=\{op_name=\"[^\"]*transpose\(jvp\([^\"]*/transpose\"")
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_weight_gradients_take_activations_as_they_are(framework, monkeypatch):
+    """Linear layers run as one 2D matmul over (B*N, features) (``ops._linear_leading_dims``), so
+    each weight gradient is one dot contracting dim 0 of both the saved input and the output
+    gradient. From the 3D form XLA's CPU copied the output gradient into a transposed buffer
+    first (ViT-B/16's batch-8 train step: 0.53 s of such copies)."""
+    from vitport import ops, xla_options
+    from vitport.training import TrainConfig, Trainer
+
+    arch, kwargs = TINY_CASES["vit_token"]
+    model = tiny_timm(arch, "float32", **kwargs)
+
+    def weight_grad_dots() -> tuple[list[tuple[str, str]], int]:
+        jm = vitport.from_timm(model, framework=framework)
+        jm = dataclasses.replace(jm, config=dataclasses.replace(jm.config, layer_dropout=0.1))
+        trainer = Trainer(jm, TrainConfig(total_steps=2))
+        x = jm.as_input(images(jm.spec, batch=4, dtype="float32"))
+        step = jax.jit(trainer._train_step, compiler_options=xla_options.for_model(jm))
+        hlo = _compiled(step, trainer.init(jm.params), x, jnp.zeros((4,), jnp.int32))
+        return [m.group(2, 3) for m in _WEIGHT_GRAD_DOT.finditer(hlo[hlo.index("ENTRY"):])], jm.spec.depth
+
+    dots, depth = weight_grad_dots()
+    assert len(dots) >= 4 * depth + 1, dots  # qkv, proj, fc1, fc2 per block, and the head
+    assert set(dots) == {("0", "0")}, dots
+    monkeypatch.setattr(ops, "_linear_leading_dims", lambda *args: None)  # the 3D form this guards against
+    assert set(weight_grad_dots()[0]) != {("0", "0")}
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option chosen is a CPU one")
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_float32_compiles_with_eigen_dots_and_bf16_with_xla_defaults(framework, monkeypatch):

@@ -74,13 +74,31 @@ def dot_general(matmul_dtype: str | None = None) -> Callable[..., jax.Array]:
 
     def dg(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
         (lhs, rhs), out = _low_precision_inputs(matmul_dtype, lhs, rhs)
+        lead = _linear_leading_dims(lhs, rhs, dimension_numbers)
+        if lead is not None:
+            lhs, dimension_numbers = lhs.reshape(-1, lhs.shape[-1]), (((1,), (0,)), ((), ()))
         if out is None:
-            return lax.dot_general(lhs, rhs, dimension_numbers, precision,
-                                   preferred_element_type=preferred_element_type, **kw)
-        return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32,
-                               **kw).astype(out)
+            y = lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                                preferred_element_type=preferred_element_type, **kw)
+        else:
+            y = lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32,
+                                **kw).astype(out)
+        return y if lead is None else y.reshape(*lead, y.shape[-1])
 
     return dg
+
+
+def _linear_leading_dims(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> tuple[int, ...] | None:
+    """The leading dims of a Linear layer's (..., tokens, features) input, which ``dot_general``
+    flattens into one 2D matmul; None for any other product. Same forward pass (XLA collapses
+    it anyway), but the weight gradient becomes one (features, B*N) x (B*N, out) dot: from the 3D
+    form XLA's CPU transposed the output gradient into a fresh buffer first (ViT-B/16's batch-8
+    train step: 0.53 s of such copies; ``benchmarks/README.md``, session 9)."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    if (lhs.ndim > 2 and rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
+            and not tuple(lhs_batch) and not tuple(rhs_batch)):
+        return lhs.shape[:-1]
+    return None
 
 
 @functools.lru_cache(maxsize=None)
