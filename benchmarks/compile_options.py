@@ -9,7 +9,9 @@ interleaved round by round so background load hits all alike:
    ``--compile-rounds`` times per value: the median wall time and the process's CPU time (XLA
    compiles on every core);
 2. **run**: the compiled forward pass at each ``--batches`` size, ``--rounds`` timed calls per
-   value after one untimed, and the largest logit difference from the first value's.
+   value after one untimed: median wall time, median CPU time of the process (on a VM whose
+   hypervisor steals time the CPU time moves less than the wall time), and the largest logit
+   difference from the first value's.
 
 ``--train-step`` times ``vitport.training.Trainer``'s train step instead (forward, backward and
 AdamW at ``drop_path_rate`` 0.1, not donating its state so every call takes the same one), and
@@ -94,17 +96,17 @@ def outputs(out: Any) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(out)])
 
 
-def options_of(value: str, jm: vitport.JaxModel) -> dict[str, Any]:
+def options_of(value: str, jm: vitport.JaxModel, train_step: bool) -> dict[str, Any]:
     if value == "xla":
         return {}
-    merged = {**xla_options.for_model(jm), **json.loads(value)}
+    merged = {**xla_options.for_model(jm, gradients=train_step), **json.loads(value)}
     return {k: v for k, v in merged.items() if v is not None}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     jm = model(args.model, args.framework, args.scan_blocks, args.depth, 0.1 if args.train_step else 0.0)
-    options = {value: options_of(value, jm) for value in args.options}
+    options = {value: options_of(value, jm, args.train_step) for value in args.options}
     fn, args_at = (train_step if args.train_step else forward)(jm, np.random.default_rng(1))
     inputs = {b: args_at(b) for b in [1, *args.batches]}
 
@@ -113,7 +115,7 @@ def main(argv=None) -> None:
 
     what = "Trainer's train step" if args.train_step else "forward pass"
     print(f"{args.model} {what} ({args.framework}, {'scanned' if args.scan_blocks else 'block by block'}); "
-          f"vitport's own options: {xla_options.for_model(jm)}")
+          f"vitport's own options: {xla_options.for_model(jm, gradients=args.train_step)}")
     lowered(next(iter(options.values())), 1).compile()  # LLVM's and XLA's one-time start-up
     wall: dict[str, list[float]] = {v: [] for v in options}
     cpu: dict[str, list[float]] = {v: [] for v in options}
@@ -134,17 +136,20 @@ def main(argv=None) -> None:
         compiled = {value: lowered(opts, batch).compile() for value, opts in options.items()}
         results = {value: outputs(f(*inputs[batch])) for value, f in compiled.items()}
         times: dict[str, list[float]] = {v: [] for v in options}
+        cpu_times: dict[str, list[float]] = {v: [] for v in options}
         for _ in range(args.rounds):
             for value, f in compiled.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 jax.block_until_ready(f(*inputs[batch]))
                 times[value].append(time.perf_counter() - t)
+                cpu_times[value].append(time.process_time() - c)
         first = results[args.options[0]]
         print(f"\nrun at batch {batch}, median of {args.rounds} calls:")
         for value in options:
             diff = float(np.abs(results[value] - first).max())
             print(f"  {value:<48} {statistics.median(times[value]) * 1e3:9.1f} ms "
                   f"({min(times[value]) * 1e3:.1f}-{max(times[value]) * 1e3:.1f}), "
+                  f"{statistics.median(cpu_times[value]) * 1e3:9.1f} ms CPU, "
                   f"max |Δ{'loss, params' if args.train_step else 'logit'}| {diff:.2e}")
 
 

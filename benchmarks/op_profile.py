@@ -72,15 +72,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def options_for(jm, dots: str) -> dict:
-    return {"vitport": jm.compiler_options, "default": {}, "eigen": xla_options.eigen_dots()}[dots]
+def options_for(jm, dots: str, train_step: bool = False) -> dict:
+    if dots == "vitport":  # what apply_fn, or Trainer's train step, compiles with
+        return xla_options.for_model(jm, gradients=train_step)
+    return {"default": {}, "eigen": xla_options.eigen_dots()}[dots]
 
 
 def jitted_call(jm, x: jax.Array, dots: str, train_step: bool) -> tuple:
     """``(jitted fn, its first arguments, the next call's arguments from a call's output)``: the
     forward pass, or Trainer's train step, which donates its state as ``Trainer.train_step`` does
     (each call takes the state the call before returned)."""
-    options = options_for(jm, dots)
+    options = options_for(jm, dots, train_step)
     if not train_step:
         args = (jm.params, x)
         return jax.jit(jm.front_end_apply, compiler_options=options), args, lambda out: args

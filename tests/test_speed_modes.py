@@ -152,9 +152,11 @@ def test_float32_asks_for_llvm_o1_unless_xla_flags_set_a_level(monkeypatch):
     monkeypatch.setattr(xla_options, "native_bf16_matmul", lambda: True)
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     params = {"w": jnp.zeros((2, 2), jnp.float32)}
-    keep = {"xla_disable_hlo_passes": "cse_barrier_expander"}  # xla_options.keep_barriers
+    keep = {"xla_disable_hlo_passes": "cse_barrier_expander,tree_reduction_rewriter"}  # a forward pass's
     assert xla_options.compiler_options(params) == {**dict(xla_options.EIGEN_DOTS),
                                                     "xla_backend_optimization_level": 1, **keep}
+    assert xla_options.compiler_options(params, gradients=True) == {  # a train step keeps the tree reductions
+        **dict(xla_options.EIGEN_DOTS), "xla_backend_optimization_level": 1, "xla_disable_hlo_passes": "cse_barrier_expander"}
     # other dtypes keep XLA's dots, and the block barriers (they matter in any dtype)
     assert xla_options.compiler_options(params, jnp.bfloat16) == keep
     assert xla_options.compiler_options({"w": jnp.zeros((2, 2), jnp.bfloat16)}) == keep
@@ -192,7 +194,7 @@ def test_train_step_fusions_do_not_grow_with_depth(framework):
         jm = dataclasses.replace(jm, config=dataclasses.replace(jm.config, layer_dropout=0.1))
         trainer = Trainer(jm, TrainConfig(total_steps=2, compute_dtype=compute_dtype))
         x = jm.as_input(images(jm.spec, batch=4, dtype="float32"))
-        options = xla_options.for_model(jm, compute_dtype)
+        options = xla_options.for_model(jm, compute_dtype, gradients=True)
         if not keep_barriers:
             options.pop("xla_disable_hlo_passes")
         step = jax.jit(trainer._train_step, compiler_options=options)
@@ -230,7 +232,7 @@ def test_weight_gradients_take_activations_as_they_are(framework, monkeypatch):
         jm = dataclasses.replace(jm, config=dataclasses.replace(jm.config, layer_dropout=0.1))
         trainer = Trainer(jm, TrainConfig(total_steps=2))
         x = jm.as_input(images(jm.spec, batch=4, dtype="float32"))
-        step = jax.jit(trainer._train_step, compiler_options=xla_options.for_model(jm))
+        step = jax.jit(trainer._train_step, compiler_options=xla_options.for_model(jm, gradients=True))
         hlo = _compiled(step, trainer.init(jm.params), x, jnp.zeros((4,), jnp.int32))
         return [m.group(2, 3) for m in _WEIGHT_GRAD_DOT.finditer(hlo[hlo.index("ENTRY"):])], jm.spec.depth
 
@@ -253,7 +255,7 @@ def test_float32_compiles_with_eigen_dots_and_bf16_with_xla_defaults(framework, 
     jm = vitport.from_timm(_model("vit_token"), framework=framework)
     x = jm.as_input(images(jm.spec, dtype="float32"))
     assert "__ynn_fusion" in _compiled(jax.jit(jm.front_end_apply), jm.params, x)  # XLA's default
-    assert jm.compiler_options == {**dict(xla_options.EIGEN_DOTS), **dict(xla_options.KEEP_BARRIERS)}
+    assert jm.compiler_options == {**dict(xla_options.EIGEN_DOTS), **dict(xla_options.KEEP_BARRIERS_PLAIN_REDUCTIONS)}
     assert "__ynn_fusion" not in _compiled(jm.apply_fn, jm.params, x)
     trainer = Trainer(jm, TrainConfig(total_steps=2))
     step_args = (trainer.init(jm.params), x, jnp.zeros((x.shape[0],), jnp.int32))
@@ -270,9 +272,10 @@ def test_float32_compiles_with_eigen_dots_and_bf16_with_xla_defaults(framework, 
     state, _ = jax.jit(trainer.train_step)(*step_args)
     assert int(state.step) == 1
     for low in (jm.astype(jnp.bfloat16), jm.astype(jnp.float32, matmul_dtype=jnp.bfloat16)):
-        assert low.compiler_options == dict(xla_options.KEEP_BARRIERS)
+        assert low.compiler_options == dict(xla_options.KEEP_BARRIERS_PLAIN_REDUCTIONS)
         assert "__ynn_fusion" in _compiled(low.apply_fn, low.params, x)
-    assert xla_options.for_model(jm, "bfloat16") == dict(xla_options.KEEP_BARRIERS)
+    assert xla_options.for_model(jm, "bfloat16") == dict(xla_options.KEEP_BARRIERS_PLAIN_REDUCTIONS)
+    assert xla_options.for_model(jm, "bfloat16", gradients=True) == dict(xla_options.KEEP_BARRIERS)
     monkeypatch.setenv("VITPORT_XLA_CPU_DOTS", "default")
     assert vitport.from_timm(_model("vit_token"), framework=framework).compiler_options == {}
 
@@ -299,7 +302,7 @@ def test_bf16_without_native_units_takes_eigen_dots(framework, monkeypatch):
     from vitport import xla_options
     from vitport.training import TrainConfig, Trainer
 
-    keep, eigen = dict(xla_options.KEEP_BARRIERS), dict(xla_options.EIGEN_DOTS)
+    keep, eigen = dict(xla_options.KEEP_BARRIERS_PLAIN_REDUCTIONS), dict(xla_options.EIGEN_DOTS)
     model = _model("cait", timm_init=True)
     for native, expected in ((False, {**eigen, **keep}), (True, keep), (None, keep)):
         monkeypatch.setattr(xla_options, "native_bf16_matmul", lambda native=native: native)
@@ -318,3 +321,30 @@ def test_bf16_without_native_units_takes_eigen_dots(framework, monkeypatch):
     assert "__ynn_fusion" not in _compiled(trainer.train_step, *step_args)
     state, metrics = trainer.train_step(*step_args)
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option chosen is a CPU one")
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_forward_passes_reduce_plainly_train_steps_in_trees(framework):
+    """Forward passes compile without XLA's tree-reduction rewrite (``xla_options.keep_barriers``
+    with ``gradients=False``): LayerNorm's and the softmax's row sums as plain reduces, no
+    ``reduce-window``, logits as with the rewrite; the train step keeps it for its column sums
+    (bias and LayerNorm gradients down batch x tokens rows)."""
+    from vitport import xla_options
+    from vitport.training import TrainConfig, Trainer
+
+    arch, kwargs = TINY_CASES["vit_token"]
+    model = tiny_timm(arch, "float32", **{**kwargs, "embed_dim": 64})  # rows of 64: over XLA's window of 32
+    jm = vitport.from_timm(model, framework=framework)
+    x = jm.as_input(images(jm.spec, batch=4, dtype="float32"))
+    plain = _compiled(jm.apply_fn, jm.params, x)
+    assert "reduce-window(" not in plain and " reduce(" in plain
+    tree = jax.jit(jm.front_end_apply, compiler_options={**jm.compiler_options, **dict(xla_options.KEEP_BARRIERS)})
+    assert "reduce-window(" in _compiled(tree, jm.params, x)  # what the option turns off
+    np.testing.assert_allclose(np.asarray(jm.apply_fn(jm.params, x)), np.asarray(tree(jm.params, x)), rtol=0, atol=1e-5)
+    assert _rel_error(model, jm) <= 1e-5
+
+    trainer = Trainer(jm, TrainConfig(total_steps=2))
+    labels = jnp.zeros((x.shape[0],), jnp.int32)
+    assert "reduce-window(" in _compiled(trainer.train_step, trainer.init(jm.params), x, labels)
+    assert "reduce-window(" not in _compiled(trainer.eval_step, jm.params, x, labels)

@@ -322,7 +322,7 @@ def jax_gradients(jm: JaxModel, images_nhwc: np.ndarray, labels: np.ndarray,
 
     x, y = jax.numpy.asarray(images_nhwc, jm.input_dtype), jax.numpy.asarray(labels)
     # one compile, apply_fn inlined (so this jit carries the model's compiler options)
-    loss, grads = xla_options.jit(jax.value_and_grad(loss_fn), jm.compiler_options)(jm.params)
+    loss, grads = xla_options.jit(jax.value_and_grad(loss_fn), xla_options.for_model(jm, gradients=True))(jm.params)
     named = jm.with_params(grads).to_timm_state_dict()
     # Frozen tensors (BatchNorm running statistics: buffers in timm) have no timm gradient; theirs
     # must be exactly zero here (ops.batch_norm_frozen's stop_gradient).

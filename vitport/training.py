@@ -312,9 +312,9 @@ class Trainer:
         if cfg.remat:  # keep only the blocks' outputs; recompute inside each block when differentiating
             forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.save_only_these_names(BLOCK_OUTPUT))
         self._forward, self._apply = forward, apply
-        options = xla_options.for_model(jm, cfg.compute_dtype)
-        self.train_step = xla_options.jit(self._train_step, options, donate_argnums=0)
-        self.eval_step = xla_options.jit(self._eval_step, options)
+        self.train_step = xla_options.jit(self._train_step, xla_options.for_model(jm, cfg.compute_dtype, gradients=True),
+                                          donate_argnums=0)
+        self.eval_step = xla_options.jit(self._eval_step, xla_options.for_model(jm, cfg.compute_dtype))
 
     def init(self, params: Any, seed: int = 0) -> TrainState:
         params = jax.tree.map(jnp.array, params)  # a copy: train_step donates the state's buffers

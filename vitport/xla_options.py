@@ -56,8 +56,11 @@ import jax.numpy as jnp
 
 EIGEN_DOTS = (("xla_cpu_experimental_ynn_fusion_type", ""),)  # no YNNPACK fusions: Eigen's dots
 FAST_BACKEND = (("xla_backend_optimization_level", 1),)  # LLVM -O1 for the fused loops: faster compile
-# jax's optimization barriers kept through XLA's fusion (see keep_barriers)
-KEEP_BARRIERS = (("xla_disable_hlo_passes", "cse_barrier_expander"),)
+# XLA passes vitport's CPU jits turn off: the one that drops jax's optimization barriers before
+# fusing (see keep_barriers), and in forward passes the tree-reduction rewrite (see plain_reductions)
+BARRIER_PASS, TREE_REDUCTION_PASS = "cse_barrier_expander", "tree_reduction_rewriter"
+KEEP_BARRIERS = (("xla_disable_hlo_passes", BARRIER_PASS),)
+KEEP_BARRIERS_PLAIN_REDUCTIONS = (("xla_disable_hlo_passes", f"{BARRIER_PASS},{TREE_REDUCTION_PASS}"),)
 # CPU flags (x86 /proc/cpuinfo "flags", Arm "Features") of bf16 dot instructions: YNNPACK's fast bf16 kernel
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
@@ -122,20 +125,37 @@ def fast_backend() -> dict[str, Any]:
     return _unless_user_set(FAST_BACKEND)
 
 
-def keep_barriers() -> dict[str, Any]:
+def keep_barriers(gradients: bool = True) -> dict[str, Any]:
     """The option that keeps ``jax.lax.optimization_barrier`` through XLA's CPU fusion, whose
     ``cse_barrier_expander`` pass otherwise removes the barriers before fusing. vitport puts one
     on each block's output (``structure._block_output``); its transpose puts one on the residual
     stream's gradient, which XLA then materialises once per block instead of fusing the later
-    blocks' whole chain of gradient adds into every block's backward (``_unless_user_set``: a
+    blocks' whole chain of gradient adds into every block's backward. Without ``gradients`` (a
+    forward pass) the same pass list also has ``plain_reductions``'s pass (``_unless_user_set``: a
     pass list in XLA_FLAGS wins, as a per-jit one would replace it)."""
-    return _unless_user_set(KEEP_BARRIERS)
+    return _unless_user_set(KEEP_BARRIERS if gradients else KEEP_BARRIERS_PLAIN_REDUCTIONS)
 
 
-def float32_cpu() -> dict[str, Any]:
+# plain_reductions: what turning XLA's tree-reduction rewrite off in forward passes does
+#
+# XLA's CPU pipeline rewrites every reduction over an axis longer than 32 into a ``reduce-window``
+# of 32-wide chunks and a second reduce, for precision over long sums. A forward pass's reductions
+# are over one row (LayerNorm's 768 features, the softmax's 197 keys), where XLA's plain reduce
+# keeps float32 sums as close (relative error 1-3e-7 against float64, the tree's too) and runs
+# 3x as fast; the rewrite also adds two fusions per reduction for XLA to compile. Scanned
+# CaiT-S24's XLA compile took 16 % less CPU time and its batch-1 call 6 % less, ViT-B/16's
+# compile 11 % less, logits within 1e-8 (``benchmarks/compile_options.py`` with the option set
+# and without; 2-core Intel Xeon VM, ``benchmarks/README.md``, session 10). Gradients keep the
+# rewrite: a bias's or LayerNorm scale's gradient sums down a column of (batch x tokens) rows,
+# where XLA's plain reduce ran 2.5x slower than the rewrite, and ViT-B/16's batch-8 train step
+# took 12.1 s of CPU time with the rewrite against 14.6 s without.
+
+
+def float32_cpu(gradients: bool = True) -> dict[str, Any]:
     """vitport's options for float32 on the CPU: Eigen's dots, LLVM -O1 for the fused loops,
-    optimization barriers kept through fusion."""
-    return {**eigen_dots(), **fast_backend(), **keep_barriers()}
+    optimization barriers kept through fusion, and in a forward pass (``gradients`` False) XLA's
+    plain reductions."""
+    return {**eigen_dots(), **fast_backend(), **keep_barriers(gradients)}
 
 
 def cpu_flags(cpuinfo: str) -> frozenset[str] | None:
@@ -159,13 +179,14 @@ def native_bf16_matmul() -> bool | None:
     return None if flags is None else bool(flags & NATIVE_BF16_FLAGS)
 
 
-def low_precision_cpu(matmul_dtype: Any) -> dict[str, Any]:
+def low_precision_cpu(matmul_dtype: Any, gradients: bool = True) -> dict[str, Any]:
     """vitport's options for matmuls in ``matmul_dtype`` other than float32 on the CPU: the block
-    barriers (``keep_barriers``) in every dtype, and for bfloat16 on a CPU without bf16 dot
-    instructions Eigen's dots, faster there than YNNPACK's (module docstring)."""
+    barriers (``keep_barriers``, with ``gradients``' pass list) in every dtype, and for bfloat16
+    on a CPU without bf16 dot instructions Eigen's dots, faster there than YNNPACK's (module
+    docstring)."""
     if jnp.dtype(matmul_dtype) == jnp.bfloat16 and native_bf16_matmul() is False:
-        return {**eigen_dots(), **keep_barriers()}
-    return keep_barriers()
+        return {**eigen_dots(), **keep_barriers(gradients)}
+    return keep_barriers(gradients)
 
 
 def _on_cpu(leaf: Any) -> bool:
@@ -175,10 +196,11 @@ def _on_cpu(leaf: Any) -> bool:
     return all(d.platform == "cpu" for d in devices())
 
 
-def compiler_options(params: Any, matmul_dtype: Any = None) -> dict[str, Any]:
+def compiler_options(params: Any, matmul_dtype: Any = None, gradients: bool = False) -> dict[str, Any]:
     """The options for a jit computing with ``params`` (any tree of arrays) whose matmuls take
     ``matmul_dtype`` inputs (None: the params' own dtype): ``float32_cpu()`` for float32 on the
-    CPU, ``low_precision_cpu()`` for other dtypes on the CPU; ``{}`` off the CPU."""
+    CPU, ``low_precision_cpu()`` for other dtypes on the CPU; ``{}`` off the CPU. ``gradients``:
+    the jit differentiates the model (a train step), which keeps XLA's tree reductions."""
     if os.environ.get("VITPORT_XLA_CPU_DOTS", "eigen") == "default":
         return {}
     floats = [leaf for leaf in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
@@ -188,15 +210,16 @@ def compiler_options(params: Any, matmul_dtype: Any = None) -> dict[str, Any]:
         low = [jnp.result_type(leaf) for leaf in floats if jnp.result_type(leaf) != jnp.float32]
         matmul_dtype = low[0] if low else None
     if matmul_dtype is not None and jnp.dtype(matmul_dtype) != jnp.float32:
-        return low_precision_cpu(matmul_dtype)
-    return float32_cpu()
+        return low_precision_cpu(matmul_dtype, gradients)
+    return float32_cpu(gradients)
 
 
-def for_model(jm: Any, compute_dtype: Any = None) -> dict[str, Any]:
+def for_model(jm: Any, compute_dtype: Any = None, gradients: bool = False) -> dict[str, Any]:
     """``compiler_options`` for a ``JaxModel``'s params and config (``compute_dtype``: a
-    training cast of the params, ``TrainConfig.compute_dtype``)."""
+    training cast of the params, ``TrainConfig.compute_dtype``; ``gradients``: a jit that
+    differentiates the model)."""
     low = (compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32) or (
         jm.config.dtype is not None and jnp.dtype(jm.config.dtype) != jnp.float32)
     if low:  # float32 params computing in another dtype
-        return compiler_options(jm.params, compute_dtype or jm.config.dtype)
-    return compiler_options(jm.params, jm.config.matmul_dtype)
+        return compiler_options(jm.params, compute_dtype or jm.config.dtype, gradients)
+    return compiler_options(jm.params, jm.config.matmul_dtype, gradients)
