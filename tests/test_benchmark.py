@@ -190,13 +190,16 @@ def test_compile_options_compares_compile_and_run_times_and_logits_per_option_se
     first = out.splitlines()[0]  # a subprocess: vitport's own options, not the tests' -O0 (conftest.py)
     assert "(flax, scanned)" in first and "'xla_cpu_experimental_ynn_fusion_type': ''" in first, out
     assert "'xla_backend_optimization_level': 1" in first, out
+    assert "'xla_disable_hlo_passes': 'cse_barrier_expander,tree_reduction_rewriter'" in first, out  # a forward pass's
     compile_rows = re.findall(r"^  (\S+.*?)\s+(\d+\.\d+) s wall \((\d+\.\d+)-(\d+\.\d+)\),\s+(\d+\.\d+) s CPU$",
                               out.split("run at batch")[0], re.M)
     assert [r[0] for r in compile_rows] == ["{}", '{"xla_backend_optimization_level": 1}',
                                             '{"xla_cpu_experimental_ynn_fusion_type": null}', "xla"], out
     assert all(float(lo) <= float(med) <= float(hi) and float(c) > 0 for _, med, lo, hi, c in compile_rows), out
-    run_rows = re.findall(r"^  (\S+.*?)\s+(\d+\.\d+) ms .* max \|Δlogit\| (\S+)$", out.split("run at batch 2")[1], re.M)
-    assert len(run_rows) == 4 and float(run_rows[0][2]) == 0.0 and all(float(d) < 1e-4 for *_, d in run_rows), out
+    run_rows = re.findall(r"^  (\S+.*?)\s+(\d+\.\d+) ms .*, +(\d+\.\d+) ms CPU, max \|Δlogit\| (\S+)$",
+                          out.split("run at batch 2")[1], re.M)
+    assert len(run_rows) == 4 and float(run_rows[0][3]) == 0.0 and all(float(d) < 1e-4 for *_, d in run_rows), out
+    assert all(float(cpu) > 0 for _, _, cpu, _ in run_rows), out
 
 
 def test_compile_options_times_the_train_step():
@@ -210,11 +213,26 @@ def test_compile_options_times_the_train_step():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert out.splitlines()[0].startswith("cait_xxs24_224 Trainer's train step (flax, block by block)"), out
+    assert "'xla_disable_hlo_passes': 'cse_barrier_expander'}" in out.splitlines()[0], out  # tree reductions kept
     run_rows = re.findall(r"^  (\S+.*?)\s+(\d+\.\d+) ms .* max \|Δloss, params\| (\S+)$",
                           out.split("run at batch 2")[1], re.M)
     # the same step compiled at another LLVM level: equal up to float32 rounding
     assert [r[0] for r in run_rows] == ["{}", '{"xla_backend_optimization_level": 3}'], out
     assert float(run_rows[0][2]) == 0.0 and float(run_rows[1][2]) < 1e-4, out
+
+
+def test_reductions_times_both_forms_with_their_errors():
+    """``benchmarks/reductions.py``: each reduction at a ViT's shapes compiled as forward passes
+    compile it (plain reduces) and as train steps do (XLA's tree rewrite), with float32 errors."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "reductions.py"), "--batch", "2", "--tokens", "50", "--dim", "64",
+         "--heads", "2", "--rounds", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^(\w[\w ]*?) \(.*?\)\s+plain \(forward passes\): +\d+\.\d+ ms, (\S+), rel\. error (\S+) \| "
+                      r"tree \(train steps\): +\d+\.\d+ ms, (\S+), rel\. error (\S+)$", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["rows", "softmax rows", "columns", "columns", "columns", "whole"], proc.stdout
+    assert all(plain == "reduce" and tree == "reduce-window" for _, plain, _, tree, _ in rows), proc.stdout
+    assert all(float(e) < 1e-4 for _, _, e1, _, e2 in rows for e in (e1, e2)), proc.stdout
 
 
 def test_train_step_times_vitport_against_timm_on_the_same_step():
