@@ -9,7 +9,8 @@ numpy's float64 sum:
 
 - ``rows``: LayerNorm's statistics, (B, N, D) summed over D;
 - ``softmax rows``: the attention softmax's sums, (B, heads, N, N) over the keys;
-- ``columns``: a bias gradient, (B*N, width) summed over the rows (width D, 3D, the MLP's);
+- ``columns``: a bias gradient, (B*N, width) summed over the rows (width D, 3D, the MLP's), also
+  as a matrix-vector dot with a ones vector (``dot``);
 - ``whole``: a gradient norm's sum over a (4D, D) weight::
 
     uv run python benchmarks/reductions.py --batch 8
@@ -61,6 +62,9 @@ def main(argv=None) -> None:
         xd = jax.device_put(x)
         compiled = {k: jax.jit(lambda v: jnp.sum(v * v, axis=axis), compiler_options=o).lower(xd).compile()
                     for k, o in options.items()}
+        if axis == 0:  # a column sum as a matrix-vector dot, onesᵀ · x (how a custom_jvp bias add would take it)
+            compiled["dot"] = jax.jit(lambda v: jnp.ones((v.shape[0],), v.dtype) @ (v * v),
+                                      compiler_options=options["tree (train steps)"]).lower(xd).compile()
         times: dict[str, list[float]] = {k: [] for k in compiled}
         for _ in range(args.rounds):
             for k, f in compiled.items():
@@ -70,7 +74,8 @@ def main(argv=None) -> None:
         line = []
         for k, f in compiled.items():
             err = float(np.max(np.abs(np.asarray(f(xd), np.float64) - exact) / np.abs(exact)))
-            windows = "reduce-window" if "reduce-window(" in f.as_text() else "reduce"
+            text = f.as_text()
+            windows = "reduce-window" if "reduce-window(" in text else "dot" if " dot(" in text else "reduce"
             line.append(f"{k}: {statistics.median(times[k]) * 1e3:7.2f} ms, {windows}, rel. error {err:.1e}")
         print(f"{name:32s} " + " | ".join(line))
 

@@ -229,10 +229,12 @@ def test_reductions_times_both_forms_with_their_errors():
          "--heads", "2", "--rounds", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = re.findall(r"^(\w[\w ]*?) \(.*?\)\s+plain \(forward passes\): +\d+\.\d+ ms, (\S+), rel\. error (\S+) \| "
-                      r"tree \(train steps\): +\d+\.\d+ ms, (\S+), rel\. error (\S+)$", proc.stdout, re.M)
+                      r"tree \(train steps\): +\d+\.\d+ ms, (\S+), rel\. error (\S+)( \| dot: .*)?$", proc.stdout, re.M)
     assert [r[0] for r in rows] == ["rows", "softmax rows", "columns", "columns", "columns", "whole"], proc.stdout
-    assert all(plain == "reduce" and tree == "reduce-window" for _, plain, _, tree, _ in rows), proc.stdout
-    assert all(float(e) < 1e-4 for _, _, e1, _, e2 in rows for e in (e1, e2)), proc.stdout
+    assert all(plain == "reduce" and tree == "reduce-window" for _, plain, _, tree, *_ in rows), proc.stdout
+    assert all(float(e) < 1e-4 for _, _, e1, _, e2, _ in rows for e in (e1, e2)), proc.stdout
+    assert [bool(dot) for *_, dot in rows] == [False, False, True, True, True, False], proc.stdout
+    assert all(re.match(r" \| dot: +\d+\.\d+ ms, dot, rel\. error \S+$", dot) for *_, dot in rows if dot), proc.stdout
 
 
 def test_train_step_times_vitport_against_timm_on_the_same_step():

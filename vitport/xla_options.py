@@ -57,7 +57,7 @@ import jax.numpy as jnp
 EIGEN_DOTS = (("xla_cpu_experimental_ynn_fusion_type", ""),)  # no YNNPACK fusions: Eigen's dots
 FAST_BACKEND = (("xla_backend_optimization_level", 1),)  # LLVM -O1 for the fused loops: faster compile
 # XLA passes vitport's CPU jits turn off: the one that drops jax's optimization barriers before
-# fusing (see keep_barriers), and in forward passes the tree-reduction rewrite (see plain_reductions)
+# fusing (see keep_barriers), and in forward passes the tree-reduction rewrite (the note after it)
 BARRIER_PASS, TREE_REDUCTION_PASS = "cse_barrier_expander", "tree_reduction_rewriter"
 KEEP_BARRIERS = (("xla_disable_hlo_passes", BARRIER_PASS),)
 KEEP_BARRIERS_PLAIN_REDUCTIONS = (("xla_disable_hlo_passes", f"{BARRIER_PASS},{TREE_REDUCTION_PASS}"),)
@@ -131,24 +131,25 @@ def keep_barriers(gradients: bool = True) -> dict[str, Any]:
     on each block's output (``structure._block_output``); its transpose puts one on the residual
     stream's gradient, which XLA then materialises once per block instead of fusing the later
     blocks' whole chain of gradient adds into every block's backward. Without ``gradients`` (a
-    forward pass) the same pass list also has ``plain_reductions``'s pass (``_unless_user_set``: a
-    pass list in XLA_FLAGS wins, as a per-jit one would replace it)."""
+    forward pass) the same pass list also turns XLA's tree-reduction rewrite off (the note below;
+    ``_unless_user_set``: a pass list in XLA_FLAGS wins, as a per-jit one would replace it)."""
     return _unless_user_set(KEEP_BARRIERS if gradients else KEEP_BARRIERS_PLAIN_REDUCTIONS)
 
 
-# plain_reductions: what turning XLA's tree-reduction rewrite off in forward passes does
+# Forward passes without XLA's tree-reduction rewrite (TREE_REDUCTION_PASS)
 #
 # XLA's CPU pipeline rewrites every reduction over an axis longer than 32 into a ``reduce-window``
 # of 32-wide chunks and a second reduce, for precision over long sums. A forward pass's reductions
 # are over one row (LayerNorm's 768 features, the softmax's 197 keys), where XLA's plain reduce
 # keeps float32 sums as close (relative error 1-3e-7 against float64, the tree's too) and runs
-# 3x as fast; the rewrite also adds two fusions per reduction for XLA to compile. Scanned
-# CaiT-S24's XLA compile took 16 % less CPU time and its batch-1 call 6 % less, ViT-B/16's
-# compile 11 % less, logits within 1e-8 (``benchmarks/compile_options.py`` with the option set
-# and without; 2-core Intel Xeon VM, ``benchmarks/README.md``, session 10). Gradients keep the
-# rewrite: a bias's or LayerNorm scale's gradient sums down a column of (batch x tokens) rows,
-# where XLA's plain reduce ran 2.5x slower than the rewrite, and ViT-B/16's batch-8 train step
-# took 12.1 s of CPU time with the rewrite against 14.6 s without.
+# 3.4x as fast (``benchmarks/reductions.py``); the rewrite also adds two fusions per reduction
+# for XLA to compile. Without it, in two runs of ``benchmarks/compile_options.py`` on a 2-core
+# Intel Xeon VM (``benchmarks/README.md``, session 10), XLA's compile took 5-16 % less CPU time
+# for scanned CaiT-S24 and 11-19 % less for ViT-B/16, batch-1 calls 4-6 % less and batch-16 ones
+# 1-5 % less, logits within 1e-8. Gradients keep the rewrite: a bias's or LayerNorm scale's
+# gradient sums down a column of (batch x tokens) rows, where XLA's plain reduce ran 2.5-5x
+# slower than the rewrite, and ViT-B/16's batch-8 train step took 12.1 s of CPU time with the
+# rewrite against 14.6 s without.
 
 
 def float32_cpu(gradients: bool = True) -> dict[str, Any]:
