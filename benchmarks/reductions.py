@@ -52,8 +52,8 @@ def cases(a: argparse.Namespace) -> dict[str, tuple[tuple[int, ...], int | None]
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    options = {"plain (forward passes)": xla_options.float32_cpu(gradients=False),
-               "tree (train steps)": xla_options.float32_cpu(gradients=True)}
+    options = {"plain (forward passes)": xla_options.float32_cpu(tree_reductions=False),
+               "tree (train steps)": xla_options.float32_cpu(tree_reductions=True)}
     rng = np.random.default_rng(0)
     print(f"sum of squares, float32, median of {args.rounds} calls; relative error against float64")
     for name, (shape, axis) in cases(args).items():

@@ -155,7 +155,7 @@ def test_float32_asks_for_llvm_o1_unless_xla_flags_set_a_level(monkeypatch):
     keep = {"xla_disable_hlo_passes": "cse_barrier_expander,tree_reduction_rewriter"}  # a forward pass's
     assert xla_options.compiler_options(params) == {**dict(xla_options.EIGEN_DOTS),
                                                     "xla_backend_optimization_level": 1, **keep}
-    assert xla_options.compiler_options(params, gradients=True) == {  # a train step keeps the tree reductions
+    assert xla_options.compiler_options(params, tree_reductions=True) == {  # a train step keeps the tree reductions
         **dict(xla_options.EIGEN_DOTS), "xla_backend_optimization_level": 1, "xla_disable_hlo_passes": "cse_barrier_expander"}
     # other dtypes keep XLA's dots, and the block barriers (they matter in any dtype)
     assert xla_options.compiler_options(params, jnp.bfloat16) == keep
@@ -327,9 +327,10 @@ def test_bf16_without_native_units_takes_eigen_dots(framework, monkeypatch):
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_forward_passes_reduce_plainly_train_steps_in_trees(framework):
     """Forward passes compile without XLA's tree-reduction rewrite (``xla_options.keep_barriers``
-    with ``gradients=False``): LayerNorm's and the softmax's row sums as plain reduces, no
+    without ``tree_reductions``): LayerNorm's and the softmax's row sums as plain reduces, no
     ``reduce-window``, logits as with the rewrite; the train step keeps it for its column sums
-    (bias and LayerNorm gradients down batch x tokens rows)."""
+    (bias and LayerNorm gradients down batch x tokens rows), and so do hybrids (their CNN stem's
+    weight standardization and GroupNorm sum columns)."""
     from vitport import xla_options
     from vitport.training import TrainConfig, Trainer
 
@@ -348,3 +349,8 @@ def test_forward_passes_reduce_plainly_train_steps_in_trees(framework):
     labels = jnp.zeros((x.shape[0],), jnp.int32)
     assert "reduce-window(" in _compiled(trainer.train_step, trainer.init(jm.params), x, labels)
     assert "reduce-window(" not in _compiled(trainer.eval_step, jm.params, x, labels)
+
+    arch, kwargs = TINY_CASES["hybrid_resnetv2_same"]
+    hybrid = vitport.from_timm(tiny_timm(arch, "float32", **kwargs), framework=framework)
+    assert hybrid.compiler_options == xla_options.for_model(hybrid, gradients=True) == {
+        **dict(xla_options.EIGEN_DOTS), **xla_options.fast_backend(), **dict(xla_options.KEEP_BARRIERS)}

@@ -125,15 +125,15 @@ def fast_backend() -> dict[str, Any]:
     return _unless_user_set(FAST_BACKEND)
 
 
-def keep_barriers(gradients: bool = True) -> dict[str, Any]:
+def keep_barriers(tree_reductions: bool = True) -> dict[str, Any]:
     """The option that keeps ``jax.lax.optimization_barrier`` through XLA's CPU fusion, whose
     ``cse_barrier_expander`` pass otherwise removes the barriers before fusing. vitport puts one
     on each block's output (``structure._block_output``); its transpose puts one on the residual
     stream's gradient, which XLA then materialises once per block instead of fusing the later
-    blocks' whole chain of gradient adds into every block's backward. Without ``gradients`` (a
-    forward pass) the same pass list also turns XLA's tree-reduction rewrite off (the note below;
+    blocks' whole chain of gradient adds into every block's backward. Without ``tree_reductions``
+    (a forward pass) the same pass list also turns XLA's tree-reduction rewrite off (the note below;
     ``_unless_user_set``: a pass list in XLA_FLAGS wins, as a per-jit one would replace it)."""
-    return _unless_user_set(KEEP_BARRIERS if gradients else KEEP_BARRIERS_PLAIN_REDUCTIONS)
+    return _unless_user_set(KEEP_BARRIERS if tree_reductions else KEEP_BARRIERS_PLAIN_REDUCTIONS)
 
 
 # Forward passes without XLA's tree-reduction rewrite (TREE_REDUCTION_PASS)
@@ -152,11 +152,11 @@ def keep_barriers(gradients: bool = True) -> dict[str, Any]:
 # rewrite against 14.6 s without.
 
 
-def float32_cpu(gradients: bool = True) -> dict[str, Any]:
+def float32_cpu(tree_reductions: bool = True) -> dict[str, Any]:
     """vitport's options for float32 on the CPU: Eigen's dots, LLVM -O1 for the fused loops,
-    optimization barriers kept through fusion, and in a forward pass (``gradients`` False) XLA's
-    plain reductions."""
-    return {**eigen_dots(), **fast_backend(), **keep_barriers(gradients)}
+    optimization barriers kept through fusion, and without ``tree_reductions`` (a forward pass)
+    XLA's plain reductions."""
+    return {**eigen_dots(), **fast_backend(), **keep_barriers(tree_reductions)}
 
 
 def cpu_flags(cpuinfo: str) -> frozenset[str] | None:
@@ -180,14 +180,14 @@ def native_bf16_matmul() -> bool | None:
     return None if flags is None else bool(flags & NATIVE_BF16_FLAGS)
 
 
-def low_precision_cpu(matmul_dtype: Any, gradients: bool = True) -> dict[str, Any]:
+def low_precision_cpu(matmul_dtype: Any, tree_reductions: bool = True) -> dict[str, Any]:
     """vitport's options for matmuls in ``matmul_dtype`` other than float32 on the CPU: the block
-    barriers (``keep_barriers``, with ``gradients``' pass list) in every dtype, and for bfloat16
+    barriers (``keep_barriers``, with ``tree_reductions``' pass list) in every dtype, and for bfloat16
     on a CPU without bf16 dot instructions Eigen's dots, faster there than YNNPACK's (module
     docstring)."""
     if jnp.dtype(matmul_dtype) == jnp.bfloat16 and native_bf16_matmul() is False:
-        return {**eigen_dots(), **keep_barriers(gradients)}
-    return keep_barriers(gradients)
+        return {**eigen_dots(), **keep_barriers(tree_reductions)}
+    return keep_barriers(tree_reductions)
 
 
 def _on_cpu(leaf: Any) -> bool:
@@ -197,11 +197,12 @@ def _on_cpu(leaf: Any) -> bool:
     return all(d.platform == "cpu" for d in devices())
 
 
-def compiler_options(params: Any, matmul_dtype: Any = None, gradients: bool = False) -> dict[str, Any]:
+def compiler_options(params: Any, matmul_dtype: Any = None, tree_reductions: bool = False) -> dict[str, Any]:
     """The options for a jit computing with ``params`` (any tree of arrays) whose matmuls take
     ``matmul_dtype`` inputs (None: the params' own dtype): ``float32_cpu()`` for float32 on the
-    CPU, ``low_precision_cpu()`` for other dtypes on the CPU; ``{}`` off the CPU. ``gradients``:
-    the jit differentiates the model (a train step), which keeps XLA's tree reductions."""
+    CPU, ``low_precision_cpu()`` for other dtypes on the CPU; ``{}`` off the CPU.
+    ``tree_reductions``: keep XLA's tree-reduction rewrite (a train step's column sums; the note
+    after ``keep_barriers``)."""
     if os.environ.get("VITPORT_XLA_CPU_DOTS", "eigen") == "default":
         return {}
     floats = [leaf for leaf in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
@@ -211,16 +212,20 @@ def compiler_options(params: Any, matmul_dtype: Any = None, gradients: bool = Fa
         low = [jnp.result_type(leaf) for leaf in floats if jnp.result_type(leaf) != jnp.float32]
         matmul_dtype = low[0] if low else None
     if matmul_dtype is not None and jnp.dtype(matmul_dtype) != jnp.float32:
-        return low_precision_cpu(matmul_dtype, gradients)
-    return float32_cpu(gradients)
+        return low_precision_cpu(matmul_dtype, tree_reductions)
+    return float32_cpu(tree_reductions)
 
 
 def for_model(jm: Any, compute_dtype: Any = None, gradients: bool = False) -> dict[str, Any]:
     """``compiler_options`` for a ``JaxModel``'s params and config (``compute_dtype``: a
     training cast of the params, ``TrainConfig.compute_dtype``; ``gradients``: a jit that
-    differentiates the model)."""
+    differentiates the model). A hybrid's CNN stem keeps XLA's tree reductions in its forward
+    passes too: its standardized conv weights and GroupNorm sum over kernel and image axes
+    (column sums), where the plain reduce is the slow form (``vit_small_r26_s32_224`` at batch
+    1: 375 against 275 ms of CPU per call; ``benchmarks/README.md``, session 10)."""
+    tree = gradients or getattr(jm.spec, "backbone", None) is not None
     low = (compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32) or (
         jm.config.dtype is not None and jnp.dtype(jm.config.dtype) != jnp.float32)
     if low:  # float32 params computing in another dtype
-        return compiler_options(jm.params, compute_dtype or jm.config.dtype, gradients)
-    return compiler_options(jm.params, jm.config.matmul_dtype, gradients)
+        return compiler_options(jm.params, compute_dtype or jm.config.dtype, tree)
+    return compiler_options(jm.params, jm.config.matmul_dtype, tree)
