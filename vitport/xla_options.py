@@ -149,7 +149,7 @@ def keep_barriers(tree_reductions: bool = True) -> dict[str, Any]:
 # 1-5 % less, logits within 1e-8. Gradients keep the rewrite: a bias's or LayerNorm scale's
 # gradient sums down a column of (batch x tokens) rows, where XLA's plain reduce ran 2.5-5x
 # slower than the rewrite, and ViT-B/16's batch-8 train step took 12.1 s of CPU time with the
-# rewrite against 14.6 s without.
+# rewrite against 14.6 s without. Hybrids keep it in forward passes too (``for_model``).
 
 
 def float32_cpu(tree_reductions: bool = True) -> dict[str, Any]:
