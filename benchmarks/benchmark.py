@@ -372,22 +372,31 @@ else:  # one optimiser step at batch 1, at a fine-tuning drop_path_rate (each bl
         return (out[0], *args[1:])
 # jit's own first call, in its three steps: trace + lower + compile, then the first run
 t0 = time.perf_counter()
+c0 = time.process_time()  # CPU time too: a VM's stolen time inflates wall time, not this
 traced = fn.trace(*args)
 t_trace = time.perf_counter()
 lowered = traced.lower()
 t_lower = time.perf_counter()
 compiled = lowered.compile()
 t1 = time.perf_counter()
+c1 = time.process_time()
 out = jax.block_until_ready(compiled(*args))
 t2 = time.perf_counter()
+c2 = time.process_time()
 steady = []
 for _ in range(5):
     t = time.perf_counter()
     out = jax.block_until_ready(compiled(*again(out)))
     steady.append(time.perf_counter() - t)
 print(json.dumps({"compile_s": t1 - t0, "trace_s": t_trace - t0, "lower_s": t_lower - t_trace,
-                  "xla_compile_s": t1 - t_lower, "first_call_s": t2 - t0, "second_call_s": statistics.median(steady)}))
+                  "xla_compile_s": t1 - t_lower, "first_call_s": t2 - t0, "first_run_s": t2 - t1,
+                  "compile_cpu_s": c1 - c0, "first_run_cpu_s": c2 - c1, "second_call_s": statistics.median(steady)}))
 """
+
+
+def _ratio(last: dict, first: dict, key: str) -> str:
+    """``last[key] / first[key]``, or "-" for JSONs written before ``key`` was measured."""
+    return f"{last[key] / first[key]:.2f}×" if key in last and key in first else "-"
 
 
 def bench_first_call(console: Console, frameworks: list[str], depths: list[int], repeats: int,
@@ -624,8 +633,9 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
         depths = sorted({r["depth"] for r in depth_rows})
         growth = len(depths) > 1  # the last depth against the first
         for col in ("front-end", "blocks", *[f"depth {d} (s)" for d in depths],
-                    *([f"{depths[-1]} / {depths[0]}"] if growth else []), f"steady call, depth {depths[0]} (ms)",
-                    f"depth {depths[-1]}: trace / lower / XLA compile (s)"):
+                    *([f"{depths[-1]} / {depths[0]}", f"{depths[-1]} / {depths[0]}, compile CPU time"] if growth else []),
+                    f"steady call, depth {depths[0]} (ms)",
+                    f"depth {depths[-1]}: trace / lower / XLA compile / first run (s)"):
             t.add_column(col, justify="left" if col in ("front-end", "blocks") else "right")
         for fw in dict.fromkeys(r["framework"] for r in depth_rows):
             for scan in (False, True):
@@ -637,9 +647,11 @@ def render(rows: list[dict], info: dict[str, Any], args: argparse.Namespace, con
                               + (", warm jax cache" if cached else ""),
                               *[f"{by[d]['compile_s']:.2f} ({by[d]['first_call_s']:.2f})" for d in depths],
                               *([f"{last['compile_s'] / first['compile_s']:.2f}× "
-                                 f"({last['first_call_s'] / first['first_call_s']:.2f}×)"] if growth else []),
+                                 f"({last['first_call_s'] / first['first_call_s']:.2f}×)",
+                                 _ratio(last, first, "compile_cpu_s")] if growth else []),
                               f"{first['second_call_s'] * 1e3:.0f}",
-                              f"{last['trace_s']:.2f} / {last['lower_s']:.2f} / {last['xla_compile_s']:.2f}")
+                              f"{last['trace_s']:.2f} / {last['lower_s']:.2f} / {last['xla_compile_s']:.2f} / "
+                              + (f"{last['first_run_s']:.2f}" if "first_run_s" in last else "-"))
         console.print(t)
     init_rows = info.get("random_init")
     if init_rows:

@@ -67,8 +67,10 @@ def test_first_call_against_depth_runs_both_block_modes(tmp_path):
     for r in rows:
         assert 0 < r["compile_s"] < r["first_call_s"] and r["second_call_s"] > 0, r
         assert r["compile_s"] == pytest.approx(r["trace_s"] + r["lower_s"] + r["xla_compile_s"]), r
+        assert r["first_call_s"] == pytest.approx(r["compile_s"] + r["first_run_s"]), r
+        assert r["compile_cpu_s"] > 0 and r["first_run_cpu_s"] > 0, r
     assert "First call of cait_s24_224 against depth" in proc.stdout
-    assert "trace / lower / XLA compile" in proc.stdout
+    assert "trace / lower / XLA compile / first run" in proc.stdout
 
 
 def test_first_train_step_child_times_a_scanned_step():
