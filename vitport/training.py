@@ -41,7 +41,7 @@ from converters.keymap import FROZEN_KINDS, key_table
 from converters.specs import CaiTSpec, Spec
 
 from . import xla_options
-from .api import JaxModel
+from .api import JaxModel, input_dtype
 from .structure import scanned_lists
 
 # ------------------------------------------------------------------------ configuration
@@ -304,6 +304,7 @@ class Trainer:
         self.tx = optimizer(jm, cfg)
         self.schedule = lr_schedule(cfg)
         self.compute_dtype = jnp.dtype(cfg.compute_dtype) if cfg.compute_dtype else None
+        self.model_config = jm.config
         apply = jm.front_end.apply(jm.config)
 
         def forward(params, images, rng):
@@ -325,9 +326,12 @@ class Trainer:
             return tree
         return jax.tree.map(lambda a: a.astype(self.compute_dtype), tree)
 
+    def _input_dtype(self, params: Any) -> jnp.dtype:
+        """Images as the model takes them (float32 under a bf16 ``matmul_dtype``), or in compute_dtype."""
+        return self.compute_dtype or input_dtype(self.model_config, params)
+
     def loss(self, params: Any, images: jax.Array, labels: jax.Array, rng: jax.Array) -> jax.Array:
-        dtype = self.compute_dtype or jax.tree.leaves(params)[0].dtype
-        output = self._forward(self._cast(params), images.astype(dtype), rng)
+        output = self._forward(self._cast(params), images.astype(self._input_dtype(params)), rng)
         return classification_loss(output, labels, self.cfg.label_smoothing)
 
     def _train_step(self, state: TrainState, images: jax.Array, labels: jax.Array):
@@ -340,8 +344,7 @@ class Trainer:
 
     def _eval_step(self, params: Any, images: jax.Array, labels: jax.Array):
         """Per example, in evaluation mode: (correct, unsmoothed loss)."""
-        dtype = self.compute_dtype or jax.tree.leaves(params)[0].dtype
-        logits = self._apply(self._cast(params), images.astype(dtype)).astype(jnp.float32)
+        logits = self._apply(self._cast(params), images.astype(self._input_dtype(params))).astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return jnp.argmax(logits, -1) == labels, losses
 
