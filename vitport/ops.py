@@ -202,6 +202,7 @@ def embed_tokens(patches: jax.Array, pos_embed: jax.Array, prefix: Sequence[jax.
     num_prefix = sum(t.shape[1] for t in prefix)
     pos_embed = resample_pos_embed(pos_embed, (h, w), grid_size, 0 if no_embed_class else num_prefix)
     x = patches.reshape(b, h * w, d)
+    pos_embed = pos_embed.astype(x.dtype)  # kept float32 by astype's bf16 mode: the activations' dtype decides
     prefix = [jnp.broadcast_to(t, (b, *t.shape[1:])).astype(x.dtype) for t in prefix]
     if no_embed_class:
         return jnp.concatenate([*prefix, x + pos_embed], axis=1)

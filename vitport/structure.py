@@ -1358,7 +1358,7 @@ def _cait_features(m: Layers, s: CaiTSpec, x: jax.Array, out: dict) -> jax.Array
     check_input(s, x)
     patches = m("patch_embed")(x)
     x = out["patch_embed"] = _tokens(patches)
-    x = m("pos_drop")(x + m.param("pos_embed"))
+    x = m("pos_drop")(x + m.param("pos_embed").astype(x.dtype))
     x = _blocks(m, "blocks", s.depth, x, out)
     cls = jnp.broadcast_to(m.param("cls_token"), (x.shape[0], 1, s.dim)).astype(x.dtype)
     cls = _blocks(m, "blocks_token_only", s.cls_depth, cls, out, x)
