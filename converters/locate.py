@@ -45,6 +45,7 @@ from .validate import check_spec
 
 FORMAT = "vitport"
 FORMAT_VERSION = 1
+MATMUL_DTYPES = (None, "bfloat16", "float16")  # a vitport folder's "matmul_dtype"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HUB_PREFIX = "hf-hub:"
@@ -67,6 +68,7 @@ class Resolved:
     spec: Spec
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
     framework: str | None = None  # the params' framework of a vitport folder
+    matmul_dtype: str | None = None  # a vitport folder's 16-bit matmul mode (vitport.ModelConfig)
     repo_id: str | None = None
     revision: str | None = None
 
@@ -272,8 +274,11 @@ def _from_vitport_dir(folder: Path, cfg: dict[str, Any], source: str) -> Resolve
     pretrained_cfg = cfg.get("pretrained_cfg") or {}
     if not isinstance(pretrained_cfg, dict):
         raise CheckpointError(f"{config}: 'pretrained_cfg' must be a JSON object")
+    matmul_dtype = cfg.get("matmul_dtype")  # absent from folders written before it was kept
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise CheckpointError(f"{config}: 'matmul_dtype' must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
     return Resolved(source, "vitport", weights, str(cfg.get("architecture") or ""), spec,
-                    dict(pretrained_cfg), framework=cfg["framework"])
+                    dict(pretrained_cfg), framework=cfg["framework"], matmul_dtype=matmul_dtype)
 
 
 def resolve(source: str | os.PathLike, *, arch: str | None = None,

@@ -107,9 +107,14 @@ def test_convert_with_new_image_size_and_dtype(tiny, tmp_path, capsys):
     out = tmp_path / "vit-48-bf16"
     rc, text, _ = run(capsys, "convert", folder, "--out", out, "--img-size", "48", "--dtype", "bfloat16")
     assert rc == 0, text
+    assert "bfloat16, accumulating in float32; float32 activations" in text
     jm = vitport.load(out)
     assert jm.spec.image_size == (48, 48) and jm.pretrained_cfg["input_size"] == [3, 48, 48]
-    assert str(jm.dtype) == "bfloat16"
+    # --dtype bfloat16 is JaxModel.astype(bfloat16)'s bf16 mode, and the folder keeps it
+    assert str(jm.dtype) == "bfloat16" and jm.config.matmul_dtype == "bfloat16"
+    assert str(jm.params["params"]["pos_embed"].dtype) == "float32"
+    rc, text, _ = run(capsys, "info", out)
+    assert rc == 0 and "bfloat16, accumulating in float32; float32 activations" in text
 
 
 def test_info_reports_a_mismatch(tiny, tmp_path, capsys):

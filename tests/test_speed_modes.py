@@ -139,6 +139,62 @@ def test_astype_keeps_layout_and_round_trips():
     assert set(sd) == set(jm.to_timm_state_dict())
 
 
+def _leaves(jm) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(a) for p, a in jax.tree_util.tree_flatten_with_path(jm.params)[0]}
+
+
+def _assert_same_model(a, b):
+    """Same config (matmul mode included), and every tensor bit for bit, dtype included."""
+    assert a.config == b.config
+    la, lb = _leaves(a), _leaves(b)
+    assert list(la) == list(lb)
+    for k in la:
+        assert la[k].dtype == lb[k].dtype and la[k].tobytes() == lb[k].tobytes(), k
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_saved_folders_keep_the_matmul_mode(framework, tmp_path):
+    """A folder keeps ``matmul_dtype``: a bf16-mode or mixed-mode model loads back as it was
+    saved (not as pure bf16, not as float32), and ``load(dtype=d)`` is ``load().astype(d)``."""
+    jm = vitport.from_timm(_model("deit_distilled"), framework=framework)
+    x = images(jm.spec, dtype="float32")
+    vitport.save(jm, tmp_path / "f32")
+    for name, mode in MODES.items():
+        low = mode(jm)
+        vitport.save(low, tmp_path / name)
+        back = vitport.load(tmp_path / name)
+        _assert_same_model(back, low)
+        np.testing.assert_array_equal(np.asarray(back(x)), np.asarray(low(x)))
+        # an explicit dtype overrides the folder's mode, as astype does
+        _assert_same_model(vitport.load(tmp_path / name, dtype="float32"), low.astype(jnp.float32))
+    for dtype in ("bfloat16", "float16", "float32"):
+        loaded = vitport.load(tmp_path / "f32", dtype=dtype)
+        _assert_same_model(loaded, vitport.load(tmp_path / "f32").astype(dtype))
+        # what memory_needed foretold from the file header, to the byte
+        assert vitport.hub.memory_needed(tmp_path / "f32", dtype=dtype) == sum(
+            a.nbytes for a in jax.tree.leaves(loaded.params))
+    assert vitport.load(tmp_path / "f32").config.matmul_dtype is None
+
+
+def test_a_folders_matmul_dtype_is_checked(tmp_path):
+    import json
+
+    from converters.errors import CheckpointError
+
+    jm = vitport.from_timm(_model("vit_token"), framework="flax")
+    vitport.save(jm, tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    cfg = json.loads(config.read_text())
+    assert cfg["matmul_dtype"] is None
+    for bad in ("int8", "float32", 3):
+        config.write_text(json.dumps({**cfg, "matmul_dtype": bad}))
+        with pytest.raises(CheckpointError, match="'matmul_dtype' must be one of"):
+            vitport.load(tmp_path / "m")
+    del cfg["matmul_dtype"]  # a folder written before vitport kept it: float32 as before
+    config.write_text(json.dumps(cfg))
+    assert vitport.load(tmp_path / "m").config.matmul_dtype is None
+
+
 def test_matmul_dtype_is_checked():
     spec = vitport.from_timm(_model("vit_token"), framework="flax").spec
     assert ModelConfig(spec, matmul_dtype=jnp.bfloat16).matmul_dtype == "bfloat16"

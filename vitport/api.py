@@ -43,6 +43,13 @@ def input_dtype(config: ModelConfig, params: Any) -> jnp.dtype:
     return params_dtype(params)
 
 
+def matmul_dtype_for(dtype: Any) -> str | None:
+    """The ``matmul_dtype`` that goes with weights cast to ``dtype`` (``JaxModel.astype``'s
+    default): a 16-bit dtype itself, None for float32 and float64."""
+    dtype = np.dtype(dtype)
+    return dtype.name if dtype.itemsize == 2 else None
+
+
 def check_framework(framework: str) -> str:
     layout(framework)  # raises InvalidArgumentError naming the choices
     return framework
@@ -227,7 +234,7 @@ class JaxModel:
         if not jnp.issubdtype(dtype, jnp.floating):
             raise InvalidArgumentError(f"astype takes a floating dtype; got {dtype}")
         if isinstance(matmul_dtype, str) and matmul_dtype == "same":
-            matmul_dtype = dtype if dtype.itemsize == 2 else None
+            matmul_dtype = matmul_dtype_for(dtype)
         md = None if matmul_dtype is None else jnp.dtype(matmul_dtype).name
         keep_float32 = md is not None and dtype.itemsize < 4
 

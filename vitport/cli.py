@@ -90,6 +90,11 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _matmul_rows(matmul_dtype: str | None) -> list[tuple[str, str]]:
+    return [("matmuls", f"{matmul_dtype}, accumulating in float32; float32 activations "
+                        "(JaxModel.astype)")] if matmul_dtype else []
+
+
 def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
     table = Table(title=escape(title), title_justify="left", show_header=False)
     table.add_column("key", style="bold")
@@ -232,7 +237,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     files = sorted(p.name for p in out.iterdir())
     size = sum((out / n).stat().st_size for n in files)
     rows = [("source", r.description), ("architecture", jm.architecture), ("framework", jm.framework),
-            ("parameters", f"{jm.num_params():,}"), ("dtype", str(jm.dtype)),
+            ("parameters", f"{jm.num_params():,}"), ("dtype", str(jm.dtype)), *_matmul_rows(jm.config.matmul_dtype),
             ("image size", "x".join(map(str, jm.spec.image_size))),
             *_preprocessing_rows(jm.pretrained_cfg),
             ("output", f"{out}/{{{', '.join(files) if len(files) <= 3 else f'{len(files)} files'}}} ({_size(size)})")]
@@ -260,6 +265,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------- info
 
 
+
 def cmd_info(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -277,7 +283,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("architecture", r.architecture or "-"), ("family", r.spec.family),
             ("tensors", info["num_tensors"]), ("parameters", f"{info['num_params']:,}"),
             ("memory needed", _size(info["memory"])),
-            ("dtypes", ", ".join(f"{d} ({n})" for d, n in info["dtypes"].items()))]
+            ("dtypes", ", ".join(f"{d} ({n})" for d, n in info["dtypes"].items())),
+            *_matmul_rows(r.matmul_dtype)]
     table = _kv_table(f"{r.description}", rows)
     table.add_row("matches architecture", match)
     console.print(table)

@@ -22,6 +22,7 @@ import from here.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,7 +42,7 @@ from converters.specs import spec_to_dict, timm_model_args
 from converters.writer import (atomic_dir, check_output, write_json, write_safetensors,  # noqa: F401
                                write_safetensors_atomic)
 
-from .api import JaxModel, check_framework
+from .api import ADDITIVE_EMBEDDINGS, JaxModel, check_framework
 from .place import DTYPES, model_from_canonical, resize_canonical  # noqa: F401  (re-exported)
 
 
@@ -72,7 +73,9 @@ def load(source: str | os.PathLike, framework: str | None = None, *, arch: str |
     ``framework`` is ``"flax"`` or ``"haiku"`` (default: a converted folder's own framework,
     else flax). ``arch`` names the architecture of a bare weights file; ``model_args`` are
     timm ``create_model`` kwargs; ``image_size`` resamples ``pos_embed`` to a new resolution;
-    ``dtype`` casts the weights (default: keep the checkpoint's). Folders written by
+    ``dtype`` gives what ``.astype(dtype)`` gives: ``"bfloat16"`` is bf16 weights and matmuls with
+    float32 activations (default: keep the checkpoint's dtypes, and a converted folder's
+    ``matmul_dtype``, as saved). Folders written by
     ``convert`` load without torch.
     """
     r = resolve(source, arch=arch, model_args=model_args, revision=revision)
@@ -88,8 +91,15 @@ def memory_needed(source: Resolved | str | os.PathLike, *, dtype: str | None = N
         header = weights_header(r.weights)
         if header is not None:
             item = 2 if dtype in ("bfloat16", "float16") else np.dtype(dtype).itemsize
-            n = sum(int(np.prod(s, dtype=np.int64)) * item for s, _ in header.values())
+            n = sum(int(np.prod(s, dtype=np.int64)) * (4 if item == 2 and _additive_embedding(k) else item)
+                    for k, (s, _) in header.items())
     return n
+
+
+def _additive_embedding(key: str) -> bool:
+    """A file key naming one of ``ADDITIVE_EMBEDDINGS`` (kept float32 by a 16-bit cast), in
+    timm's dotted or a framework's slashed form."""
+    return re.split(r"[./]", key)[-1] in ADDITIVE_EMBEDDINGS
 
 
 def memory_line(r: Resolved, dtype: str | None = None) -> str:
@@ -123,6 +133,7 @@ def vitport_config(jm: JaxModel, source: str | None = None) -> dict[str, Any]:
     return {
         "format": FORMAT, "version": FORMAT_VERSION, "vitport_version": __version__,
         "framework": jm.framework, "architecture": jm.architecture,
+        "matmul_dtype": jm.config.matmul_dtype,  # load() runs the model as saved (JaxModel.astype)
         "spec": spec_to_dict(jm.spec), "pretrained_cfg": preprocessing(jm.pretrained_cfg),
         "timm_model_args": model_args_for_timm(jm.spec, jm.architecture),
         "source": source,

@@ -12,7 +12,8 @@ from converters.errors import InvalidArgumentError
 from converters.lazy import LazyTensor, materialize
 from converters.specs import pair
 
-from .api import JaxModel, check_framework, place_all
+from .api import ADDITIVE_EMBEDDINGS, JaxModel, check_framework, matmul_dtype_for, params_dtype, place_all
+from .config import ModelConfig
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -36,31 +37,42 @@ def resize_canonical(tree: dict, spec: Spec, image_size: int | tuple[int, int]) 
     return tree, new_spec
 
 
-def _cast(tree: dict, dtype: str | None) -> dict:
-    if dtype is None:
-        return tree
+def _target(dtype: str) -> np.dtype:
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if dtype == "bfloat16":
         import ml_dtypes
 
-        target = np.dtype(ml_dtypes.bfloat16)
-    else:
-        target = np.dtype(dtype)
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
 
-    def cast(a):
+
+def _cast(tree: dict, dtype: str | None) -> dict:
+    """Floating tensors cast to ``dtype`` as ``JaxModel.astype(dtype)`` casts them: a 16-bit
+    dtype keeps the additive embeddings float32 (``ADDITIVE_EMBEDDINGS``)."""
+    if dtype is None:
+        return tree
+    target = _target(dtype)
+
+    def cast(a, to):
         if isinstance(a, LazyTensor):  # cast when it is read
             floating = a.dtype.kind == "f" or a.dtype.name == "bfloat16"
-            return a.map(cast, dtype=target if floating else a.dtype)
+            return a.map(lambda x: cast(x, to), dtype=to if floating else a.dtype)
         a = np.asarray(a)
-        return a.astype(target) if (a.dtype.kind == "f" or a.dtype.name == "bfloat16") else a
+        return a.astype(to) if (a.dtype.kind == "f" or a.dtype.name == "bfloat16") else a
 
-    return {k: cast(v) for k, v in tree.items()}
+    keep_float32 = matmul_dtype_for(target) is not None
+    return {k: cast(v, np.dtype(np.float32) if keep_float32 and k[-1] in ADDITIVE_EMBEDDINGS else target)
+            for k, v in tree.items()}
 
 
 def model_from_canonical(tree: dict, r, framework: str | None = None, *, image_size=None,
                          dtype: str | None = None, consume: bool = False) -> JaxModel:
     """A JaxModel from a checked canonical tree (``read_canonical``): resized, cast, renamed.
+
+    ``dtype`` gives the model ``JaxModel.astype(dtype)`` would (a 16-bit one runs its matmuls in
+    it with float32 activations), cast tensor by tensor as they are placed; without it, the
+    weights keep their dtype and a vitport folder's ``matmul_dtype`` (``r.matmul_dtype``) holds.
 
     ``consume``: empty ``tree`` as its arrays move to the device, so the weights are never
     held twice (host and device copies) for large models; with ``read_canonical(lazy=True)``
@@ -74,6 +86,9 @@ def model_from_canonical(tree: dict, r, framework: str | None = None, *, image_s
     tree = _cast(tree, dtype)
     tree = place_all(tree, consume)
     params = canonical_to_framework(tree, spec, framework)
-    return JaxModel(spec, framework, params, cfg, r.architecture or None)
+    matmul_dtype = r.matmul_dtype if dtype is None else matmul_dtype_for(_target(dtype))
+    config = None if matmul_dtype is None else ModelConfig(spec, param_dtype=params_dtype(params).name,
+                                                           matmul_dtype=matmul_dtype)
+    return JaxModel(spec, framework, params, cfg, r.architecture or None, config)
 
 
