@@ -269,3 +269,33 @@ def test_train_step_times_bf16_compute_and_xla_default_options():
     names = set(re.findall(r"│\s+2 │ (vitport [a-z0-9 -]+?)\s+│\s+[\d.]+ │\s+\d+ │", proc.stdout))
     assert names == {f"vitport unrolled {dtype}{dots}" for dtype in ("float32", "bfloat16")
                      for dots in ("", " xla-default-dots")}, proc.stdout
+
+
+def test_dot_ceiling_counts_every_product_of_the_forward_pass(tmp_path):
+    """``benchmarks/dot_ceiling.py``: the products it finds in the jaxpr and times one by one
+    are the model's FLOPs exactly as ``benchmark.model_flops`` counts them from the spec (so none
+    is missed or counted twice, CaiT's per-image attention loop included), each timed in XLA and
+    as torch's GEMM of the same size."""
+    out = tmp_path / "ceiling.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dot_ceiling.py"), "vit_tiny_patch16_224", "cait_xxs24_224",
+         "--batch", "2", "--rounds", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "COLUMNS": "250"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "products alone on XLA's kernels" in proc.stdout and "the same GEMMs in torch" in proc.stdout
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from benchmark import model_flops
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from converters.architectures import arch_spec
+
+    for r in json.loads(out.read_text())["results"]:
+        spec = arch_spec(r["model"])
+        assert r["products_flops"] == model_flops(spec) * r["batch"], r["model"]
+        assert sum(p["count"] * p["flops"] for p in r["products"]) == r["products_flops"]
+        assert all(p["xla_s"] > 0 and p["torch_s"] > 0 for p in r["products"])
+        assert 0 < r["xla_products_s"] and 0 < r["model_s"]
+        if r["model"] == "cait_xxs24_224":  # the attention products run once per image and block
+            attention = [p for p in r["products"] if p["product"].startswith("dot float32[1,4,196,48]")]
+            assert attention and all(p["count"] == spec.depth * r["batch"] for p in attention), r["products"]
