@@ -13,6 +13,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -23,7 +25,8 @@ import vitport
 from converters import FRAMEWORKS, ConversionError, UnsupportedArchitectureError
 from converters.checkpoint_io import (CheckpointError, OutputExistsError, read_state_dict, spec_from_hub_config,
                                       unwrap_state_dict)
-from helpers import HUB_WRITABLE_CASES, TINY, TINY_CAIT, TINY_CASES, images, run_without_torch, tiny_timm
+from helpers import (HUB_WRITABLE_CASES, TINY, TINY_CAIT, TINY_CASES, env_with_test_xla_flags, images,
+                     run_without_torch, tiny_timm)
 from vitport.hub import HubUnreachableError
 from vitport.parity import tolerance
 
@@ -577,3 +580,32 @@ def test_interrupted_export_leaves_nothing_behind(workdir, monkeypatch):
 
 def test_environment_is_offline():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_each_front_end_is_imported_only_when_used(tiny_dirs, tmp_path):
+    """``vitport.frontends`` imports a framework's entry on first use: converting imports no
+    front-end at all, and running a converted folder imports its own framework only (Haiku and
+    NNX bring flax.linen along themselves). About 2 s of a ``vitport convert`` command's 7 s
+    on a 2-core VM (``benchmarks/README.md``, session 12)."""
+    source = str(tiny_dirs["vit"][1])
+    for fw in FRAMEWORKS:
+        vitport.convert(source, tmp_path / fw, fw)
+    np.save(tmp_path / "x.npy", images(vitport.load(tmp_path / "flax").spec, 1, "float32"))
+    code = (
+        "import json, sys, numpy as np, vitport\n"
+        "heavy = ('haiku', 'flax.linen', 'flax.nnx', 'optax')\n"
+        "fw, folder, x, scratch = sys.argv[1:]\n"
+        f"vitport.convert({source!r}, scratch, fw)\n"
+        "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]\n"
+        "vitport.load(folder)(np.load(x))\n"
+        "print(json.dumps([m for m in heavy if m in sys.modules]))\n"
+    )
+    not_imported = {"haiku": {"flax.nnx"}, "flax": {"haiku", "flax.nnx"}, "nnx": {"haiku"}}
+    own = {"haiku": "haiku", "flax": "flax.linen", "nnx": "flax.nnx"}
+    for fw in FRAMEWORKS:
+        proc = subprocess.run([sys.executable, "-c", code, fw, str(tmp_path / fw), str(tmp_path / "x.npy"),
+                               str(tmp_path / f"scratch-{fw}")],
+                              capture_output=True, text=True, timeout=300, env=env_with_test_xla_flags())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        imported = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+        assert own[fw] in imported and not imported & not_imported[fw], (fw, imported)

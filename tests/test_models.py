@@ -295,11 +295,11 @@ def test_nnx_module_is_built_abstractly_and_filled():
 @pytest.mark.parametrize("name", ["vit_small_patch16_224", "cait_xxs24_224", "vit_base_patch16_rope_reg1_gap_256",
                                   "vit_relpos_medium_patch16_224"])
 def test_nnx_graph_draws_no_keys_and_gives_each_stream_its_own(name, scan, monkeypatch):
-    """The graph converted weights are merged into (``frontends._nnx_graph``) is built without
+    """The graph converted weights are merged into (``nnx_front_end._nnx_graph``) is built without
     jax.random, whose eager seed and fold_in compiled five programs on a process's first NNX call;
     yet every Dropout / DropPath / rope stream in it has a key of its own, so a model trained
     from its own streams draws different masks per layer and per call."""
-    from vitport import frontends
+    from vitport.nnx import front_end as nnx_front_end
 
     jm = vitport.create_model(name, "nnx", img_size=32, patch_size=8, depth=2, num_classes=3, drop_rate=0.1,
                               proj_drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.2)
@@ -311,12 +311,12 @@ def test_nnx_graph_draws_no_keys_and_gives_each_stream_its_own(name, scan, monke
     with monkeypatch.context() as patched:
         for fn in ("key", "PRNGKey", "fold_in", "split"):
             patched.setattr(jax.random, fn, no_keys)
-        _, rest = frontends._nnx_graph.__wrapped__(cfg)
+        _, rest = nnx_front_end._nnx_graph.__wrapped__(cfg)
     keys = [np.asarray(jax.random.key_data(v.get_value())).tobytes()
             for _, v in nnx.to_flat_state(rest) if isinstance(v, nnx.RngKey)]
     assert len(keys) >= 4 and len(set(keys)) == len(keys)
 
-    model = frontends.nnx_module(cfg, jm.params if not scan else jm.set_scan_blocks().params)
+    model = nnx_front_end.nnx_module(cfg, jm.params if not scan else jm.set_scan_blocks().params)
     model.train()
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
     first, second = np.asarray(model(x)), np.asarray(model(x))
@@ -465,3 +465,16 @@ def test_with_params_maps_any_tree_to_timm_keys(framework):
     np.testing.assert_allclose(named["head.bias"], np.full(4, 2.0), rtol=1e-6)  # d(sum logits)/d bias = batch
     with pytest.raises(vitport.VitportError):
         jm.with_params({"not": np.zeros(3)})
+
+
+def test_front_end_registry_has_every_framework():
+    """``FRONT_ENDS`` lists ``converters.FRAMEWORKS`` in order, each entry (imported on first
+    use from ``vitport.<framework>.front_end``) named for its framework; others are refused."""
+    from vitport.frontends import FRONT_ENDS
+
+    assert tuple(FRONT_ENDS) == FRAMEWORKS and len(FRONT_ENDS) == len(FRAMEWORKS)
+    assert [fe.name for fe in FRONT_ENDS.values()] == list(FRAMEWORKS)
+    assert [front_end(fw).layout.name for fw in FRAMEWORKS] == list(FRAMEWORKS)
+    assert "torch" not in FRONT_ENDS
+    with pytest.raises(InvalidArgumentError, match="torch"):
+        front_end("torch")
