@@ -10,11 +10,11 @@ import sys
 
 def main() -> int:
     try:
-        from vitport.cli import main as cli_main
+        from vitport.cli import command_line
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: no output was written\n")
         return 130
-    return cli_main()
+    return command_line()
 
 
 if __name__ == "__main__":

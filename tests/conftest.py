@@ -8,6 +8,9 @@ import pytest
 
 # Tests never touch the network: the hub is offline unless a test points it at local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The `vitport` command keeps jax's compilation cache under ~/.cache (vitport.compile_cache): the
+# commands tests start do not, unless a test points it at a folder of its own.
+os.environ.setdefault("VITPORT_COMPILATION_CACHE", "off")
 
 # The tests compile hundreds of distinct small programs and run each once or twice: they spend
 # their time in XLA's compiler, not in the programs. LLVM at -O0 and XLA's classic loop emitters

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +254,44 @@ def test_cli_predict(converted, files, capsys):
         assert max(abs(t["probability"] - p[t["index"]]) for t in top) <= 1e-4
     rc, out, _ = run(capsys, "predict", folder, paths[0], "--top-k", "2")  # a table
     assert rc == 0 and str(paths[0]) in out and labels[int(np.argmax(probs[0]))] in out
+
+
+def test_the_command_caches_its_compiles(converted, files, tmp_path):
+    """The ``vitport`` command (``vitport_entry``) keeps jax's persistent compilation cache in a
+    folder per jax version and CPU (``vitport.compile_cache``): a second ``predict`` finds every
+    executable there (it adds none) and prints the same; ``VITPORT_COMPILATION_CACHE=off`` and
+    jax's own ``JAX_COMPILATION_CACHE_DIR`` leave the folder alone."""
+    _, folder = converted
+    xdg = tmp_path / "xdg"
+    base = {k: v for k, v in os.environ.items() if k not in ("VITPORT_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+
+    def predict(**env: str) -> list:
+        proc = subprocess.run([sys.executable, "-m", "vitport_entry", "predict", str(folder),
+                               str(files["RGBA", 37, 53]), "--json"], capture_output=True, text=True, timeout=300,
+                              env={**base, "XDG_CACHE_HOME": str(xdg), **env})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)
+
+    def cached() -> list[Path]:
+        return sorted(p for p in xdg.rglob("*") if p.is_file())
+
+    assert predict(VITPORT_COMPILATION_CACHE="off")
+    assert not xdg.exists()
+    first = predict()  # the default place: $XDG_CACHE_HOME/vitport/xla/jax-<version>-<machine>-<cpu hash>
+    entries = cached()
+    assert entries and all(p.relative_to(xdg).parts[:3] == ("vitport", "xla", entries[0].relative_to(xdg).parts[2])
+                           for p in entries), entries
+    assert entries[0].relative_to(xdg).parts[2].startswith(f"jax-{jax_version()}-")
+    assert predict(VITPORT_COMPILATION_CACHE=str(xdg / "vitport" / "xla")) == first  # the same folder, given
+    assert cached() == entries  # every compile was found, none added
+    assert predict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "own")) == first
+    assert cached() == entries
+
+
+def jax_version() -> str:
+    import jax
+
+    return jax.__version__
 
 
 def make_tree(root: Path) -> list[str]:

@@ -417,5 +417,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + signum if signum else 130
 
 
+def command_line() -> int:
+    """The ``vitport`` command: ``main`` with jax's persistent compilation cache on
+    (``vitport.compile_cache``), which ``main`` called from Python leaves off."""
+    from . import compile_cache
+
+    compile_cache.enable()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command_line())
