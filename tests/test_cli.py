@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -340,3 +341,24 @@ def test_full_size_by_timm_name_through_the_hub_cache(full_size, hub_cache, tmp_
     assert tree_equal(vitport.load(out).params, vitport.load(converted).params)
     assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["crop_pct"] == 1.0
 
+
+
+def test_compilation_cache_folder_follows_the_environment(tmp_path):
+    """``vitport.compile_cache``: one folder per jax version and CPU under
+    ``$XDG_CACHE_HOME/vitport/xla`` or ``VITPORT_COMPILATION_CACHE``; off values and jax's own
+    ``JAX_COMPILATION_CACHE_DIR`` leave jax alone; an unwritable folder leaves the cache off."""
+    from vitport import compile_cache
+
+    tag = compile_cache.cache_dir({"XDG_CACHE_HOME": str(tmp_path)}).name
+    assert tag.startswith(f"jax-{jax.__version__}-") and tag.endswith(compile_cache.machine_tag())
+    assert compile_cache.cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "vitport" / "xla" / tag
+    assert compile_cache.cache_dir({"VITPORT_COMPILATION_CACHE": str(tmp_path / "c")}) == tmp_path / "c" / tag
+    for off in ("0", "off", "OFF", "false", "no", ""):
+        assert compile_cache.cache_dir({"VITPORT_COMPILATION_CACHE": off}) is None
+    assert compile_cache.cache_dir({"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "j")}) is None
+    env = {"VITPORT_COMPILATION_CACHE": str(tmp_path / "c")}
+    assert compile_cache.enable(env) == tmp_path / "c" / tag and (tmp_path / "c" / tag).is_dir()
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "c" / tag)
+    (tmp_path / "file").write_text("not a folder")
+    env = {"VITPORT_COMPILATION_CACHE": str(tmp_path / "file")}
+    assert compile_cache.enable(env) is None and "JAX_COMPILATION_CACHE_DIR" not in env

@@ -70,7 +70,7 @@ def enable(environ: os._Environ | dict = os.environ) -> Path | None:
     environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_COMPILE_S))
     import sys
 
-    if "jax" in sys.modules:  # already imported: its config read the environment then
+    if environ is os.environ and "jax" in sys.modules:  # already imported: it read the environment then
         import jax
 
         jax.config.update("jax_compilation_cache_dir", str(folder))
