@@ -58,13 +58,14 @@ def cache_dir(environ: os._Environ | dict = os.environ) -> Path | None:
 def enable(environ: os._Environ | dict = os.environ) -> Path | None:
     """Point jax's persistent cache at ``cache_dir()`` (before jax is imported, through its
     environment variables; through ``jax.config`` if it already is). A folder that cannot be
-    made (a read-only home) leaves the cache off: compiling as before beats failing."""
-    folder = cache_dir(environ)
-    if folder is None:
-        return None
+    made (a read-only home, no home at all) leaves the cache off: compiling as before beats
+    failing."""
     try:
+        folder = cache_dir(environ)
+        if folder is None:
+            return None
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
+    except (OSError, RuntimeError, metadata.PackageNotFoundError):  # no home folder, no jax metadata
         return None
     environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
     environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_COMPILE_S))
