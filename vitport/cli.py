@@ -265,7 +265,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------- info
 
 
-
 def cmd_info(args: argparse.Namespace) -> int:
     import dataclasses
 
