@@ -41,7 +41,7 @@ from .errors import (CheckpointError, HubError, HubUnreachableError, InvalidArgu
 from .frameworks import FRAMEWORKS
 from .sharded import INDEX_FILES, SAFETENSORS_INDEX, TORCH_INDEX
 from .specs import Spec, spec_from_dict, spec_with_timm_kwargs
-from .validate import check_spec
+from .validate import check_spec, expand_user
 
 FORMAT = "vitport"
 FORMAT_VERSION = 1
@@ -285,7 +285,7 @@ def resolve(source: str | os.PathLike, *, arch: str | None = None,
             model_args: Mapping[str, Any] | None = None, revision: str | None = None) -> Resolved:
     """Find out what ``source`` is and where its weights are (downloading them if needed)."""
     text = str(source)
-    path = Path(text).expanduser()
+    path = expand_user(text)
     if path.is_dir():
         config = path / CONFIG_NAME
         if config.is_file():

@@ -9,7 +9,9 @@ names the file (or flag), the key and the value.
 from __future__ import annotations
 
 import math
+import os
 import typing
+from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import InvalidArgumentError
@@ -173,3 +175,13 @@ def check_spec(spec: Any, where: str = "spec") -> None:
         bad.append(f"patch_size={spec.patch_size} is larger than image_size={list(spec.image_size)}")
     if bad:
         raise InvalidArgumentError(f"invalid values in {where}: " + "; ".join(bad))
+
+
+def expand_user(path: str | os.PathLike) -> Path:
+    """``Path(path).expanduser()``, with ``~name`` of no such user (or no home folder) as a clear
+    error instead of pathlib's RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise InvalidArgumentError(f"{os.fspath(path)}: cannot expand {str(path).split('/')[0]!r} (no such "
+                                   "user or no home folder); give the path without '~'") from None

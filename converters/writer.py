@@ -38,6 +38,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from .errors import InvalidArgumentError, MissingFileError, OutputExistsError, OutputWriteError
+from .validate import expand_user
 
 FORMAT = "vitport"  # the marker in a converted folder's config.json
 CONVERTED_FILES = frozenset({"config.json", "model.safetensors"})
@@ -141,7 +142,7 @@ def check_output(path: str | os.PathLike, force: bool = False, *, kind: str = "d
     ``kind`` is ``"dir"`` (a converted folder) or ``"file"`` (a weights file). ``reading`` lists
     the paths being read: the output may neither be one of them nor contain one.
     """
-    path = Path(path).expanduser()
+    path = expand_user(path)
     real = Path(os.path.realpath(path))
     for src in reading:
         src_real = Path(os.path.realpath(src))
@@ -246,7 +247,8 @@ def _umask() -> int:
     return mask
 
 
-def _write_error(target: Path, err: BaseException) -> OutputWriteError:
+def write_error(target: Path, err: BaseException) -> OutputWriteError:
+    """The one error for a failed write of ``target`` (or of a temporary file next to it)."""
     code = getattr(err, "errno", None)
     if code is None and "No space left" in str(err):
         code = errno.ENOSPC
@@ -254,9 +256,11 @@ def _write_error(target: Path, err: BaseException) -> OutputWriteError:
               errno.EFBIG: "the file size limit was reached", errno.EROFS: "the file system is read-only",
               errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(
         code, getattr(err, "strerror", None) or str(err).splitlines()[0] if str(err) else type(err).__name__)
+    fix = (f"free space in {target.parent}" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+           else f"check that {target.parent} is a folder you can write to")
     return OutputWriteError(f"could not write {target}: {reason} ({type(err).__name__}: {err}). Nothing was "
-                            f"written there and no temporary file was left; free space in {target.parent} "
-                            "or choose another --out, then run again.")
+                            f"written there and no temporary file was left; {fix} or choose another --out, "
+                            "then run again.")
 
 
 def _is_write_failure(err: BaseException) -> bool:
@@ -336,7 +340,7 @@ def _staged(target: Path, force: bool, kind: str, reading: Iterable) -> Iterator
             os.chmod(tmp, 0o666 & ~mask)
     except OSError as e:
         _remove(tmp)
-        raise _write_error(target, e) from None
+        raise write_error(target, e) from None
     try:
         yield tmp
         _set_modes(tmp, mask)  # writers such as safetensors create their files 0o600
@@ -345,7 +349,7 @@ def _staged(target: Path, force: bool, kind: str, reading: Iterable) -> Iterator
     except BaseException as e:  # KeyboardInterrupt and Interrupted too: never leave a partial output
         _remove(tmp)
         if _is_write_failure(e):
-            raise _write_error(target, e) from None
+            raise write_error(target, e) from None
         raise
 
 
@@ -353,7 +357,7 @@ def _staged(target: Path, force: bool, kind: str, reading: Iterable) -> Iterator
 def atomic_dir(target: str | os.PathLike, force: bool = False, *,
                reading: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``target``; on success it becomes ``target``."""
-    with _staged(Path(target).expanduser(), force, "dir", reading) as tmp:
+    with _staged(expand_user(target), force, "dir", reading) as tmp:
         yield tmp
 
 
@@ -361,7 +365,7 @@ def atomic_dir(target: str | os.PathLike, force: bool = False, *,
 def atomic_file(target: str | os.PathLike, force: bool = False, *,
                 reading: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary file path next to ``target``; on success it replaces ``target``."""
-    with _staged(Path(target).expanduser(), force, "file", reading) as tmp:
+    with _staged(expand_user(target), force, "file", reading) as tmp:
         yield tmp
 
 

@@ -455,3 +455,72 @@ def test_embed_interrupted_leaves_nothing(converted, tmp_path, monkeypatch):
     with pytest.raises(OutputExistsError):
         write_embeddings(jm, [root], out / "emb.npz")
     assert collect_images([root])[0][1] == "a/b/deep.png"
+
+
+def test_embed_never_replaces_the_models_own_files(converted, files, tmp_path, capsys):
+    """``--force`` replaces an earlier output, never a file of the model being read (its weights,
+    its config.json) nor the weights file of a bare checkpoint; a new file may go in its folder."""
+    _, folder = converted
+    model = tmp_path / "model"
+    shutil.copytree(folder, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    image = files["RGB", 37, 53]
+    for name in before:
+        rc, _, err = run(capsys, "embed", model, image, "--out", model / name, "--force")
+        assert rc == 2 and "source being read" in err and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    with pytest.raises(InvalidArgumentError, match="source being read"):  # the API takes the same list
+        write_embeddings(vitport.load(model), [image], model / "config.json", force=True,
+                         reading=vitport.hub.sources_read(model))
+    rc, _, err = run(capsys, "embed", model, image, "--out", model / "features.npz")
+    assert rc == 0 and np.load(model / "features.npz")["features"].shape[0] == 1, err
+
+
+def test_embed_write_failures_are_one_line(converted, files, tmp_path, monkeypatch, capsys):
+    """A full disk while the rows stream out, or a folder where no file can be made, is the one
+    error every writer gives (``converters.writer.write_error``): nothing is left behind."""
+    import errno
+
+    import vitport.images as images
+    from converters.errors import OutputWriteError
+
+    _, folder = converted
+    jm = vitport.load(folder)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(images, "_append", disk_full)
+    with pytest.raises(OutputWriteError, match="the disk is full.*free space in"):
+        write_embeddings(jm, [files["RGB", 37, 53]], out / "e.npz")
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    rc, _, err = run(capsys, "embed", folder, files["RGB", 37, 53], "--out", "/proc/vitport-test.npz")
+    assert rc == 2 and "could not write /proc/vitport-test.npz" in err and "Traceback" not in err, err
+    assert "free space" not in err  # not a full disk: the folder is the problem
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_named_pipes_are_refused_not_opened(converted, files, tmp_path, capsys):
+    """Opening a FIFO would wait for a writer forever: ``load_image`` refuses it, ``embed``
+    skips it, ``predict`` fails before loading the model."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(files["RGB", 37, 53], folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    with pytest.raises(ImageError, match="named pipe"):
+        load_image(folder / "b.png")
+    rc, out, err = run(capsys, "embed", converted[1], folder, "--out", tmp_path / "e.npz")
+    assert rc == 0 and "named pipe" in err, err
+    assert list(np.load(tmp_path / "e.npz")["paths"]) == ["a.png"]
+    rc, out, err = run(capsys, "predict", converted[1], folder / "b.png")
+    assert rc == 2 and "named pipe" in err and "weights need" not in err, err
+
+
+def test_unknown_home_folders_are_named(converted, files, capsys):
+    for argv in (["predict", "~no-such-user-vitport/m", str(files["RGB", 37, 53])],
+                 ["convert", str(converted[1]), "--out", "~no-such-user-vitport/out"]):
+        rc, _, err = run(capsys, *argv)
+        assert rc == 2 and "cannot expand '~no-such-user-vitport'" in err and "Traceback" not in err, err

@@ -89,11 +89,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from converters.checkpoint_io import check_output
 
+    from .hub import sources_read
     from .images import collect_images, write_embeddings
 
     if cli_scale.wanted(args):
         return cli_scale.cmd_embed(args)
-    check_output(args.out, args.force, kind="file", reading=args.inputs)  # refuse before loading anything
+    reading = [*args.inputs, *sources_read(args.source)]  # the model's own files too
+    check_output(args.out, args.force, kind="file", reading=reading)  # refuse before loading anything
     collect_images(args.inputs)  # a missing or empty input fails before the model loads
     jm = _load(args)
 
@@ -102,7 +104,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     with image_progress("embedding") as bar:
         result = write_embeddings(jm, args.inputs, args.out, batch_size=args.batch_size, force=args.force,
-                                  progress=bar, on_skip=skipped)
+                                  progress=bar, on_skip=skipped, reading=reading)
     cli.console.print(
         f"wrote {escape(str(result.out))}: {result.num_images} images x {result.dim} features "
         f"(pre-logits of {escape(jm.architecture or jm.spec.family)}) in {result.seconds:.1f} s "

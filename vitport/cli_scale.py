@@ -83,10 +83,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from . import distributed
     from .cli_images import image_progress
 
+    from .hub import sources_read
+
+    reading = [*args.inputs, *sources_read(args.source)]  # the model's own files too
     if not args.process_id:  # process 0 writes: refuse an existing --out before loading anything
         from converters.checkpoint_io import check_output
 
-        check_output(args.out, args.force, kind="file", reading=args.inputs)
+        check_output(args.out, args.force, kind="file", reading=reading)
     jm = start(args)
 
     def skipped(name: str, reason: str) -> None:
@@ -95,7 +98,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     with image_progress("embedding") as bar:
         result = distributed.write_embeddings(jm, args.inputs, args.out, batch_size=args.batch_size,
                                               force=args.force, progress=bar if distributed.is_writer() else None,
-                                              on_skip=skipped)
+                                              on_skip=skipped, reading=reading)
     if result is None:
         return 0
     cli.console.print(

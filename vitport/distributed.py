@@ -18,6 +18,7 @@ next collective).
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -27,8 +28,8 @@ import numpy as np
 
 from converters.errors import InvalidArgumentError, MissingFileError
 
-from .images import (DEFAULT_BATCH_SIZE, prediction_setup, EmbedResult, OnSkip, Prediction, Progress, _append, collect_images,
-                     eval_transform, softmax, write_npz)
+from .images import (DEFAULT_BATCH_SIZE, EmbedResult, OnSkip, Prediction, Progress, _append, collect_images,
+                     eval_transform, feature_rows, prediction_setup, softmax, write_npz)
 from .preprocess import ImageError, load_image
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ def predict(jm: "ShardedModel", images: Sequence[Any], top_k: int = 5, batch_siz
 
 def write_embeddings(jm: "ShardedModel", sources: Sequence[str], out: str, *, batch_size: int = DEFAULT_BATCH_SIZE,
                      force: bool = False, progress: Progress | None = None,
-                     on_skip: OnSkip | None = None) -> EmbedResult | None:
+                     on_skip: OnSkip | None = None, reading: Sequence[str | os.PathLike] = ()) -> EmbedResult | None:
     """``vitport.images.write_embeddings`` as one job: the same ``.npz``, written by process 0
     (its result; None on the others). Rows stream to a temporary file as batches finish."""
     import tempfile
@@ -182,7 +183,8 @@ def write_embeddings(jm: "ShardedModel", sources: Sequence[str], out: str, *, ba
     from converters.checkpoint_io import atomic_file, check_output
 
     writer = is_writer()
-    out_path = check_output(out, force, kind="file", reading=sources) if writer else Path(out)
+    reading = [*sources, *reading]
+    out_path = check_output(out, force, kind="file", reading=reading) if writer else Path(out)
     files = collect_images(sources)
     dtype = np.float64 if np.dtype(jm.dtype) == np.float64 else np.float32
     names: list[str] = []
@@ -196,8 +198,8 @@ def write_embeddings(jm: "ShardedModel", sources: Sequence[str], out: str, *, ba
         reasons[name] = reason
         on_skip and on_skip(name, reason)
 
-    with tempfile.TemporaryFile(dir=out_path.parent if writer else None,
-                                prefix=f".{out_path.name}.features-") as rows:
+    rows_file = feature_rows(out_path) if writer else tempfile.TemporaryFile()  # only process 0's rows are kept
+    with rows_file as rows:
         for indices, _, pre_logits, bad in global_batches(jm, files, batch_size, progress, skip):
             skipped += [(files[i][1], reasons.get(files[i][1], "not readable (reported by another process)"))
                         for i in bad]
@@ -211,6 +213,6 @@ def write_embeddings(jm: "ShardedModel", sources: Sequence[str], out: str, *, ba
         if not writer:
             return None
         rows.seek(0)
-        with atomic_file(out_path, force) as tmp:
+        with atomic_file(out_path, force, reading=reading) as tmp:
             write_npz(tmp, np.array(names, dtype=str), rows, (len(names), dim), dtype)
     return EmbedResult(out_path, len(names), dim, time.perf_counter() - start, skipped)

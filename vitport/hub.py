@@ -39,6 +39,7 @@ from converters.locate import (CONFIG_NAME, FORMAT, FORMAT_VERSION, HUB_PREFIX, 
                                _looks_like_path, hub_download, hub_reachable, resolve)
 from converters.sharded import files_of, header as weights_header, weights_nbytes, write_shards
 from converters.specs import spec_to_dict, timm_model_args
+from converters.validate import expand_user
 from converters.writer import (atomic_dir, check_output, write_json, write_safetensors,  # noqa: F401
                                write_safetensors_atomic)
 
@@ -48,14 +49,22 @@ from .place import DTYPES, model_from_canonical, resize_canonical  # noqa: F401 
 
 def sources_read(r: Resolved | str | os.PathLike) -> list[Path]:
     """The local paths a conversion of ``r`` (located, or as given) reads: the output may be
-    none of them."""
-    if not isinstance(r, Resolved):
-        path = Path(r).expanduser()
-        return [path] if os.path.lexists(path) else []
-    paths = [r.weights]
-    if r.kind in ("hub-dir", "vitport"):
-        paths.append(r.weights.parent)
-    return paths
+    none of them. A folder counts with every file in it (config.json, the weights, an index and
+    its shards), so ``--force`` never replaces one; a new file may still go in it."""
+    if isinstance(r, Resolved):
+        path = r.weights.parent if r.kind in ("hub-dir", "vitport") else r.weights
+        return [r.weights, *_with_files(path)]
+    path = expand_user(r)
+    return _with_files(path) if os.path.lexists(path) else []
+
+
+def _with_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return [path]
+    try:
+        return [path, *(p for p in path.iterdir() if p.is_file())]
+    except OSError:  # unreadable: whatever reads it next reports that
+        return [path]
 
 
 def load_resolved(r: Resolved, framework: str | None = None, *, image_size=None, dtype: str | None = None,

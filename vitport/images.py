@@ -7,6 +7,7 @@ however many images a folder holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -181,6 +182,24 @@ def collect_images(sources: Sequence[str | os.PathLike]) -> list[tuple[Path, str
     return found
 
 
+@contextlib.contextmanager
+def feature_rows(out: Path) -> Iterator[BinaryIO]:
+    """A temporary file next to ``out`` that the feature rows stream into (gone when closed). A
+    failed write to it (a full disk, a folder that cannot be written) raises the error a failed
+    write of ``out`` itself gives."""
+    from converters.writer import write_error
+
+    try:
+        rows = tempfile.TemporaryFile(dir=out.parent, prefix=f".{out.name}.features-")
+    except OSError as e:
+        raise write_error(out, e) from None
+    with rows:
+        try:
+            yield rows
+        except OSError as e:  # only the rows' writes raise OSError here: images fail as ImageError
+            raise write_error(out, e) from None
+
+
 def _append(rows: BinaryIO, result: Any, n: int, dim: int, dtype: Any) -> None:
     rows.write(np.ascontiguousarray(np.asarray(result)[:n].reshape(n, dim), dtype=dtype).tobytes())
 
@@ -213,20 +232,23 @@ class EmbedResult:
 
 def write_embeddings(jm: "JaxModel", sources: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                      batch_size: int = DEFAULT_BATCH_SIZE, force: bool = False,
-                     progress: Progress | None = None, on_skip: OnSkip | None = None) -> EmbedResult:
+                     progress: Progress | None = None, on_skip: OnSkip | None = None,
+                     reading: Sequence[str | os.PathLike] = ()) -> EmbedResult:
     """Embed every image under ``sources`` into ``out`` (.npz with ``paths`` and ``features``).
 
     Files that are not readable images are skipped (``on_skip(name, reason)``) and listed in
     the result. Features stream into a temporary file next to ``out`` as batches finish, and
     are copied into the ``.npz`` in chunks at the end: memory holds one batch of images and
     features, however many there are. ``out`` appears only complete (written to a temporary
-    file, then renamed); on any error or Ctrl-C nothing is left behind.
+    file, then renamed); on any error or Ctrl-C nothing is left behind. ``reading``: other paths
+    ``out`` may not replace (the model's own files, ``vitport.hub.sources_read``).
     """
     import jax
 
     from converters.checkpoint_io import atomic_file, check_output
 
-    out = check_output(out, force, kind="file", reading=sources)  # refuse before reading anything
+    reading = [*sources, *reading]
+    out = check_output(out, force, kind="file", reading=reading)  # refuse before reading anything
     files = collect_images(sources)
     transform = eval_transform(jm)
     if batch_size < 1:
@@ -242,7 +264,7 @@ def write_embeddings(jm: "JaxModel", sources: Sequence[str | os.PathLike], out: 
 
     # Rows are appended to a raw temporary file as batches finish (written, not mapped, so
     # they do not stay resident), then copied into the .npz's features.npy in chunks.
-    with tempfile.TemporaryFile(dir=out.parent, prefix=f".{out.name}.features-") as rows:
+    with feature_rows(out) as rows:
         pending = None  # (device array, rows) of the batch in flight
         done = 0
         progress and progress(0, len(files))
@@ -270,6 +292,6 @@ def write_embeddings(jm: "JaxModel", sources: Sequence[str | os.PathLike], out: 
             raise ImageError(f"none of the {len(files)} files in {', '.join(map(os.fspath, sources))} "
                              "is an image Pillow can read")
         rows.seek(0)
-        with atomic_file(out, force) as tmp:
+        with atomic_file(out, force, reading=reading) as tmp:
             write_npz(tmp, np.array(names, dtype=str), rows, (len(names), dim), dtype)
     return EmbedResult(out, len(names), dim, time.perf_counter() - start, skipped)

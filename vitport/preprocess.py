@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
@@ -85,6 +86,9 @@ def load_image(source: ImageSource) -> Image.Image:
         raise MissingFileError(f"{name}: no such file")
     if path.is_dir():
         raise ImageError(f"{name} is a folder, not an image")
+    kind = _special_file(path)
+    if kind:  # opening a FIFO would wait for a writer forever
+        raise ImageError(f"{name} is {kind}, not an image file")
     try:
         img = Image.open(path)  # reads the header only
     except Image.UnidentifiedImageError:
@@ -97,6 +101,19 @@ def load_image(source: ImageSource) -> Image.Image:
         except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ...
             raise ImageError(f"{name}: cannot decode this {img.format} image (mode {img.mode}) as RGB "
                              f"({type(e).__name__}: {e})") from None
+
+
+def _special_file(path: Path) -> str | None:
+    """What ``path`` is when it is not a regular file (after links): a FIFO, a socket, a device."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # Image.open reports it
+    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return None
 
 
 # ---------------------------------------------------------------------------- transform
