@@ -41,7 +41,7 @@ from .errors import (CheckpointError, HubError, HubUnreachableError, InvalidArgu
 from .frameworks import FRAMEWORKS
 from .sharded import INDEX_FILES, SAFETENSORS_INDEX, TORCH_INDEX
 from .specs import Spec, spec_from_dict, spec_with_timm_kwargs
-from .validate import check_spec, expand_user
+from .validate import check_pretrained_cfg, check_spec, check_spec_values, expand_user
 
 FORMAT = "vitport"
 FORMAT_VERSION = 1
@@ -265,8 +265,9 @@ def _from_vitport_dir(folder: Path, cfg: dict[str, Any], source: str) -> Resolve
         raise CheckpointError(f"{config}: 'spec' must be a JSON object with a 'family'; convert the "
                               "checkpoint again")
     try:
+        check_spec_values(spec_dict, "its 'spec'")
         spec = spec_from_dict(spec_dict)
-        check_spec(spec, str(config))
+        check_spec(spec, "its 'spec'")
     except (TypeError, ValueError) as e:  # a hand-edited spec: wrong types or impossible values
         if isinstance(e, (InvalidArgumentError, UnsupportedArchitectureError)):
             raise CheckpointError(f"{config}: {e}") from None
@@ -274,6 +275,7 @@ def _from_vitport_dir(folder: Path, cfg: dict[str, Any], source: str) -> Resolve
     pretrained_cfg = cfg.get("pretrained_cfg") or {}
     if not isinstance(pretrained_cfg, dict):
         raise CheckpointError(f"{config}: 'pretrained_cfg' must be a JSON object")
+    check_pretrained_cfg(pretrained_cfg, f"{config} 'pretrained_cfg'")  # preprocessing values a hand edit may break
     matmul_dtype = cfg.get("matmul_dtype")  # absent from folders written before it was kept
     if matmul_dtype not in MATMUL_DTYPES:
         raise CheckpointError(f"{config}: 'matmul_dtype' must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")

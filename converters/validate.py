@@ -113,8 +113,49 @@ def check_timm_kwargs(kwargs: Any, where: str = "model_args") -> dict[str, Any]:
     return kw
 
 
+# timm's interpolation names (vitport.preprocess maps each to the PIL filter torchvision uses) and crop modes
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash", "border")
+# timm's models crop 0.8-1.0 of the resized image (over 1 pads or upscales). The bounds keep a config
+# from resizing each image to 1/crop_pct times the input's side: 0.05 is 20x, a 4480-pixel side for 224.
+CROP_PCT_RANGE = (0.05, 20.0)
+
+
+def preprocessing_problems(cfg: Mapping[str, Any], image_size: Any = None) -> list[str]:
+    """What is wrong with a ``pretrained_cfg``'s preprocessing entries (``mean``, ``std``,
+    ``crop_pct``, ``crop_mode``, ``interpolation``) for images of ``image_size`` (H, W; default
+    the cfg's ``input_size``, else 224). Falsy values are absent: timm's ``resolve_data_config``
+    falls back to its defaults for them."""
+    bad = []
+    for key in ("mean", "std"):
+        v = cfg.get(key)
+        if not v:
+            continue
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) for x in v)):
+            bad.append(f"{key}={_show(v)} (must be 3 finite numbers, one per RGB channel)")
+        elif key == "std" and not all(x > 0 for x in v):
+            bad.append(f"std={_show(v)} (must be positive: the pixels are divided by it)")
+    size = image_size
+    if size is None:
+        given = cfg.get("input_size")
+        size = given[-2:] if isinstance(given, (list, tuple)) and len(given) == 3 else (224, 224)
+    crop = cfg.get("crop_pct")
+    if crop:
+        lo, hi = CROP_PCT_RANGE
+        sizes = all(_is_int(s) and 1 <= s <= MAX_SIZE for s in size)  # else input_size's own error says it
+        if not (_is_number(crop) and lo <= crop <= hi) or (sizes and not all(s / crop >= 1 for s in size)):
+            bad.append(f"crop_pct={_show(crop)} (must be a number from {lo} to {hi} that resizes the {list(size)} "
+                       "input to at least 1 pixel a side before the crop)")
+    for key, allowed in (("crop_mode", CROP_MODES), ("interpolation", INTERPOLATIONS)):
+        v = cfg.get(key)
+        if v and v not in allowed:
+            bad.append(f"{key}={_show(v)} (must be one of {', '.join(allowed)})")
+    return bad
+
+
 def check_pretrained_cfg(cfg: Any, where: str) -> dict[str, Any]:
-    """The entries of a hub ``pretrained_cfg`` that shape the model: ``num_classes``, ``input_size``."""
+    """The entries of a hub ``pretrained_cfg`` that shape the model (``num_classes``,
+    ``input_size``) and its preprocessing (``preprocessing_problems``)."""
     if not isinstance(cfg, Mapping):
         raise InvalidArgumentError(f"{where}: 'pretrained_cfg' must be a JSON object, got {_show(cfg)}")
     bad = []
@@ -125,6 +166,7 @@ def check_pretrained_cfg(cfg: Any, where: str) -> dict[str, Any]:
     if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 3
                                  and all(_is_int(x) and 1 <= x <= MAX_SIZE for x in size)):
         bad.append(f"input_size={_show(size)} (must be [channels, height, width], positive integers)")
+    bad += preprocessing_problems(cfg)
     if bad:
         raise InvalidArgumentError(f"invalid values in {where}: " + "; ".join(bad))
     return dict(cfg)
@@ -150,27 +192,38 @@ _SPEC_BOOLS = ("class_token", "distilled", "no_embed_class", "pre_norm", "final_
 ACTIVATIONS = typing.get_args(Activation)  # what the spec may name (SwiGLU models use silu)
 
 
+def _field_problem(name: str, v: Any) -> str | None:
+    """What is wrong with one spec field's value, or None."""
+    if name in _SPEC_INTS:
+        lo, hi = _SPEC_INTS[name]
+        if not (_is_int(v) and lo <= v <= hi):
+            return f"{name}={_show(v)} (must be an integer from {lo} to {hi})"
+    elif name in _SPEC_BOOLS and not isinstance(v, bool):
+        return f"{name}={_show(v)} (must be true or false)"
+    elif name == "image_size" and _size(v):
+        return f"image_size={_show(v)} (must be [height, width], positive integers)"
+    elif name == "init_values" and _optional_number(v):
+        return f"init_values={_show(v)} (must be a number or null)"
+    elif name == "norm_eps" and not (_is_number(v) and v > 0):
+        return f"norm_eps={_show(v)} (must be a positive number)"
+    elif name == "activation" and v not in ACTIVATIONS:
+        return f"activation={_show(v)} (must be one of {', '.join(map(repr, ACTIVATIONS))})"
+    return None
+
+
+def check_spec_values(values: Mapping[str, Any], where: str = "spec") -> None:
+    """The fields of a spec read from a file, before the spec is built from them (its own checks
+    divide by ``heads``, compare sizes, ...): every value present of the right type and range."""
+    bad = [p for name, v in values.items() if (p := _field_problem(name, v))]
+    if bad:
+        raise InvalidArgumentError(f"invalid values in {where}: " + "; ".join(bad))
+
+
 def check_spec(spec: Any, where: str = "spec") -> None:
     """A spec read from a file (a converted folder's config.json): every field of the right type."""
     import dataclasses
 
-    bad = []
-    for f in dataclasses.fields(spec):
-        v = getattr(spec, f.name)
-        if f.name in _SPEC_INTS:
-            lo, hi = _SPEC_INTS[f.name]
-            if not (_is_int(v) and lo <= v <= hi):
-                bad.append(f"{f.name}={_show(v)} (must be an integer from {lo} to {hi})")
-        elif f.name in _SPEC_BOOLS and not isinstance(v, bool):
-            bad.append(f"{f.name}={_show(v)} (must be true or false)")
-        elif f.name == "image_size" and _size(list(v)):
-            bad.append(f"image_size={_show(v)} (must be [height, width], positive integers)")
-        elif f.name == "init_values" and _optional_number(v):
-            bad.append(f"init_values={_show(v)} (must be a number or null)")
-        elif f.name == "norm_eps" and not (_is_number(v) and v > 0):
-            bad.append(f"norm_eps={_show(v)} (must be a positive number)")
-        elif f.name == "activation" and v not in ACTIVATIONS:
-            bad.append(f"activation={_show(v)} (must be one of {', '.join(map(repr, ACTIVATIONS))})")
+    bad = [p for f in dataclasses.fields(spec) if (p := _field_problem(f.name, getattr(spec, f.name)))]
     if not bad and any(spec.patch_size > s for s in spec.image_size):
         bad.append(f"patch_size={spec.patch_size} is larger than image_size={list(spec.image_size)}")
     if bad:

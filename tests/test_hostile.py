@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -153,6 +154,51 @@ def test_bad_config_values_are_named(tiny, tmp_path, capsys, key, value, named):
     rc, err = run_cli(capsys, "convert", tmp_path / "src", "--out", tmp_path / "out")
     assert rc == 2 and named in err and "config.json" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+PREPROCESSING_VALUES = (JSON_VALUES | st.floats(1e-6, 1e6) | st.sampled_from(["bilinear", "squash", "border"])
+                        | st.lists(st.floats(-2, 2) | st.sampled_from([float("nan"), float("inf"), 0.0]),
+                                   min_size=3, max_size=3))
+
+
+@HYPOTHESIS
+@given(key=st.sampled_from(["mean", "std", "crop_pct", "crop_mode", "interpolation"]), value=PREPROCESSING_VALUES,
+       layout=st.sampled_from(["hub", "converted"]))
+def test_random_preprocessing_values(tmp_path_factory, tiny, key, value, layout):
+    """Any preprocessing value in a hub config.json or a converted folder's: refused when the
+    source is resolved, naming it, or an image comes out as finite pixels of the model's size."""
+    from vitport.preprocess import EvalTransform
+
+    source = tiny[1] if layout == "hub" else tiny[2]
+    folder = tmp_path_factory.mktemp("preprocessing")
+    cfg = json.loads((source / "config.json").read_text())
+    cfg["pretrained_cfg"][key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "model.safetensors").symlink_to(source / "model.safetensors")
+    try:
+        r = vitport.hub.resolve(folder)
+    except VitportError as e:
+        assert f"{key}=" in str(e) and "config.json" in str(e), e
+        return
+    transform = EvalTransform.from_pretrained_cfg(r.pretrained_cfg, r.spec.image_size)
+    x = transform(Image.new("RGB", (37, 53), (10, 200, 30)))
+    assert x.shape == (*r.spec.image_size, 3) and np.isfinite(x).all()
+
+
+@pytest.mark.parametrize("key,value", [("heads", 0), ("heads", "4"), ("dim", 0), ("image_size", [32, 0]),
+                                       ("patch_size", None), ("depth", -1)])
+def test_bad_spec_values_in_a_converted_folder_are_named(tiny, tmp_path, capsys, key, value):
+    """A hand-edited spec is refused before the spec is built from it (its own checks would
+    divide by ``heads``), in every command."""
+    cfg = json.loads((tiny[2] / "config.json").read_text())
+    cfg["spec"][key] = value
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "model.safetensors").symlink_to(tiny[2] / "model.safetensors")
+    for argv in (["info", folder], ["export", folder, "--out", tmp_path / "x.safetensors"]):
+        rc, err = run_cli(capsys, *argv)
+        assert rc == 2 and f"{key}=" in err and "config.json" in err and "Traceback" not in err, err
 
 
 def test_unknown_model_in_verify(capsys):

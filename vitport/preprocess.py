@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from converters.errors import InvalidArgumentError, MissingFileError, VitportError
+from converters.validate import INTERPOLATIONS, preprocessing_problems
 
 ImageSource = Union[str, os.PathLike, Image.Image]
 
@@ -40,16 +41,9 @@ DEFAULT_CROP_PCT = 0.875
 DEFAULT_CROP_MODE = "center"
 DEFAULT_INTERPOLATION = "bicubic"
 
-# timm's interpolation names -> torchvision InterpolationMode -> the PIL filter torchvision uses.
-PIL_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-CROP_MODES = ("center", "squash", "border")
+# timm's interpolation names -> torchvision InterpolationMode -> the PIL filter torchvision uses
+# (the same name in upper case).
+PIL_FILTERS = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
 
 
 class ImageError(VitportError, ValueError):
@@ -136,12 +130,14 @@ class EvalTransform:
     interpolation: str = DEFAULT_INTERPOLATION
 
     def __post_init__(self):
-        if self.interpolation not in PIL_FILTERS:
-            raise InvalidArgumentError(f"interpolation {self.interpolation!r} is not one of {sorted(PIL_FILTERS)}")
-        if self.crop_mode not in CROP_MODES:
-            raise InvalidArgumentError(f"crop_mode {self.crop_mode!r} is not one of {CROP_MODES}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise InvalidArgumentError(f"mean and std need 3 (RGB) values, got {self.mean} and {self.std}")
+        settings = {"mean": list(self.mean), "std": list(self.std), "crop_pct": self.crop_pct,
+                    "crop_mode": self.crop_mode, "interpolation": self.interpolation}
+        bad = preprocessing_problems(settings, self.input_size)
+        if not self.crop_pct or not self.crop_mode or not self.interpolation or not (self.mean and self.std):
+            bad.append("every setting needs a value (pretrained_cfg's falsy ones fall back to timm's defaults "
+                       "in from_pretrained_cfg)")
+        if bad:
+            raise InvalidArgumentError("invalid preprocessing settings: " + "; ".join(bad))
 
     @classmethod
     def from_pretrained_cfg(cls, cfg: Mapping[str, Any],
@@ -150,6 +146,9 @@ class EvalTransform:
         back, as there). ``image_size`` (H, W) overrides ``input_size``, e.g. with the size the
         converted model actually takes."""
         size = image_size if image_size is not None else (cfg.get("input_size") or (3, 224, 224))[-2:]
+        bad = preprocessing_problems(cfg, tuple(size))
+        if bad:  # checked before the conversions below, which would fail on them with Python's words
+            raise InvalidArgumentError("invalid preprocessing values in the model's pretrained_cfg: " + "; ".join(bad))
         return cls(
             input_size=(int(size[0]), int(size[1])),
             mean=tuple(float(v) for v in (cfg.get("mean") or IMAGENET_DEFAULT_MEAN)),
