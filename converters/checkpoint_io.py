@@ -158,7 +158,10 @@ def _read_torch(path: Path, *, progress: Progress | None = None) -> dict[str, np
     state_dict, _ = unwrap_state_dict(obj, source=str(path))
     out = {}
     for i, (k, v) in enumerate(state_dict.items()):
-        out[k] = torch_to_numpy(v)
+        try:
+            out[k] = torch_to_numpy(v)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {k} is {e}") from None
         if progress:
             progress(i + 1, len(state_dict))
     return out
@@ -187,6 +190,10 @@ def torch_to_numpy(t) -> np.ndarray:
 
     if not isinstance(t, torch.Tensor):
         raise CheckpointError(f"not a tensor: {type(t).__name__}")
+    if t.layout != torch.strided or t.is_quantized:  # sparse, quantized: not timm's dense weights
+        kind = "quantized" if t.is_quantized else str(t.layout).removeprefix("torch.")
+        raise CheckpointError(f"a {kind} tensor, not a dense one as timm's weights are; save dense tensors "
+                              "(tensor.to_dense(), tensor.dequantize())")
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         import ml_dtypes

@@ -459,6 +459,14 @@ def _shape_of(a) -> tuple[int, ...]:
     return tuple(int(n) for n in a.shape)
 
 
+FLOATING = ("float16", "bfloat16", "float32", "float64")
+
+
+def _dtype_name(a: Any) -> str:
+    """A numpy, torch or lazy tensor's dtype as numpy names it (``torch.float32`` -> ``float32``)."""
+    return str(getattr(a, "dtype", type(a).__name__)).removeprefix("torch.")
+
+
 def _non_finite(a: np.ndarray) -> int:
     if a.dtype.kind == "f":
         return int(np.size(a) - np.count_nonzero(np.isfinite(a)))  # no copy: this runs on every tensor read
@@ -504,6 +512,13 @@ def timm_to_canonical(state_dict: Mapping[str, np.ndarray], spec: Spec, *,
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [f"{k}: {_shape_of(state_dict[k])} in {source}, {expected[k].timm_shape} expected"
              for k in expected if k in state_dict and _shape_of(state_dict[k]) != expected[k].timm_shape]
+    not_float = [f"{k}: {_dtype_name(state_dict[k])} in {source}, a floating-point tensor expected"
+                 for k in expected if k in state_dict and expected[k].kind != "count"
+                 and _dtype_name(state_dict[k]) not in FLOATING]
+    if not_float and not (missing or unexpected or wrong):  # integers would be narrowed on the way, silently
+        raise ConversionError(f"{source} holds weights that are not floating-point numbers (timm's "
+                              "load_state_dict would cast them to float; cast them yourself if they are meant "
+                              "to be weights)", {"wrong dtypes": not_float})
     if missing or unexpected or wrong:
         fit = fitting_model_args({k: _shape_of(v) for k, v in state_dict.items()}, spec)
         hint = ""

@@ -230,6 +230,23 @@ def check_spec(spec: Any, where: str = "spec") -> None:
         raise InvalidArgumentError(f"invalid values in {where}: " + "; ".join(bad))
 
 
+# Patch tokens a resampled position embedding may have: 512x512 (8192 pixels a side at patch 16), far
+# beyond what attention over them fits in memory; a typo such as 99999999 must not reach XLA.
+MAX_PATCHES = 1 << 18
+
+
+def check_image_size(value: Any, patch_size: int) -> tuple[int, int]:
+    """``image_size`` to resample a model to (an int or an (H, W) pair), as (H, W)."""
+    problem = _size(value)
+    if problem is None:
+        h, w = _pair(value)
+        if (h // patch_size) * (w // patch_size) > MAX_PATCHES:
+            problem = f"at most {MAX_PATCHES} patches of {patch_size} pixels ({h}x{w} has more)"
+        else:
+            return h, w
+    raise InvalidArgumentError(f"image_size={_show(value)}: must be {problem}")
+
+
 def expand_user(path: str | os.PathLike) -> Path:
     """``Path(path).expanduser()``, with ``~name`` of no such user (or no home folder) as a clear
     error instead of pathlib's RuntimeError."""

@@ -471,3 +471,61 @@ def test_invalid_arguments_are_named(tiny, tmp_path, capsys):
         rc, err = run_cli(capsys, *argv)
         assert rc == 2 and expected in err, (argv, err)
     assert isinstance(InvalidArgumentError("x"), ValueError) and isinstance(OutputExistsError("x"), OSError)
+
+
+@pytest.mark.parametrize("size", ["abc", (64, 64, 3), 64.5, 0, 10**8, (9000, 9000)])
+def test_resampled_sizes_are_checked(tiny, size):
+    """``image_size`` resamples pos_embed: a size that is no size, or one whose position
+    embedding could not fit in memory (10**8 reached XLA and aborted the process), is refused."""
+    with pytest.raises(InvalidArgumentError, match="image_size="):
+        vitport.load(tiny[2], image_size=size)
+
+
+def test_resampled_size_on_the_command_line(tiny, tmp_path, capsys):
+    rc, err = run_cli(capsys, "convert", tiny[2], "--out", tmp_path / "out", "--img-size", "99999999")
+    assert rc == 2 and "image_size=" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_integer_weights_are_refused_not_narrowed(tiny, tmp_path, capsys):
+    """An int64 tensor where timm has float weights would reach the device as int32, wrapped
+    (2**32 + 5 -> 5); it is refused, named."""
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(tiny[1] / "model.safetensors")
+    weights["head.bias"] = np.full(weights["head.bias"].shape, 2**32 + 5, np.int64)
+    save_file(weights, tmp_path / "int.safetensors")
+    with pytest.raises(ConversionError, match="not floating-point") as e:
+        vitport.load(tmp_path / "int.safetensors", arch="vit_base_patch16_224", model_args=TINY)
+    assert e.value.problems["wrong dtypes"] == [f"head.bias: int64 in {tmp_path / 'int.safetensors'}, "
+                                                "a floating-point tensor expected"]
+
+
+def test_sparse_tensors_in_a_pth_are_named(tiny, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(tiny[1] / "model.safetensors")
+    weights["head.weight"] = weights["head.weight"].to_sparse()
+    torch.save(weights, tmp_path / "sparse.pth")
+    with pytest.raises(CheckpointError, match=r"sparse\.pth: head\.weight is a sparse_coo tensor.*to_dense"):
+        vitport.load(tmp_path / "sparse.pth", arch="vit_base_patch16_224", model_args=TINY)
+
+
+@pytest.mark.parametrize("argv", [["verify", "--batch", "0"], ["verify", "--seed", "-1"],
+                                  ["verify", "--batch", "x"], ["finetune", "m", "d", "--seed", "-1"]])
+def test_counts_on_the_command_line_are_checked(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".ico", ".blp", ".xbm", ".msp", ".h5"])
+def test_attention_pictures_only_in_formats_that_hold_them(tiny, tmp_path, capsys, suffix):
+    """ICO would shrink the picture to 256 pixels, BLP refuses RGB, XBM and MSP are 1-bit:
+    refused before the model loads."""
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
+    rc, err = run_cli(capsys, "attention", tiny[2], image, "--out", tmp_path / f"a{suffix}")
+    assert rc == 2 and f"not {suffix}" in err and "weights need" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]

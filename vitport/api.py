@@ -70,8 +70,10 @@ def to_jax_array(a: Any, owned: bool = False) -> jax.Array:
     always copied by ``device_put``."""
     a = np.asarray(a)
     if a.dtype == np.float64 and not jax.config.jax_enable_x64:
-        raise InvalidArgumentError("the weights are float64 but jax_enable_x64 is off; call "
-                                   "jax.config.update('jax_enable_x64', True) first, or convert a float32 model")
+        raise InvalidArgumentError("the weights are float64 but jax_enable_x64 is off: call "
+                                   "jax.config.update('jax_enable_x64', True) first (for the vitport command: "
+                                   "JAX_ENABLE_X64=1 vitport ...), or load them as float32 (dtype='float32', "
+                                   "--dtype float32)")
     if not owned and a.flags.c_contiguous and jax.default_backend() == "cpu":
         a = aligned_copy(a)
     return jax.device_put(a)  # jnp.asarray would dispatch a primitive per tensor

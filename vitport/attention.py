@@ -283,14 +283,22 @@ def _normalise(transform: Any, pixels: np.ndarray) -> np.ndarray:
     return (x - np.asarray(transform.mean, np.float32)) / np.asarray(transform.std, np.float32)
 
 
+# Formats that store an RGB picture of any size as it is (ICO caps it at 256 pixels, XBM is 1-bit,
+# BLP, MSP, PALM and others refuse RGB or write nothing useful)
+PICTURE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+
+
 def image_format(out: str | os.PathLike) -> str:
-    """The Pillow format ``out``'s suffix names (PNG when it has none); refuses unknown ones."""
+    """The Pillow format ``out``'s suffix names (PNG when it has none); refuses any other than
+    ``PICTURE_FORMATS``."""
     suffix = Path(out).suffix.lower()
     if not suffix:
         return "PNG"
     fmt = Image.registered_extensions().get(suffix)
-    if fmt is None or fmt not in Image.SAVE:
-        raise InvalidArgumentError(f"--out {out}: Pillow cannot write {suffix} files; use .png")
+    if fmt not in PICTURE_FORMATS:
+        known = sorted(e for e, f in Image.registered_extensions().items() if f in PICTURE_FORMATS)
+        raise InvalidArgumentError(f"--out {out}: vitport writes attention pictures as {', '.join(known)}, "
+                                   f"not {suffix}; use .png")
     return fmt
 
 

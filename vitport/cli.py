@@ -68,6 +68,21 @@ def _model_args(text: str | None) -> dict[str, Any] | None:
     return args
 
 
+def counting_int(least: int):
+    """An argparse type: an integer of at least ``least`` (argparse's usage error otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below {least}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
 def _image_size(text: str | None):
     if text is None:
         return None
@@ -355,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--revision", help="hub revision")
     v.add_argument("--framework", choices=[*FRAMEWORKS, "all"], default="all")
     v.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
-    v.add_argument("--batch", type=int, default=2)
-    v.add_argument("--seed", type=int, default=0, help="seed of the weights and the images")
+    v.add_argument("--batch", type=counting_int(1), default=2, help="images per check (default: %(default)s)")
+    v.add_argument("--seed", type=counting_int(0), default=0, help="seed of the weights and the images")
     v.set_defaults(func=cmd_verify)
 
     e = sub.add_parser("export", help="write a checkpoint back as a timm state_dict (safetensors)",

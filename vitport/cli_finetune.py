@@ -74,6 +74,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def add_finetune_command(sub: Any) -> None:
+    from .cli import counting_int
+
     f = sub.add_parser("finetune", help="fine-tune a model on an image folder (train/ and val/ splits)",
                        description="Fine-tune SOURCE (any source `vitport convert` takes) on DATA_DIR/train/<class>/* "
                                    "with timm's recipe (AdamW, layer-wise lr decay, warm-up + cosine, label "
@@ -102,7 +104,7 @@ def add_finetune_command(sub: Any) -> None:
                         "for any depth, 2-3x faster, but its steps ran slower (the saved model has timm's "
                         "per-block layout as always)")
     f.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT.partial/")
-    f.add_argument("--seed", type=int, default=0, help="data order, augmentation, dropout, new head (default: 0)")
+    f.add_argument("--seed", type=counting_int(0), default=0, help="data order, augmentation, dropout, new head (default: 0)")
     f.add_argument("--workers", type=int, default=4, help="image loading threads (default: %(default)s)")
     f.add_argument("--shard", choices=("dp", "fsdp", "tp"), metavar="STRATEGY",
                    help="train over every local device: dp (weights replicated, batch split), fsdp (weights, "

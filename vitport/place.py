@@ -10,7 +10,7 @@ import numpy as np
 from converters import CaiTSpec, Spec, canonical_to_framework
 from converters.errors import InvalidArgumentError
 from converters.lazy import LazyTensor, materialize
-from converters.specs import pair
+from converters.validate import check_image_size
 
 from .api import ADDITIVE_EMBEDDINGS, JaxModel, check_framework, matmul_dtype_for, params_dtype, place_all
 from .config import ModelConfig
@@ -22,7 +22,7 @@ def resize_canonical(tree: dict, spec: Spec, image_size: int | tuple[int, int]) 
     """Change the input resolution: resample ``pos_embed`` as timm does (bicubic, antialias, float32)."""
     from .ops import resample_pos_embed
 
-    new_size = pair(image_size)
+    new_size = check_image_size(image_size, spec.patch_size)
     if new_size == tuple(spec.image_size):
         return tree, spec
     if any(s < spec.patch_size for s in new_size):
