@@ -213,7 +213,7 @@ def test_bad_input_is_one_error(folders, photo, tmp_path, capsys):
     cases = [
         ([folders["flax"], corrupt, "--out", tmp_path / "a.png"], "corrupt.png"),
         ([folders["flax"], tmp_path / "missing.jpg", "--out", tmp_path / "a.png"], "missing.jpg: no such file"),
-        ([folders["flax"], photo, "--out", tmp_path / "a.xyz"], "cannot write .xyz"),
+        ([folders["flax"], photo, "--out", tmp_path / "a.xyz"], "not .xyz; use .png"),
         ([folders["flax"], photo, "--out", photo, "--force"], "source being read"),
         ([folders["flax"], photo, "--out", tmp_path / "nowhere" / "a.png"], "does not exist"),
     ]
