@@ -276,6 +276,8 @@ def _from_vitport_dir(folder: Path, cfg: dict[str, Any], source: str) -> Resolve
     if not isinstance(pretrained_cfg, dict):
         raise CheckpointError(f"{config}: 'pretrained_cfg' must be a JSON object")
     check_pretrained_cfg(pretrained_cfg, f"{config} 'pretrained_cfg'")  # preprocessing values a hand edit may break
+    if not isinstance(cfg.get("architecture") or "", str):
+        raise CheckpointError(f"{config}: 'architecture' must be a timm model name, got {cfg['architecture']!r}")
     matmul_dtype = cfg.get("matmul_dtype")  # absent from folders written before it was kept
     if matmul_dtype not in MATMUL_DTYPES:
         raise CheckpointError(f"{config}: 'matmul_dtype' must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
@@ -294,9 +296,13 @@ def resolve(source: str | os.PathLike, *, arch: str | None = None,
             cfg = read_json(config)
             if cfg.get("format") == FORMAT:
                 if model_args:
-                    raise CheckpointError("model_args cannot change a converted folder; use image_size= to "
-                                          "change its resolution")
-                return _from_vitport_dir(path, cfg, text)
+                    raise CheckpointError("model_args cannot change a converted folder; to change its resolution "
+                                          "use image_size= (vitport convert --img-size)")
+                resolved = _from_vitport_dir(path, cfg, text)
+                if arch is not None and split_name(arch)[0] != resolved.architecture:
+                    raise CheckpointError(f"{path} is a converted {resolved.architecture or 'model'}; arch={arch!r} "
+                                          "(--arch) cannot change it: leave it out")
+                return resolved
             return _from_hub_config(config, text, "hub-dir", find_weights(path), arch, model_args)
         if arch is None:
             raise CheckpointError(f"{path} has no {CONFIG_NAME}, so it does not say which architecture "

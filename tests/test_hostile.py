@@ -529,3 +529,46 @@ def test_attention_pictures_only_in_formats_that_hold_them(tiny, tmp_path, capsy
     rc, err = run_cli(capsys, "attention", tiny[2], image, "--out", tmp_path / f"a{suffix}")
     assert rc == 2 and f"not {suffix}" in err and "weights need" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+def test_image_api_inputs_are_named(tiny):
+    import io
+
+    from vitport.preprocess import ImageError
+
+    jm = vitport.load(tiny[2])
+    for bad in (b"\x89PNG", io.BytesIO(b"x"), 3):
+        with pytest.raises(InvalidArgumentError, match=f"got {type(bad).__name__}; open bytes"):
+            jm.predict(bad)
+    with pytest.raises(ImageError, match="empty"):
+        jm.predict(Image.new("RGB", (0, 0)))
+    for k in (2.5, None, True, 0):
+        with pytest.raises(InvalidArgumentError, match="top_k must be an integer"):
+            jm.predict(Image.new("RGB", (30, 30)), top_k=k)
+    assert len(jm.predict(Image.new("RGB", (30, 30)), top_k=np.int64(2))[0]) == 2
+
+
+def test_a_converted_folder_keeps_its_architecture(tiny, tmp_path, capsys):
+    """``--arch`` cannot relabel a converted folder; a config.json whose ``architecture`` is no
+    name is refused, and one without any gets no made-up timm snippet from export."""
+    rc, err = run_cli(capsys, "info", tiny[2], "--arch", "vit_small_patch16_224")
+    assert rc == 2 and "cannot change it" in err, err
+    assert vitport.hub.resolve(tiny[2], arch="vit_base_patch16_224").architecture == "vit_base_patch16_224"
+    cfg = json.loads((tiny[2] / "config.json").read_text())
+    for value, rc_expected in (({"a": 1}, 2), (None, 0)):
+        folder = tmp_path / f"m{rc_expected}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**cfg, "architecture": value}))
+        (folder / "model.safetensors").symlink_to(tiny[2] / "model.safetensors")
+        rc = cli.main(["export", str(folder), "--out", str(tmp_path / f"x{rc_expected}.safetensors")])
+        out, err = capsys.readouterr()
+        assert rc == rc_expected, err
+        assert ("'architecture' must be a timm model name" in err) if rc else ("names no timm architecture" in out
+                                                                               and "create_model(''" not in out)
+
+
+def test_force_names_what_it_will_not_replace(tiny, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("mine")
+    rc, err = run_cli(capsys, "convert", tiny[2], "--out", tmp_path / "file.txt", "--force")
+    assert rc == 2 and "is a file; --force only replaces a folder" in err, err
+    assert (tmp_path / "file.txt").read_text() == "mine"

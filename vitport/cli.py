@@ -272,6 +272,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                              model_args=_model_args(args.model_args), revision=args.revision, progress=bar)
     console.print(f"wrote {escape(str(out))} ({_size(out.stat().st_size)}): timm state_dict of "
                   f"{escape(r.architecture)}")
+    if not r.architecture:  # a folder whose config.json names none
+        console.print("its config.json names no timm architecture: pass the one it was converted from to "
+                      f"timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}))")
+        return 0
     console.print("load it in timm with:")
     console.print("  " + escape(timm_snippet(r.architecture, r.spec, out)), soft_wrap=True)
     return 0

@@ -128,8 +128,8 @@ def prediction_setup(jm: "JaxModel", items: Sequence[Any], top_k: int) -> tuple[
     num_classes = jm.spec.num_classes
     if num_classes < 1:
         raise InvalidArgumentError("this model has no classifier head (num_classes=0); use embed for features")
-    if top_k < 1:
-        raise InvalidArgumentError(f"top_k must be at least 1, got {top_k}")
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
+        raise InvalidArgumentError(f"top_k must be an integer of at least 1, got {top_k!r}")
     return class_labels(jm.pretrained_cfg, num_classes), min(top_k, num_classes)
 
 

@@ -177,6 +177,8 @@ class EvalTransform:
 
     def pixels(self, img: Image.Image, name: str = "image") -> np.ndarray:
         """Resized and cropped uint8 (H, W, 3) pixels of an RGB image (before /255 and Normalize)."""
+        if img.width < 1 or img.height < 1:
+            raise ImageError(f"{name}: the image is empty ({img.width}x{img.height} pixels)")
         h, w = self.resized_size(img.height, img.width)
         if h < 1 or w < 1:
             raise ImageError(f"{name}: a {img.width}x{img.height} image is too thin to resize to "
@@ -222,6 +224,9 @@ def as_list(images: ImageSource | Iterable[ImageSource]) -> list[ImageSource]:
     if isinstance(images, np.ndarray):
         raise InvalidArgumentError("expected image paths or PIL images, got a numpy array; arrays that are "
                                    "already preprocessed go straight to jm(x)")
+    if isinstance(images, (bytes, bytearray, memoryview)) or hasattr(images, "read") or not isinstance(images, Iterable):
+        raise InvalidArgumentError(f"expected image paths or PIL images, got {type(images).__name__}; open "
+                                   "bytes or a file object with PIL.Image.open first")
     return list(images)
 
 
