@@ -501,6 +501,7 @@ def test_integer_weights_are_refused_not_narrowed(tiny, tmp_path, capsys):
                                                 "a floating-point tensor expected"]
 
 
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
 def test_sparse_tensors_in_a_pth_are_named(tiny, tmp_path):
     import torch
     from safetensors.torch import load_file
