@@ -681,6 +681,12 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
     return {"family": spec.family, **d}
 
 
+def grid_for(spec: "Spec", height: int, width: int) -> tuple[int, int]:
+    """The patch grid of an input of ``height`` x ``width`` pixels: the spec's ``grid_size`` at that
+    size (a hybrid's CNN stem shrinks the image before it is cut into patches)."""
+    return dataclasses.replace(spec, image_size=(height, width)).grid_size
+
+
 def spec_from_dict(d: dict[str, Any]) -> Spec:
     d = dict(d)
     family = d.pop("family")

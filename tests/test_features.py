@@ -12,7 +12,8 @@ import vitport
 from converters import FRAMEWORKS
 from converters.errors import InvalidArgumentError
 
-CASES = ["vit_token", "deit_distilled", "reg_tokens_avg_fc_norm", "siglip_map_gelu_tanh", "cait"]
+CASES = ["vit_token", "deit_distilled", "reg_tokens_avg_fc_norm", "siglip_map_gelu_tanh", "cait",
+         "hybrid_resnetv2_same"]  # a hybrid: its CNN stem shrinks the image before the patch grid
 TOL = 1e-10
 
 

@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from converters.errors import InvalidArgumentError, VitportError
-from converters.specs import CaiTSpec
+from converters.specs import CaiTSpec, grid_for
 
 from .preprocess import ImageSource, image_name, load_image
 
@@ -179,8 +179,7 @@ def _cait(blocks: list[np.ndarray], cls_blocks: list[np.ndarray], spec: CaiTSpec
 
 
 def _grid(jm: "JaxModel", x: np.ndarray) -> tuple[int, int]:
-    p = jm.spec.patch_size
-    return x.shape[1] // p, x.shape[2] // p
+    return grid_for(jm.spec, x.shape[1], x.shape[2])
 
 
 def patch_attention(jm: "JaxModel", x: Any, method: str = "rollout",

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from converters.errors import InvalidArgumentError
-from converters.specs import CaiTSpec
+from converters.specs import CaiTSpec, grid_for
 
 from . import structure, xla_options
 
@@ -93,7 +93,7 @@ def forward_intermediates(jm: "JaxModel", images: Any, indices: int | Sequence[i
     prefix = [y[:, :num_prefix] for y in taken]
     taken = [y[:, num_prefix:] for y in taken]
     if output_fmt != "NLC":
-        b, h, w = x.shape[0], x.shape[1] // jm.spec.patch_size, x.shape[2] // jm.spec.patch_size
+        b, (h, w) = x.shape[0], grid_for(jm.spec, x.shape[1], x.shape[2])
         taken = [y.reshape(b, h, w, y.shape[-1]) for y in taken]
         if output_fmt == "NCHW":
             taken = [y.transpose(0, 3, 1, 2) for y in taken]
