@@ -20,6 +20,7 @@ from helpers import TINY_CASES, images, tiny_timm
 
 import vitport
 from converters import FRAMEWORKS
+from converters.errors import InvalidArgumentError
 from vitport import training
 from vitport.frontends import FRONT_ENDS
 from vitport.parity import compare_gradients, tolerance
@@ -483,3 +484,52 @@ def test_batch_norm_statistics_stay_frozen_in_a_train_step():
     assert sum(frozen.values()) == 3 * sum(k.endswith("running_var") for k in before) > 0
     for k in before:
         assert np.array_equal(before[k], after[k]) == frozen[k], k
+
+
+def test_batches_with_one_worker_do_not_wait_on_themselves():
+    """A batch job waits on its images; in the images' own pool of one worker it waited forever
+    (``vitport finetune --workers 1`` hung at 0 % CPU)."""
+    import threading
+
+    from vitport.finetune import Batches
+
+    batches, got = Batches(1), []
+
+    def batch(s: int) -> list[int]:
+        return list(batches.pool.map(lambda i: i * s, range(3)))
+
+    runner = threading.Thread(target=lambda: got.extend(batches._ahead(batch, 3)), daemon=True)
+    runner.start()
+    runner.join(timeout=30)
+    batches.close()
+    assert not runner.is_alive() and got == [[0, 0, 0], [0, 1, 2], [0, 2, 4]]
+
+
+@pytest.mark.parametrize("field,value", [("lr", -1.0), ("lr", float("nan")), ("lr", 0.0), ("weight_decay", float("inf")),
+                                         ("weight_decay", -0.1), ("clip_grad", -1.0), ("clip_grad", float("nan")),
+                                         ("min_lr", -1e-6)])
+def test_train_config_refuses_rates_that_train_to_garbage(field, value):
+    from vitport.training import TrainConfig
+
+    with pytest.raises(InvalidArgumentError, match=field):
+        TrainConfig(total_steps=10, **{field: value})
+
+
+@pytest.mark.parametrize("rate", [1.5, 1.0, -0.1, float("nan")])
+def test_finetune_config_refuses_drop_path_rates_outside_0_1(rate):
+    from vitport.finetune import FinetuneConfig
+
+    with pytest.raises(InvalidArgumentError, match="drop_path_rate"):
+        FinetuneConfig(drop_path_rate=rate)
+
+
+def test_a_diverged_run_is_stopped_not_saved(finetune_env, tmp_path, capsys):
+    """A learning rate that blows the weights up: the run stops at the first non-finite loss with
+    one error, before anything of that epoch is saved as the best model (which vitport would then
+    refuse to load); one image worker on the way."""
+    data, sources = finetune_env
+    out = tmp_path / "diverged"
+    rc, _, err = finetune_cli(capsys, "finetune", sources["vit"], data, "--out", out, "--epochs", "1",
+                              "--batch-size", "24", "--lr", "1e30", "--workers", "1", "--framework", FRAMEWORKS[0])
+    assert rc == 2 and "training diverged" in err and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / "diverged.partial" / "best").exists()

@@ -48,6 +48,10 @@ class DataError(VitportError, ValueError):
     """The image folder cannot be used for training (missing split, empty class, bad image)."""
 
 
+class DivergedError(VitportError, ArithmeticError):
+    """The loss became NaN or infinite: what the epoch learnt is not kept."""
+
+
 # ------------------------------------------------------------------------------ config
 
 
@@ -77,6 +81,8 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 1:
             raise InvalidArgumentError("epochs, batch size and workers must be at least 1")
+        if not (math.isfinite(self.drop_path_rate) and 0 <= self.drop_path_rate < 1):
+            raise InvalidArgumentError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.shard not in (None, "dp", "fsdp", "tp"):
             raise InvalidArgumentError(f"shard must be dp, fsdp or tp (or None for one device); got {self.shard!r}")
 
@@ -185,9 +191,13 @@ class Batches:
     and resizing) one batch ahead."""
 
     def __init__(self, workers: int):
-        self.pool = ThreadPoolExecutor(workers)
+        self.pool = ThreadPoolExecutor(workers)  # images
+        # Whole batches are assembled in a pool of their own: a batch job waits on its images, and
+        # in the images' pool it would hold a worker they need (with one worker: forever).
+        self.batches = ThreadPoolExecutor(1)
 
     def close(self) -> None:
+        self.batches.shutdown(cancel_futures=True)
         self.pool.shutdown(cancel_futures=True)
 
     def train(self, data: ImageFolder, transform: TrainTransform, cfg: FinetuneConfig,
@@ -227,10 +237,10 @@ class Batches:
         yield from self._ahead(batch, -(-n // batch_size))
 
     def _ahead(self, batch: Callable[[int], Any], steps: int) -> Iterator[Any]:
-        pending = self.pool.submit(batch, 0) if steps else None
+        pending = self.batches.submit(batch, 0) if steps else None
         for s in range(steps):
             current = pending.result()
-            pending = self.pool.submit(batch, s + 1) if s + 1 < steps else None
+            pending = self.batches.submit(batch, s + 1) if s + 1 < steps else None
             yield current
 
 
@@ -250,8 +260,13 @@ class EpochResult:
 Progress = Callable[..., None]
 
 
+# Settings that change how fast a run goes, not what it computes: --resume may change them.
+SPEED_ONLY_SETTINGS = ("workers",)
+
+
 def _run_settings(source: str, cfg: FinetuneConfig, classes: Sequence[str]) -> dict[str, Any]:
-    settings = {"source": str(source), "config": dataclasses.asdict(cfg), "classes": list(classes)}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SPEED_ONLY_SETTINGS}
+    settings = {"source": str(source), "config": config, "classes": list(classes)}
     return json.loads(json.dumps(settings))  # as run.json holds them (tuples become lists)
 
 
@@ -329,6 +344,8 @@ def finetune(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | 
     to_devices, jm = _placement(jm, cfg)
     if resume:
         before = json.loads((partial / "run.json").read_text())
+        for key in SPEED_ONLY_SETTINGS:  # run.json of runs before they were left out
+            before.get("config", {}).pop(key, None)
         if before != settings:
             changed = sorted(k for k in settings["config"] if before["config"].get(k) != settings["config"][k])
             raise InvalidArgumentError(f"--resume needs the interrupted run's settings; these differ: "
@@ -376,6 +393,11 @@ def finetune(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | 
                 correct, loss_sum = correct + float(c[:n].sum()), loss_sum + float(l[:n].sum())  # no padding
             result = EpochResult(epoch, float(np.mean(jax.device_get(losses))), loss_sum / len(val_data.samples),
                                  correct / len(val_data.samples), rate)
+            if not (math.isfinite(result.train_loss) and math.isfinite(result.val_loss)):
+                raise DivergedError(
+                    f"the loss became {result.train_loss} (train) / {result.val_loss} (validation) in epoch "
+                    f"{epoch + 1}: training diverged (a learning rate of {cfg.lr:g} may be too high). Nothing of "
+                    f"this epoch was saved; run again with a lower --lr (a new --out)")
             history.append(dataclasses.asdict(result))
             if result.val_accuracy > best:
                 best = result.val_accuracy

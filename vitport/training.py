@@ -92,6 +92,15 @@ class TrainConfig:
             raise InvalidArgumentError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise InvalidArgumentError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name, value, least in (("lr", self.lr, 0.0), ("warmup_lr", self.warmup_lr, 0.0),
+                                   ("min_lr", self.min_lr, 0.0), ("weight_decay", self.weight_decay, 0.0)):
+            if not (math.isfinite(value) and value >= least):  # NaN or a negative rate trains to garbage silently
+                raise InvalidArgumentError(f"{name} must be a finite number of at least {least:g}, got {value}")
+        if self.lr <= 0:
+            raise InvalidArgumentError(f"lr must be positive, got {self.lr}")
+        if self.clip_grad is not None and not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
+            raise InvalidArgumentError(f"clip_grad must be a positive number (or None: no clipping), got "
+                                       f"{self.clip_grad}")
 
 
 # ------------------------------------------------------------------ timm's param groups
