@@ -35,7 +35,7 @@ from converters.errors import (CheckpointError, HubUnreachableError, InvalidArgu
                                OutputWriteError)
 from converters.validate import KWARG_CHECKS
 from converters.writer import clean_leftovers
-from helpers import TINY, images, tiny_timm
+from helpers import TINY, TINY_CASES, images, tiny_timm
 from vitport import cli
 
 HYPOTHESIS = settings(max_examples=30, deadline=None,
@@ -573,3 +573,29 @@ def test_force_names_what_it_will_not_replace(tiny, tmp_path, capsys):
     rc, err = run_cli(capsys, "convert", tiny[2], "--out", tmp_path / "file.txt", "--force")
     assert rc == 2 and "is a file; --force only replaces a folder" in err, err
     assert (tmp_path / "file.txt").read_text() == "mine"
+
+
+def test_resampling_models_without_a_learned_position_embedding(tmp_path):
+    """DINOv3 places tokens by rotary embedding only: a new image size changes no tensor, and the
+    model equals timm's built at that size. A relative-position ViT's tables are sized by the grid:
+    refused, named (both were tracebacks)."""
+    import timm
+    import torch
+
+    from converters.errors import UnsupportedArchitectureError
+
+    arch, kwargs = TINY_CASES["eva_dinov3_swiglu_reg"]
+    model = tiny_timm(arch, "float32", **kwargs)
+    vitport.save(vitport.from_timm(model, "flax"), tmp_path / "dinov3")
+    new = tuple(2 * s for s in vitport.load(tmp_path / "dinov3").spec.image_size)
+    jm = vitport.load(tmp_path / "dinov3", image_size=new)
+    theirs = timm.create_model(arch, pretrained=False, **dict(kwargs, img_size=new)).eval()
+    theirs.load_state_dict(model.state_dict())
+    x = np.random.default_rng(0).standard_normal((2, *new, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = theirs(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert np.abs(np.asarray(jm(x)) - ref).max() <= 1e-5 * np.abs(ref).max()
+    arch, kwargs = TINY_CASES["relpos_mlp_res_post_cls_token"]
+    vitport.save(vitport.from_timm(tiny_timm(arch, "float32", **kwargs), "flax"), tmp_path / "relpos")
+    with pytest.raises(UnsupportedArchitectureError, match="relative-position"):
+        vitport.load(tmp_path / "relpos", image_size=64)

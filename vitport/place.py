@@ -8,8 +8,9 @@ import dataclasses
 import numpy as np
 
 from converters import CaiTSpec, Spec, canonical_to_framework
-from converters.errors import InvalidArgumentError
+from converters.errors import InvalidArgumentError, UnsupportedArchitectureError
 from converters.lazy import LazyTensor, materialize
+from converters.specs import RelPosSpec
 from converters.validate import check_image_size
 
 from .api import ADDITIVE_EMBEDDINGS, JaxModel, check_framework, matmul_dtype_for, params_dtype, place_all
@@ -27,9 +28,16 @@ def resize_canonical(tree: dict, spec: Spec, image_size: int | tuple[int, int]) 
         return tree, spec
     if any(s < spec.patch_size for s in new_size):
         raise InvalidArgumentError(f"image_size={new_size} is smaller than one {spec.patch_size}-pixel patch")
+    if isinstance(spec, RelPosSpec):  # its relative-position tables are sized by the grid
+        raise UnsupportedArchitectureError(
+            f"changing the image size of a relative-position ViT ({spec.image_size[0]}x{spec.image_size[1]} -> "
+            f"{new_size[0]}x{new_size[1]}) is not supported: its relative-position tables would need resampling; "
+            "convert it at its own size")
     new_spec = dataclasses.replace(spec, image_size=new_size)
-    prefix = 0 if isinstance(spec, CaiTSpec) or spec.no_embed_class else spec.num_prefix_tokens
     key = ("", "pos_embed")
+    if key not in tree:  # rotary position only (DINOv3): nothing is sized by the grid
+        return tree, new_spec
+    prefix = 0 if isinstance(spec, CaiTSpec) or spec.no_embed_class else spec.num_prefix_tokens
     pe = np.asarray(materialize(tree[key]))
     out = resample_pos_embed(pe, new_spec.grid_size, spec.grid_size, prefix)
     tree = dict(tree)
