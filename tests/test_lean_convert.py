@@ -57,8 +57,10 @@ def test_convert_holds_one_copy_of_the_weights(tmp_path, record_property):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ratio = json.loads(proc.stdout.strip().splitlines()[-1])["extra"] / src.stat().st_size
     record_property("peak_extra_vs_checkpoint", ratio)
-    # The converted weights themselves are 1.0x; reading the whole source first made it ~1.95x.
-    assert ratio < 1.3, ratio
+    # The converted weights themselves are 1.0x; reading the whole source first made it ~1.95x. On
+    # top of 1.0x: the tensors the placement threads hold in flight (four of up to 2.4 MB here, a
+    # fifth of this small checkpoint) and allocator slack, 1.20-1.32x over six runs on a 2-core VM.
+    assert ratio < 1.5, ratio
     a, b = read_safetensors(src), vitport.load(tmp_path / "out").to_timm_state_dict()
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
